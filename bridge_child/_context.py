@@ -1,0 +1,78 @@
+"""What a method sees of its call: params, cancellation, deadline, and a way to stream events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bridge_child import wire
+
+
+class MethodError(Exception):
+    """Raised by a method to fail its call with a specific ``wire.ErrorCode``."""
+
+    def __init__(self, code: wire.ErrorCode, message: str, *, type: str = "", details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.type = type
+        self.details = details
+
+
+def invalid_params(message: str) -> MethodError:
+    return MethodError(wire.ErrorCode.INVALID_PARAMS, message, type="InvalidParams")
+
+
+class CallContext:
+    """One call inside the worker. Created by the reader when it acks the call.
+
+    ``cancelled`` is set when a ``Cancel`` frame arrives (or the worker shuts down); a method that
+    waits or loops checks it and returns early. Whatever a cancelled method returns is discarded: the
+    terminal ``cancelled`` error was already sent.
+    """
+
+    __slots__ = ("_emit", "cancelled", "deadline", "finished", "id", "method", "params", "seq", "stream")
+
+    def __init__(
+        self,
+        call: wire.Call,
+        emit: Callable[[CallContext, Any], None],
+    ) -> None:
+        self.id = call.id
+        self.method = call.method
+        self.params = call.params
+        self.stream = bool(call.flags & wire.FLAG_STREAM)
+        self.deadline = None if call.timeout is None else time.monotonic() + call.timeout
+        self.cancelled = threading.Event()
+        self.finished = False
+        """True once the terminal frame was sent (guarded by the worker's send lock)."""
+        self.seq = 0
+        self._emit = emit
+
+    def emit(self, data: Any) -> None:
+        """Send one ``Event`` frame for this call (a stream chunk or progress); dropped once finished."""
+        self._emit(self, data)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline, or None without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def param(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        """``params[name]`` checked against ``kind``; ``MethodError(INVALID_PARAMS)`` otherwise."""
+        params = self.params if self.params is not None else {}
+        if not isinstance(params, dict):
+            raise invalid_params(f"{self.method}: params must be an object, not {type(params).__name__}")
+        if name not in params:
+            if default is ...:
+                raise invalid_params(f"{self.method}: missing param {name!r}")
+            return default
+        value = params[name]
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise invalid_params(f"{self.method}: param {name!r} must be a number, not a boolean")
+        if not isinstance(value, kind):
+            raise invalid_params(f"{self.method}: param {name!r} has the wrong type ({type(value).__name__})")
+        return value

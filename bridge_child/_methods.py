@@ -1,0 +1,252 @@
+"""The worker's methods: the core ones, and diagnostics that exist only when enabled.
+
+A method is ``func(worker, ctx) -> value`` (plain data). *Inline* methods are cheap and never block:
+the reader thread runs them itself, so their ack and result leave in one write. The others run in
+the worker's thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from bridge_child import _programs, wire
+from bridge_child._context import CallContext, MethodError, invalid_params
+
+if TYPE_CHECKING:
+    from bridge_child._server import Worker
+
+MAX_SPEW_BYTES: Final = 256 * 1024 * 1024
+"""Largest ``spew_*`` / ``garbage`` request, in bytes."""
+SPEW_CHUNK_BYTES: Final = 64 * 1024
+MAX_SLEEP_SECONDS: Final = 24 * 3600.0
+
+
+@attrs.frozen
+class Method:
+    func: Callable[[Worker, CallContext], Any]
+    inline: bool = False
+    """Run by the reader thread itself (cheap, non-blocking)."""
+    flush_first: bool = False
+    """Inline only: write the ack before running (for methods that never return)."""
+    diagnostic: bool = False
+
+
+# -- core -------------------------------------------------------------------------------------------
+
+
+def ping(worker: Worker, ctx: CallContext) -> Any:
+    return {"pid": os.getpid(), "worker_id": worker.worker_id}
+
+
+def stats(worker: Worker, ctx: CallContext) -> Any:
+    with worker.lock:  # this call itself is left out
+        executing = sorted(worker.executing - {ctx.id})
+        pending = sorted(worker.contexts.keys() - {ctx.id})
+        abandoned = sorted(i for i in executing if i not in worker.contexts)
+        counters = dict(worker.counters)
+    return {
+        "pid": os.getpid(),
+        "worker_id": worker.worker_id,
+        "capacity": worker.capacity,
+        "executing": executing,
+        "pending": pending,
+        "abandoned": abandoned,
+        "threads": threading.active_count(),
+        "uptime": time.monotonic() - worker.started_at,
+        "rss_bytes": rss_bytes(),
+        **counters,
+    }
+
+
+def shutdown(worker: Worker, ctx: CallContext) -> Any:
+    grace = ctx.param("grace", (int, float), 5.0)
+    worker._on_shutdown(float(grace))
+    return True
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- diagnostics ------------------------------------------------------------------------------------
+
+
+def echo(worker: Worker, ctx: CallContext) -> Any:
+    params = ctx.params if ctx.params is not None else {}
+    if not isinstance(params, dict) or "value" not in params:
+        raise invalid_params("echo: params must be {'value': ...}")
+    return params["value"]
+
+
+def sleep(worker: Worker, ctx: CallContext) -> Any:
+    seconds = ctx.param("seconds", (int, float))
+    if not 0 <= seconds <= MAX_SLEEP_SECONDS:
+        raise invalid_params(f"sleep: seconds must be within [0, {MAX_SLEEP_SECONDS}]")
+    ticks = ctx.param("ticks", int, 0)
+    if ticks > 0:  # stream `ticks` events spread over the sleep
+        for tick in range(ticks):
+            if ctx.cancelled.wait(seconds / ticks):
+                return None
+            ctx.emit({"tick": tick})
+    elif ctx.cancelled.wait(seconds):
+        return None
+    return seconds
+
+
+def cpu(worker: Worker, ctx: CallContext) -> Any:
+    """Busy loop for ``seconds`` (holding the GIL most of the time), stopping early when cancelled."""
+    seconds = ctx.param("seconds", (int, float))
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end and not ctx.cancelled.is_set():
+        n += sum(range(1000))
+    return n
+
+
+def crash(worker: Worker, ctx: CallContext) -> Any:
+    signame = ctx.param("signal", str, None)
+    if signame is not None:
+        try:
+            signum = signal.Signals[signame]
+        except KeyError:
+            raise invalid_params(f"crash: unknown signal {signame!r}") from None
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # pragma: no cover - the signal ends us
+    code = ctx.param("exit_code", int, 1)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def hang(worker: Worker, ctx: CallContext) -> Any:
+    """Stop reading and answering entirely, like a stopped process (the watchdog still sees EOF)."""
+    threading.Event().wait()
+
+
+def spew_stdout(worker: Worker, ctx: CallContext) -> Any:
+    total = _spew_size(ctx)
+    text = "x" * (SPEW_CHUNK_BYTES - 1) + "\n"
+    left = total
+    while left > 0 and not ctx.cancelled.is_set():
+        n = min(left, SPEW_CHUNK_BYTES)
+        half = n // 2
+        os.write(1, text[:half].encode())  # the raw fd, as a C extension would
+        sys.stdout.write(text[: n - half])  # and Python's sys.stdout, as print() would
+        left -= n
+    sys.stdout.flush()
+    return total
+
+
+def spew_stderr(worker: Worker, ctx: CallContext) -> Any:
+    total = _spew_size(ctx)
+    line = ("e" * 99 + "\n").encode()
+    chunk = line * (SPEW_CHUNK_BYTES // len(line))
+    left = total
+    while left > 0 and not ctx.cancelled.is_set():
+        part = chunk[: min(left, len(chunk))]
+        os.write(2, part)
+        left -= len(part)
+    return total
+
+
+def garbage(worker: Worker, ctx: CallContext) -> Any:
+    """Write raw bytes onto the frame stream itself (the parent must detect a corrupt frame)."""
+    total = _spew_size(ctx)
+    worker.write_raw(bytes((i * 37 + 11) % 256 for i in range(total)))
+    return total
+
+
+def ignore_signal(worker: Worker, ctx: CallContext) -> Any:
+    name = ctx.param("signal", str, "SIGTERM")
+    try:
+        signum = signal.Signals[name]
+    except KeyError:
+        raise invalid_params(f"ignore_signal: unknown signal {name!r}") from None
+    signal.signal(signum, signal.SIG_IGN)  # the reader is the main thread
+    return name
+
+
+def spawn_child(worker: Worker, ctx: CallContext) -> Any:
+    """Start a grandchild process that sleeps; returns its pid (it must die with the worker's group)."""
+    seconds = ctx.param("seconds", (int, float), 3600)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({float(seconds)!r})"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    return proc.pid
+
+
+def unencodable(worker: Worker, ctx: CallContext) -> Any:
+    """Return a value the codec cannot carry."""
+    return {"value": object()}
+
+
+def raise_(worker: Worker, ctx: CallContext) -> Any:
+    message = ctx.param("message", str, "raised on request")
+    raise RuntimeError(message)
+
+
+def fail(worker: Worker, ctx: CallContext) -> Any:
+    """Fail with a given error code (to test the runtime's mapping of codes to exceptions)."""
+    code = ctx.param("code", str)
+    try:
+        error_code = wire.ErrorCode(code)
+    except ValueError:
+        raise invalid_params(f"fail: unknown code {code!r}") from None
+    raise MethodError(
+        error_code, ctx.param("message", str, "failed on request"), type=ctx.param("type", str, "")
+    )
+
+
+def _spew_size(ctx: CallContext) -> int:
+    n = ctx.param("bytes", int)
+    if not 0 <= n <= MAX_SPEW_BYTES:
+        raise invalid_params(f"{ctx.method}: bytes must be within [0, {MAX_SPEW_BYTES}]")
+    return int(n)
+
+
+CORE_METHODS: Final = {
+    "ping": Method(ping, inline=True),
+    "stats": Method(stats, inline=True),
+    "shutdown": Method(shutdown, inline=True),
+}
+
+DIAGNOSTIC_METHODS: Final = {
+    "echo": Method(echo, inline=True, diagnostic=True),
+    "sleep": Method(sleep, diagnostic=True),
+    "cpu": Method(cpu, diagnostic=True),
+    "crash": Method(crash, diagnostic=True),
+    "hang": Method(hang, inline=True, flush_first=True, diagnostic=True),
+    "spew_stdout": Method(spew_stdout, diagnostic=True),
+    "spew_stderr": Method(spew_stderr, diagnostic=True),
+    "garbage": Method(garbage, diagnostic=True),
+    "ignore_signal": Method(ignore_signal, inline=True, diagnostic=True),
+    "spawn_child": Method(spawn_child, diagnostic=True),
+    "unencodable": Method(unencodable, inline=True, diagnostic=True),
+    "raise": Method(raise_, diagnostic=True),
+    "fail": Method(fail, inline=True, diagnostic=True),
+}
+
+
+def build_registry(*, diagnostics: bool) -> dict[str, Method]:
+    registry = dict(CORE_METHODS)
+    if diagnostics:
+        registry.update(DIAGNOSTIC_METHODS)
+    registry.update(_programs.METHODS)
+    return registry

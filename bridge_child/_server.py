@@ -1,0 +1,369 @@
+"""The worker loop: a blocking reader thread that acks every call, and a thread pool that runs them.
+
+Why not a Trio event loop in the child: see docs/worker.md. In short, a blocking reader answers a no-op
+call in one ``os.read`` + one ``os.write`` with no event-loop hop, ~50 µs faster per round trip here,
+and the work itself (DSPy calls) is blocking code that must run in threads either way.
+
+Threads:
+- the main thread reads frames from stdin, acks each call before any work on it, answers pings and
+  cancels at once, runs the few *inline* methods (cheap, non-blocking) itself, and hands the rest to
+- a ``ThreadPoolExecutor`` of ``capacity`` threads (calls beyond it are acked and wait their turn);
+- a watchdog thread blocked in ``poll()`` for a hang-up on stdin: when the parent is gone the worker
+  exits, even if the reader is stuck (the ``hang`` diagnostic) or every thread is busy.
+All frame writes go through one lock, which also guards the connection's state and each call's
+"finished" flag, so every call gets exactly one terminal frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+from bridge_child import __version__, wire
+from bridge_child._context import CallContext, MethodError
+from bridge_child._methods import Method, build_registry
+
+READ_CHUNK_BYTES: Final = 256 * 1024
+"""Most bytes taken from stdin per read."""
+DEFAULT_CAPACITY: Final = 64
+"""Calls a worker runs at once (threads); I/O-bound LM calls mostly wait, so this is generous."""
+EXIT_PROTOCOL_ERROR: Final = 3
+"""Exit code when the parent sent something the protocol does not allow."""
+EXIT_STARTUP_FAILURE: Final = 4
+"""Exit code for a worker told to fail at start (diagnostics) or unable to start."""
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: no joining of threads that may be stuck in user code."""
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _parent_gone() -> None:
+    """The parent closed our stdin or died: exit now, and take our own process group (any grandchildren
+    this worker started) with us, since no parent is left to run the teardown ladder."""
+    try:
+        sys.stderr.flush()
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+class Worker:
+    def __init__(
+        self,
+        read_fd: int,
+        write_fd: int,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        diagnostics: bool = False,
+        worker_id: str = "",
+        max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.capacity = capacity
+        self.diagnostics = diagnostics
+        self.worker_id = worker_id
+        self.conn = wire.Connection(wire.Role.CHILD, max_frame_bytes=max_frame_bytes)
+        self.methods: dict[str, Method] = build_registry(diagnostics=diagnostics)
+        self.lock = threading.Lock()
+        self.contexts: dict[int, CallContext] = {}
+        """Calls acked and not yet finished (guarded by ``lock``)."""
+        self.executing: set[int] = set()
+        """Ids whose method is executing in a thread right now, cancelled or not (guarded by ``lock``)."""
+        self.executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="bridge-call")
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.counters = {"calls": 0, "completed": 0, "failed": 0, "cancelled": 0, "discarded": 0}
+        self._batch: list[bytes] = []
+        self._jobs: list[tuple[CallContext, Method]] = []
+        self.state: dict[str, Any] = {}
+        """Per-worker state owned by method modules (program cache, LM configuration)."""
+
+    # -- output ---------------------------------------------------------------------------------------
+    def _queue(self, message: wire.ChildMessage) -> None:
+        """Reader thread only: add a frame to the batch flushed after this read."""
+        with self.lock:
+            self._batch.append(self.conn.send(message))
+
+    def flush(self) -> None:
+        """Write the reader's batch (acks, pongs, inline results) in one write."""
+        if self._batch:
+            with self.lock:
+                data = b"".join(self._batch)
+                self._batch.clear()
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            _write_all(self.write_fd, data)
+        except OSError:
+            _parent_gone()
+
+    def write_raw(self, data: bytes) -> None:
+        """Diagnostics: write bytes onto the frame stream itself, bypassing the codec."""
+        with self.lock:
+            self._write(data)
+
+    def _emit(self, ctx: CallContext, data: Any) -> None:
+        with self.lock:
+            if ctx.finished or ctx.cancelled.is_set():
+                return
+            try:
+                frame = self.conn.send(wire.Event(ctx.id, ctx.seq, data))
+            except wire.UnencodableMessage as exc:
+                raise MethodError(wire.ErrorCode.UNENCODABLE, str(exc), type="UnencodableMessage") from exc
+            ctx.seq += 1
+            self._write(frame)
+
+    def _terminal(self, ctx: CallContext, message: wire.Result | wire.Error, *, batch: bool) -> bool:
+        """Send the one terminal frame of ``ctx``; False (and nothing sent) if it already had one."""
+        with self.lock:
+            if ctx.finished:
+                self.counters["discarded"] += 1
+                return False
+            try:
+                frame = self.conn.send(message)
+            except wire.UnencodableMessage as exc:
+                message = wire.Error(ctx.id, wire.ErrorCode.UNENCODABLE, "UnencodableMessage", str(exc))
+                frame = self.conn.send(message)
+            ctx.finished = True
+            del self.contexts[ctx.id]
+            if isinstance(message, wire.Result):
+                self.counters["completed"] += 1
+            elif message.code == wire.ErrorCode.CANCELLED:
+                self.counters["cancelled"] += 1
+            else:
+                self.counters["failed"] += 1
+            if batch:
+                self._batch.append(frame)
+            else:
+                self._write(frame)
+            return True
+
+    # -- running calls --------------------------------------------------------------------------------
+    def _run(self, ctx: CallContext, method: Method, *, batch: bool) -> None:
+        if ctx.cancelled.is_set():
+            return
+        with self.lock:
+            self.executing.add(ctx.id)
+        try:
+            value = method.func(self, ctx)
+        except MethodError as exc:
+            outcome: wire.Result | wire.Error = wire.Error(
+                ctx.id, exc.code, exc.type or type(exc).__name__, exc.message, exc.details
+            )
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            outcome = wire.Error(ctx.id, wire.ErrorCode.INTERNAL, type(exc).__name__, str(exc) or detail)
+        else:
+            outcome = wire.Result(ctx.id, value)
+        finally:
+            with self.lock:
+                self.executing.discard(ctx.id)
+        self._terminal(ctx, outcome, batch=batch)
+
+    def _on_call(self, call: wire.Call) -> None:
+        self.counters["calls"] += 1
+        method = self.methods.get(call.method)
+        if method is None:
+            self._queue(
+                wire.Error(
+                    call.id, wire.ErrorCode.UNKNOWN_METHOD, "UnknownMethod", f"no method {call.method!r}"
+                )
+            )
+            return
+        if self.draining:
+            self._queue(
+                wire.Error(call.id, wire.ErrorCode.SHUTTING_DOWN, "ShuttingDown", "worker is shutting down")
+            )
+            return
+        ctx = CallContext(call, self._emit)
+        with self.lock:
+            self.contexts[call.id] = ctx
+            self._batch.append(self.conn.send(wire.Ack(call.id)))
+        if method.inline:
+            if method.flush_first:
+                self.flush()
+            self._run(ctx, method, batch=True)
+        else:
+            self._jobs.append((ctx, method))
+
+    def _on_cancel(self, cancel: wire.Cancel) -> None:
+        ctx = self.contexts.get(cancel.id)
+        if ctx is None:
+            return  # already finished: its terminal frame is on its way
+        ctx.cancelled.set()
+        self._terminal(
+            ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True
+        )
+
+    def _on_shutdown(self, grace: float) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        threading.Thread(
+            target=self._drain_then_exit, args=(grace,), name="bridge-drain", daemon=True
+        ).start()
+
+    def _drain_then_exit(self, grace: float) -> None:
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.contexts:
+                    break
+            time.sleep(0.005)
+        with self.lock:
+            for ctx in list(self.contexts.values()):
+                ctx.cancelled.set()
+        _exit_now(0)
+
+    def dispatch(self, message: wire.ParentMessage) -> None:
+        if isinstance(message, wire.Call):
+            self._on_call(message)
+        elif isinstance(message, wire.Ping):
+            self._queue(wire.Pong(message.nonce))
+        elif isinstance(message, wire.Cancel):
+            self._on_cancel(message)
+        elif isinstance(message, wire.Shutdown):
+            self._on_shutdown(message.grace)
+
+    # -- the loops ------------------------------------------------------------------------------------
+    def hello(self) -> wire.Hello:
+        return wire.Hello(
+            version=wire.PROTOCOL_VERSION,
+            pid=os.getpid(),
+            capacity=self.capacity,
+            capabilities=sorted(self.methods),
+            versions=library_versions(),
+        )
+
+    def serve(self) -> int:
+        """Run until stdin reaches EOF, a shutdown completes, or the parent breaks the protocol."""
+        start_watchdog(self.read_fd)
+        self._queue(self.hello())
+        self.flush()
+        while True:
+            try:
+                data = os.read(self.read_fd, READ_CHUNK_BYTES)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            if not data:
+                _parent_gone()  # stdin reached EOF: exit promptly, also while busy
+            try:
+                self.conn.receive_data(data)
+                while (message := self.conn.next_event()) is not wire.NEED_DATA:
+                    self.dispatch(message)  # type: ignore[arg-type]
+            except wire.ProtocolError as exc:
+                print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
+                _exit_now(EXIT_PROTOCOL_ERROR)
+            self.flush()
+            jobs, self._jobs = self._jobs, []
+            for ctx, method in jobs:
+                self.executor.submit(self._run, ctx, method, batch=False)
+
+
+def start_watchdog(read_fd: int) -> None:
+    """Exit when stdin hangs up (every writer closed: the parent is gone), whatever the reader does."""
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(read_fd, 0)  # POLLHUP and POLLERR are always reported
+        while True:
+            for _fd, events in poller.poll():
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    _parent_gone()
+
+    threading.Thread(target=watch, name="bridge-watchdog", daemon=True).start()
+
+
+def library_versions() -> dict[str, str]:
+    import msgspec
+
+    versions = {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "bridge_child": __version__,
+        "msgspec": msgspec.__version__,
+    }
+    dspy = sys.modules.get("dspy")
+    if dspy is not None:
+        versions["dspy"] = getattr(dspy, "__version__", "?")
+    return versions
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bridge_child", description="A dspex-trio worker on stdio."
+    )
+    parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="calls run at once (threads)")
+    parser.add_argument("--diagnostics", action="store_true", help="enable the diagnostic methods")
+    parser.add_argument("--worker-id", default="", help="the runtime's name for this worker (for logs)")
+    parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES)
+    parser.add_argument("--preload", action="store_true", help="import dspy before the hello")
+    parser.add_argument(
+        "--fail-at-start",
+        type=int,
+        default=None,
+        metavar="CODE",
+        help="diagnostics: exit with CODE before hello",
+    )
+    args = parser.parse_args(argv)
+    if args.capacity < 1:
+        parser.error("--capacity must be at least 1")
+    return args
+
+
+def prepare_process() -> None:
+    """Signal dispositions for a worker: the parent controls shutdown, so Ctrl-C in a terminal (SIGINT
+    to the foreground group) is ignored; SIGTERM keeps its default action (exit)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+
+
+def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
+    if args.fail_at_start is not None:
+        if not args.diagnostics:
+            print("bridge_child: --fail-at-start needs --diagnostics", file=sys.stderr)
+            return 2
+        print(f"bridge_child: failing at start with exit code {args.fail_at_start}", file=sys.stderr)
+        _exit_now(args.fail_at_start)
+    if args.preload:
+        from bridge_child import _programs
+
+        _programs.preload()
+    worker = Worker(
+        read_fd,
+        write_fd,
+        capacity=args.capacity,
+        diagnostics=args.diagnostics,
+        worker_id=args.worker_id,
+        max_frame_bytes=args.max_frame_bytes,
+    )
+    return worker.serve()
+
+
+def main(argv: list[str], *, read_fd: int, write_fd: int) -> int:
+    args = parse_args(argv)
+    prepare_process()
+    return run_worker(args, read_fd, write_fd)

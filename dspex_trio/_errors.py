@@ -1,0 +1,140 @@
+"""The typed errors of the public contract. Plain cancellation stays ``trio.Cancelled``."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import attrs
+
+from bridge_child import wire
+
+
+class DspexError(Exception):
+    """Base of every error dspex-trio raises."""
+
+
+class WorkerCrashed(DspexError):
+    """The worker died (or was killed) with the call pending.
+
+    ``started`` is False when the call was never acked: it never ran, and the pool re-dispatches it.
+    ``exit_status`` names the exit code or signal when known.
+    """
+
+    def __init__(self, message: str, *, started: bool = True, exit_status: ExitStatus | None = None) -> None:
+        super().__init__(message)
+        self.started = started
+        self.exit_status = exit_status
+
+
+class WorkerUnresponsive(WorkerCrashed):
+    """The worker stopped answering (missed heartbeats or no ack in time); it was killed."""
+
+
+class WorkerStartFailed(WorkerCrashed):
+    """The worker did not complete its handshake: it crashed at start, or was too slow."""
+
+    def __init__(self, message: str, *, exit_status: ExitStatus | None = None) -> None:
+        super().__init__(message, started=False, exit_status=exit_status)
+
+
+class WorkerClosed(DspexError):
+    """The worker (or pool) is closed or closing and takes no new calls."""
+
+
+class CallTimeout(DspexError, TimeoutError):
+    """The call's deadline passed; the call was cancelled in the worker."""
+
+
+class Overloaded(DspexError):
+    """Admission is full: the call was refused at once (nothing was sent)."""
+
+
+class PoolUnavailable(DspexError):
+    """The pool cannot serve calls now (its circuit is open); ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class UnknownMethod(DspexError):
+    """The worker has no such method (diagnostic methods exist only with ``diagnostics=True``)."""
+
+
+class InvalidParams(DspexError, ValueError):
+    """The method refused its params, or they cannot be encoded."""
+
+
+class ProgramNotFound(DspexError, KeyError):
+    """No such program in the session."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ProgramError(DspexError):
+    """The program itself failed (LM errors included). ``error_type`` names the original exception type."""
+
+    def __init__(self, message: str, *, error_type: str = "", details: Any = None) -> None:
+        super().__init__(f"{error_type}: {message}" if error_type else message)
+        self.error_type = error_type
+        self.details = details
+
+
+class WorkerError(DspexError):
+    """The worker raised an unexpected exception running the call; ``error_type`` names it."""
+
+    def __init__(self, message: str, *, error_type: str = "", details: Any = None) -> None:
+        super().__init__(f"{error_type}: {message}" if error_type else message)
+        self.error_type = error_type
+        self.details = details
+
+
+class ProtocolError(DspexError, wire.ProtocolError):
+    """The worker broke the wire protocol (corrupt or unexpected frame); it was killed."""
+
+
+@attrs.frozen
+class ExitStatus:
+    """How a worker process ended."""
+
+    code: int | None
+    """Exit code, when it exited."""
+    signal: int | None
+    """Signal number, when a signal killed it."""
+
+    @classmethod
+    def from_returncode(cls, returncode: int) -> ExitStatus:
+        if returncode < 0:
+            return cls(code=None, signal=-returncode)
+        return cls(code=returncode, signal=None)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                return f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        return f"exit code {self.code}"
+
+
+def error_from_frame(frame: wire.Error, *, acked: bool, worker: str) -> DspexError:
+    """Map a worker's ``Error`` frame to the contract's exception."""
+    code = frame.code
+    message = frame.message or code
+    if code == wire.ErrorCode.UNKNOWN_METHOD:
+        return UnknownMethod(message)
+    if code in (wire.ErrorCode.INVALID_PARAMS, wire.ErrorCode.UNENCODABLE):
+        return InvalidParams(message)
+    if code == wire.ErrorCode.PROGRAM_NOT_FOUND:
+        return ProgramNotFound(message)
+    if code == wire.ErrorCode.PROGRAM_ERROR:
+        return ProgramError(message, error_type=frame.type, details=frame.details)
+    if code == wire.ErrorCode.TIMEOUT:
+        return CallTimeout(message)
+    if code == wire.ErrorCode.SHUTTING_DOWN:
+        return WorkerClosed(f"{worker} is shutting down")
+    if code == wire.ErrorCode.CANCELLED:
+        return WorkerClosed(f"{worker} cancelled the call ({message})")
+    return WorkerError(message, error_type=frame.type, details=frame.details)
