@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from bridge_child import _programs, wire
+from bridge_child._cache import ProgramCache
 from bridge_child._context import CallContext, MethodError, invalid_params
 
 if TYPE_CHECKING:
@@ -63,8 +64,23 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         "threads": threading.active_count(),
         "uptime": time.monotonic() - worker.started_at,
         "rss_bytes": rss_bytes(),
+        "cached_programs": program_cache(worker).snapshot(),
         **counters,
     }
+
+
+def program_cache(worker: Worker) -> ProgramCache:
+    cache = worker.state.get("programs")
+    if cache is None:
+        cache = worker.state["programs"] = ProgramCache()
+    return cache
+
+
+def reset(worker: Worker, ctx: CallContext) -> Any:
+    """Drop everything the worker caches (programs, LM clients)."""
+    dropped = program_cache(worker).clear()
+    worker.state.pop("lms", None)
+    return {"programs_dropped": dropped}
 
 
 def shutdown(worker: Worker, ctx: CallContext) -> Any:
@@ -214,6 +230,14 @@ def fail(worker: Worker, ctx: CallContext) -> Any:
     )
 
 
+def program_info(worker: Worker, ctx: CallContext) -> Any:
+    """Resolve the call's program through the cache (materialising a spec as itself) and describe it."""
+    cache = program_cache(worker)
+    misses = cache.misses
+    program_id, spec = cache.resolve(ctx, dict)
+    return {"id": program_id, "spec": spec, "from_call": cache.misses > misses, "pid": os.getpid()}
+
+
 def _spew_size(ctx: CallContext) -> int:
     n = ctx.param("bytes", int)
     if not 0 <= n <= MAX_SPEW_BYTES:
@@ -225,6 +249,7 @@ CORE_METHODS: Final = {
     "ping": Method(ping, inline=True),
     "stats": Method(stats, inline=True),
     "shutdown": Method(shutdown, inline=True),
+    "reset": Method(reset, inline=True),
 }
 
 DIAGNOSTIC_METHODS: Final = {
@@ -241,6 +266,7 @@ DIAGNOSTIC_METHODS: Final = {
     "unencodable": Method(unencodable, inline=True, diagnostic=True),
     "raise": Method(raise_, diagnostic=True),
     "fail": Method(fail, inline=True, diagnostic=True),
+    "program_info": Method(program_info, inline=True, diagnostic=True),
 }
 
 

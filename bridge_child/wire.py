@@ -110,6 +110,8 @@ class ErrorCode(enum.StrEnum):
     """The result could not be encoded."""
     PROGRAM_NOT_FOUND = "program_not_found"
     """The program named by the call does not exist (in the worker's cache nor in the call)."""
+    CACHE_MISS = "cache_miss"
+    """The call named a program by (id, version) without its spec, and the worker does not hold it."""
     PROGRAM_ERROR = "program_error"
     """The program itself failed (LM errors included); ``type`` names the original exception type."""
     INTERNAL = "internal"

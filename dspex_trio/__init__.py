@@ -21,6 +21,12 @@ from dspex_trio._errors import WorkerUnresponsive as WorkerUnresponsive
 from dspex_trio._launcher import Launcher as Launcher
 from dspex_trio._launcher import SubprocessLauncher as SubprocessLauncher
 from dspex_trio._launcher import WorkerSpec as WorkerSpec
+from dspex_trio._pool import CircuitState as CircuitState
+from dspex_trio._pool import LatencySummary as LatencySummary
+from dspex_trio._pool import Pool as Pool
+from dspex_trio._pool import PoolOptions as PoolOptions
+from dspex_trio._pool import PoolStatistics as PoolStatistics
+from dspex_trio._pool import open_pool as open_pool
 from dspex_trio._states import WorkerState as WorkerState
 from dspex_trio._worker import CallStream as CallStream
 from dspex_trio._worker import Worker as Worker

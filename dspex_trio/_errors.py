@@ -92,7 +92,18 @@ class WorkerError(DspexError):
 
 
 class ProtocolError(DspexError, wire.ProtocolError):
-    """The worker broke the wire protocol (corrupt or unexpected frame); it was killed."""
+    """The worker broke the wire protocol (corrupt or unexpected frame); it was killed.
+
+    ``started`` is False when the call was never acked (the pool then re-dispatches it).
+    """
+
+    def __init__(self, message: str, *, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
+
+
+class CacheMiss(WorkerError):
+    """The worker does not hold the program version the call named (the pool resends it with the spec)."""
 
 
 @attrs.frozen
@@ -127,6 +138,8 @@ def error_from_frame(frame: wire.Error, *, acked: bool, worker: str) -> DspexErr
         return UnknownMethod(message)
     if code in (wire.ErrorCode.INVALID_PARAMS, wire.ErrorCode.UNENCODABLE):
         return InvalidParams(message)
+    if code == wire.ErrorCode.CACHE_MISS:
+        return CacheMiss(message, error_type=frame.type, details=frame.details)
     if code == wire.ErrorCode.PROGRAM_NOT_FOUND:
         return ProgramNotFound(message)
     if code == wire.ErrorCode.PROGRAM_ERROR:

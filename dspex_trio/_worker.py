@@ -54,6 +54,8 @@ EOF_EXIT_GRACE_S: Final = 1.0
 """A worker that closed its frame stream but is still alive after this many seconds is killed."""
 KILL_REAP_TIMEOUT_S: Final = 5.0
 """How long to wait for a SIGKILLed worker to be reaped before giving up on it (and logging), in seconds."""
+SEND_NOW_TIMEOUT_S: Final = 1.0
+"""Longest wait to write the shutdown frame during the teardown ladder, in seconds."""
 SHUTDOWN_SLACK_S: Final = 0.5
 """Added to the shutdown grace for the worker's own exit after its drain, in seconds."""
 
@@ -177,6 +179,8 @@ class Worker:
     _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
     _outbox: list[bytes] = attrs.Factory(list)
     _writer_wakeup: trio.Event = attrs.Factory(trio.Event)
+    _send_lock: trio.Lock = attrs.Factory(trio.Lock)
+    _idle: trio.Event = attrs.Factory(trio.Event)
     _hello_event: trio.Event = attrs.Factory(trio.Event)
     _reader_done: trio.Event = attrs.Factory(trio.Event)
     _exited: trio.Event = attrs.Factory(trio.Event)
@@ -191,6 +195,7 @@ class Worker:
 
     def __attrs_post_init__(self) -> None:
         self._conn = wire.Connection(wire.Role.PARENT, max_frame_bytes=self.options.max_frame_bytes)
+        self._idle.set()
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -268,9 +273,13 @@ class Worker:
             if not call.done.is_set():
                 self._abandon(call)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, grace: float | None = None) -> None:
         """The teardown ladder: ``shutdown`` frame -> grace -> SIGTERM to the group -> grace -> SIGKILL
-        -> reap. Shielded and bounded; safe to call more than once (later calls wait for the first)."""
+        -> reap. Shielded and bounded; safe to call more than once (later calls wait for the first).
+
+        ``grace`` overrides ``options.shutdown_grace`` (a pool that already drained its calls passes 0).
+        """
+        shutdown_grace = self.options.shutdown_grace if grace is None else grace
         if self._closing:
             with trio.CancelScope(shield=True):
                 await self._torn_down.wait()
@@ -281,8 +290,8 @@ class Worker:
                 if self.state not in TERMINAL:
                     self._set_state(WorkerState.DRAINING, "closing")
                 if not self._exited.is_set() and self.hello is not None and self._cause is None:
-                    self._queue(wire.Shutdown(grace=self.options.shutdown_grace))
-                    with trio.move_on_after(self.options.shutdown_grace + SHUTDOWN_SLACK_S):
+                    await self._send_now(wire.Shutdown(grace=shutdown_grace))
+                    with trio.move_on_after(shutdown_grace + SHUTDOWN_SLACK_S):
                         await self._await_exit()
                 if not self._exited.is_set():
                     logger.debug("worker %s: SIGTERM to its process group", self.worker_id)
@@ -364,11 +373,33 @@ class Worker:
         call.finish(outcome.Error(error or WorkerClosed(f"call {call.id} was abandoned by its caller")))
         self._update_load()
 
+    async def _send_now(self, message: wire.ParentMessage) -> None:
+        """Write ``message`` (after anything queued) from this task: the ladder must not depend on the
+        writer task, which is gone when the worker's owner was cancelled."""
+        self._outbox.append(self._conn.send(message))
+        with trio.move_on_after(SEND_NOW_TIMEOUT_S):
+            async with self._send_lock:
+                data = b"".join(self._outbox)
+                self._outbox.clear()
+                if data:
+                    try:
+                        await self.process.stdin.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the worker is gone; the ladder goes on
+
     def _queue(self, message: wire.ParentMessage) -> None:
         self._outbox.append(self._conn.send(message))
         self._writer_wakeup.set()
 
+    async def wait_idle(self) -> None:
+        """Wait until no call is in flight."""
+        await self._idle.wait()
+
     def _update_load(self) -> None:
+        if not self._calls:
+            self._idle.set()
+        elif self._idle.is_set():
+            self._idle = trio.Event()
         if self.state is WorkerState.READY and len(self._calls) >= self.capacity:
             self._set_state(WorkerState.BUSY, "at capacity")
         elif self.state is WorkerState.BUSY and len(self._calls) < self.capacity:
@@ -447,13 +478,14 @@ class Worker:
         while True:
             await self._writer_wakeup.wait()
             self._writer_wakeup = trio.Event()
-            while self._outbox:
-                data = b"".join(self._outbox)
-                self._outbox.clear()
-                try:
-                    await self.process.stdin.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the worker is gone; the watcher reports how
+            async with self._send_lock:
+                while self._outbox:
+                    data = b"".join(self._outbox)
+                    self._outbox.clear()
+                    try:
+                        await self.process.stdin.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the worker is gone; the watcher reports how
 
     async def _read_stderr(self) -> None:
         pending = b""
@@ -529,6 +561,7 @@ class Worker:
                 self._set_state(WorkerState.FAILED, self._cause[1] if self._cause else status.describe())
         calls = list(self._calls.values())
         self._calls.clear()
+        self._idle.set()
         self._conn.forget_all()
         for call in calls:
             self._calls_failed += 1
@@ -541,7 +574,7 @@ class Worker:
             kind, reason = self._cause
             message = f"{what}: {reason}; call {call.id} ({call.method}) lost {where}"
             if kind is ProtocolError:
-                return ProtocolError(message)
+                return ProtocolError(message, started=call.acked)
             return WorkerUnresponsive(message, started=call.acked, exit_status=status)
         if self._closing:
             return WorkerClosed(

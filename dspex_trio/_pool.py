@@ -1,0 +1,688 @@
+"""The pool: supervised worker slots, least-loaded routing, bounded admission, host-owned sessions.
+
+Structure (all in the pool's nursery):
+- one supervisor task per slot: starts a worker, waits until it fails or retires, starts the next one
+  (one-for-one), under a restart budget; a worker retiring (recycled) drains in its own task while its
+  replacement starts;
+- a maintenance task: session TTL sweeps and worker RSS checks.
+Callers never touch a nursery: ``call()`` checks out the least-loaded ready worker with free capacity
+(waiting in a bounded queue when none has), multiplexes its call on it, and re-dispatches calls that
+never started when their worker dies.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import functools
+import logging
+import math
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import attrs
+import trio
+
+from bridge_child import wire
+from dspex_trio._errors import (
+    CacheMiss,
+    CallTimeout,
+    DspexError,
+    Overloaded,
+    PoolUnavailable,
+    ProtocolError,
+    WorkerClosed,
+    WorkerCrashed,
+    WorkerStartFailed,
+)
+from dspex_trio._launcher import Launcher, SubprocessLauncher, WorkerSpec
+from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec, SessionStore
+from dspex_trio._states import TERMINAL, WorkerState
+from dspex_trio._util import open_service_nursery
+from dspex_trio._worker import Worker, WorkerOptions, WorkerStatistics, next_worker_id, start_worker
+
+logger = logging.getLogger("dspex_trio.pool")
+
+MAX_REDISPATCHES: Final = 3
+"""Times a call that never started may be re-dispatched after its worker died."""
+MAINTENANCE_INTERVAL_S: Final = 1.0
+"""How often sessions are swept for the idle TTL, in seconds."""
+LATENCY_WINDOW: Final = 2048
+"""Latest call latencies kept per method for the percentiles."""
+
+
+def _at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not value >= minimum:
+            raise ValueError(f"{attribute.name} must be >= {minimum}, not {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class PoolOptions:
+    """The pool's own settings. Every duration is in seconds."""
+
+    workers: int = attrs.field(default=2, validator=_at_least(1))
+    """Worker slots."""
+    max_queue: int = attrs.field(default=1024, validator=_at_least(0))
+    """Calls waiting for a worker with free capacity; past it, ``Overloaded`` (or wait, if asked)."""
+    restart_intensity: int = attrs.field(default=5, validator=_at_least(0))
+    """More than this many counted restarts within ``restart_period`` open the circuit."""
+    restart_period: float = attrs.field(default=10.0, validator=_at_least(0))
+    min_healthy_uptime: float = attrs.field(default=1.0, validator=_at_least(0))
+    """A worker that fails before its handshake, or within this uptime having served no call, counts
+    against the restart budget; one killed after serving calls is simply replaced."""
+    probe_backoff: float = attrs.field(default=0.5, validator=_at_least(0))
+    """First wait before a probe while the circuit is open; doubles up to ``probe_backoff_max``."""
+    probe_backoff_max: float = attrs.field(default=30.0, validator=_at_least(0))
+    drain_grace: float = attrs.field(default=10.0, validator=_at_least(0))
+    """On close: how long in-flight calls may finish before the workers are torn down."""
+    max_calls_per_worker: int | None = attrs.field(default=None, validator=_at_least(1))
+    """Recycle a worker after this many calls (None: never)."""
+    max_worker_rss_bytes: int | None = attrs.field(default=None, validator=_at_least(1))
+    """Recycle a worker whose resident memory passes this, in bytes (None: never)."""
+    rss_check_interval: float = attrs.field(default=5.0, validator=_at_least(0.01))
+    session_ttl: float = attrs.field(default=DEFAULT_SESSION_TTL_S, validator=_at_least(0))
+    launcher: str = attrs.field(
+        default="auto", validator=attrs.validators.in_({"auto", "zygote", "subprocess"})
+    )
+    """"zygote" (fork from a template), "subprocess" (``python -m bridge_child``), or "auto"."""
+    python: str = sys.executable
+    """Interpreter for the subprocess launcher and the zygote template."""
+
+
+class CircuitState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@attrs.frozen
+class LatencySummary:
+    """Latencies of the latest calls of one method, in seconds."""
+
+    count: int
+    """Calls measured in the window."""
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of the pool."""
+
+    workers: tuple[WorkerStatistics, ...]
+    """Each live worker (retiring ones included)."""
+    size: int
+    """Configured worker slots."""
+    ready: int
+    """Workers taking calls now."""
+    in_flight: int
+    """Calls running on workers."""
+    queued: int
+    """Calls waiting for a worker."""
+    calls: int
+    """Calls admitted since the pool opened."""
+    completed: int
+    failed: int
+    overloaded: int
+    """Calls refused with ``Overloaded``."""
+    unavailable: int
+    """Calls refused with ``PoolUnavailable`` (circuit open)."""
+    redispatched: int
+    """Calls re-sent after their worker died before acking them."""
+    retried: int
+    """Idempotent calls retried on another worker after their worker died."""
+    restarts: int
+    """Workers replaced after failing."""
+    recycled: int
+    """Workers replaced by recycling (call count or memory)."""
+    launcher: str
+    """Launcher in use ("zygote" or "subprocess", with the reason for a fallback)."""
+    circuit: CircuitState
+    circuit_reason: str
+    checkout_success_rate: float
+    """Share of checkouts that got a worker (1.0 when none was attempted)."""
+    sessions: int
+    latency: dict[str, LatencySummary]
+    """Per method."""
+
+
+@attrs.define(eq=False)
+class _Tenure:
+    """One worker's time in a slot."""
+
+    slot: int
+    worker: Worker
+    started_at: float
+    ended: trio.Event = attrs.Factory(trio.Event)
+    """Set when the worker stops or fails, or is asked to retire."""
+    retiring: bool = False
+    programs: set[tuple[str, int]] = attrs.Factory(set)
+    """(program id, version) the worker holds in its cache, as far as the pool knows."""
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+class Pool:
+    """A supervised pool of workers. Made by :func:`open_pool`."""
+
+    def __init__(
+        self,
+        *,
+        options: PoolOptions,
+        worker_options: WorkerOptions,
+        launcher: Launcher,
+        diagnostics: bool,
+        lm: Any,
+        clock: Callable[[], float] | None,
+        fail_at_start: int | None = None,
+    ) -> None:
+        self.options = options
+        self.worker_options = worker_options
+        self.diagnostics = diagnostics
+        self.lm = lm
+        self._launcher = launcher
+        self._launcher_note = launcher.name
+        self._fail_at_start = fail_at_start
+        self.sessions = SessionStore(clock=clock or trio.current_time, ttl=options.session_ttl)
+        self._live: dict[str, _Tenure] = {}
+        self._lot = trio.lowlevel.ParkingLot()
+        self._queue_slots = trio.Semaphore(options.max_queue)
+        self._closing = False
+        self._in_flight = 0
+        self._drained = trio.Event()
+        self._circuit = CircuitState.CLOSED
+        self._circuit_reason = ""
+        self._circuit_changed = trio.Event()
+        self._probing = False
+        self._next_probe = 0.0
+        self._backoff = options.probe_backoff
+        self._young_failures: collections.deque[float] = collections.deque()
+        self._latency: dict[str, collections.deque[float]] = {}
+        self._counts = collections.Counter[str]()
+        self._nursery: trio.Nursery | None = None
+        self.transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
+        """Called on every worker state transition (health events hook in here)."""
+
+    # -- public API -----------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.options.workers
+
+    @property
+    def circuit(self) -> CircuitState:
+        return self._circuit
+
+    @property
+    def launcher_name(self) -> str:
+        return self._launcher_note
+
+    def workers(self) -> list[Worker]:
+        """The live workers (a snapshot)."""
+        return [t.worker for t in self._live.values()]
+
+    async def call(
+        self,
+        method: str,
+        params: Any = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        wait: bool = False,
+    ) -> Any:
+        """Run ``method(params)`` on the least-loaded ready worker and return its result.
+
+        When ``params`` names a program (``{"program": "<id>", ...}``) it is looked up in ``session``
+        (``ProgramNotFound`` if absent) and sent by reference, with its spec to a worker that lacks it.
+
+        Raises:
+            Overloaded: the admission queue is full (unless ``wait``: then it waits up to the deadline).
+            PoolUnavailable: the circuit is open (too many workers failing); the reason is included.
+            CallTimeout: ``timeout`` seconds passed (queueing included).
+            WorkerCrashed: the worker died after acking the call (retried once elsewhere when
+                ``idempotent``); calls never acked are re-dispatched transparently.
+            WorkerClosed: the pool is closing.
+            and the worker's own errors (``UnknownMethod``, ``InvalidParams``, ...).
+        Cancelling the caller cancels the call in its worker.
+        """
+        program: ProgramSpec | None = None
+        if isinstance(params, dict) and isinstance(params.get("program"), str):
+            program = self.sessions.program(session, params["program"])
+        elif session is not None:
+            self.sessions.session(session)
+        return await self._dispatch(
+            method, params, program=program, timeout=timeout, idempotent=idempotent, wait=wait
+        )
+
+    def statistics(self) -> PoolStatistics:
+        workers = tuple(t.worker.statistics() for t in self._live.values())
+        latency = {}
+        for method, samples in self._latency.items():
+            ordered = sorted(samples)
+            latency[method] = LatencySummary(
+                count=len(ordered),
+                p50=_percentile(ordered, 0.50),
+                p90=_percentile(ordered, 0.90),
+                p99=_percentile(ordered, 0.99),
+                max=ordered[-1] if ordered else 0.0,
+            )
+        checkouts = self._counts["checkouts"]
+        return PoolStatistics(
+            workers=workers,
+            size=self.options.workers,
+            ready=sum(1 for t in self._live.values() if not t.retiring and t.worker.accepting),
+            in_flight=self._in_flight,
+            queued=self.options.max_queue - self._queue_slots.value,
+            calls=self._counts["calls"],
+            completed=self._counts["completed"],
+            failed=self._counts["failed"],
+            overloaded=self._counts["overloaded"],
+            unavailable=self._counts["unavailable"],
+            redispatched=self._counts["redispatched"],
+            retried=self._counts["retried"],
+            restarts=self._counts["restarts"],
+            recycled=self._counts["recycled"],
+            launcher=self._launcher_note,
+            circuit=self._circuit,
+            circuit_reason=self._circuit_reason,
+            checkout_success_rate=(self._counts["checkouts_ok"] / checkouts) if checkouts else 1.0,
+            sessions=len(self.sessions),
+            latency=latency,
+        )
+
+    # -- dispatch -------------------------------------------------------------------------------------
+    async def _dispatch(
+        self,
+        method: str,
+        params: Any,
+        *,
+        program: ProgramSpec | None,
+        timeout: float | None,
+        idempotent: bool,
+        wait: bool,
+    ) -> Any:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        start = trio.current_time()
+        deadline = math.inf if timeout is None else start + timeout
+        flags = wire.FLAG_IDEMPOTENT if idempotent else 0
+        self._counts["calls"] += 1
+        redispatches = 0
+        retried = False
+        excluded: set[str] = set()
+        send_spec = False
+        try:
+            while True:
+                tenure = await self._checkout(deadline, wait=wait, program=program, excluded=excluded)
+                worker = tenure.worker
+                call_params = params
+                if program is not None:
+                    with_spec = send_spec or (program.id, program.version) not in tenure.programs
+                    call_params = {**params, "program": program.wire_ref(with_spec=with_spec)}
+                remaining = None if deadline == math.inf else deadline - trio.current_time()
+                if remaining is not None and remaining <= 0:
+                    raise CallTimeout(f"{method} timed out after {timeout} s waiting for a worker")
+                self._in_flight += 1
+                try:
+                    call = worker._submit(method, call_params, timeout=remaining, flags=flags)
+                    result = await worker._wait(call)
+                except CacheMiss:
+                    if send_spec:
+                        raise
+                    send_spec = True
+                    continue
+                except (WorkerCrashed, ProtocolError) as exc:
+                    if not exc.started and redispatches < MAX_REDISPATCHES:
+                        redispatches += 1
+                        self._counts["redispatched"] += 1
+                        continue
+                    if idempotent and not retried:
+                        retried = True
+                        excluded.add(worker.worker_id)
+                        self._counts["retried"] += 1
+                        continue
+                    raise
+                except WorkerClosed:
+                    if self._closing or redispatches >= MAX_REDISPATCHES:
+                        raise
+                    redispatches += 1  # it began closing (recycled) between checkout and submit
+                    self._counts["redispatched"] += 1
+                    continue
+                finally:
+                    self._in_flight -= 1
+                    self._after_call(tenure)
+                if program is not None:
+                    tenure.programs.add((program.id, program.version))
+                self._counts["completed"] += 1
+                self._record_latency(method, trio.current_time() - start)
+                return result
+        except BaseException:
+            self._counts["failed"] += 1
+            raise
+
+    def _after_call(self, tenure: _Tenure) -> None:
+        self._lot.unpark()
+        limit = self.options.max_calls_per_worker
+        if limit is not None and not tenure.retiring:
+            stats = tenure.worker.statistics()
+            if stats.calls_served + stats.calls_failed >= limit:
+                self._retire(tenure, f"served {limit} calls")
+        if self._closing and self._in_flight == 0:
+            self._drained.set()
+
+    def _record_latency(self, method: str, seconds: float) -> None:
+        samples = self._latency.get(method)
+        if samples is None:
+            samples = self._latency[method] = collections.deque(maxlen=LATENCY_WINDOW)
+        samples.append(seconds)
+
+    def _pick(self, program: ProgramSpec | None, excluded: set[str]) -> _Tenure | None:
+        best: _Tenure | None = None
+        best_key: tuple[int, int] | None = None
+        for tenure in self._live.values():
+            worker = tenure.worker
+            if tenure.retiring or not worker.accepting or worker.in_flight >= worker.capacity:
+                continue
+            if worker.worker_id in excluded:
+                continue
+            holds = program is not None and (program.id, program.version) in tenure.programs
+            key = (worker.in_flight, 0 if holds else 1)  # least loaded; affinity breaks ties
+            if best_key is None or key < best_key:
+                best, best_key = tenure, key
+        return best
+
+    async def _checkout(
+        self, deadline: float, *, wait: bool, program: ProgramSpec | None, excluded: set[str]
+    ) -> _Tenure:
+        self._counts["checkouts"] += 1
+        self._check_admission()
+        tenure = self._pick(program, excluded) or (self._pick(program, set()) if excluded else None)
+        if tenure is not None:
+            self._counts["checkouts_ok"] += 1
+            return tenure
+        try:
+            self._queue_slots.acquire_nowait()
+        except trio.WouldBlock:
+            if not wait:
+                self._counts["overloaded"] += 1
+                raise Overloaded(
+                    f"all {len(self._live)} workers are at capacity and {self.options.max_queue} calls are queued"
+                ) from None
+            with trio.move_on_at(deadline):
+                await self._queue_slots.acquire()
+            if trio.current_time() >= deadline:
+                raise CallTimeout("timed out waiting for a place in the pool's queue") from None
+        try:
+            while True:
+                with trio.move_on_at(deadline):
+                    await self._lot.park()
+                self._check_admission()
+                tenure = self._pick(program, excluded) or (self._pick(program, set()) if excluded else None)
+                if tenure is not None:
+                    self._counts["checkouts_ok"] += 1
+                    return tenure
+                if trio.current_time() >= deadline:
+                    raise CallTimeout("timed out waiting for a worker with free capacity")
+        finally:
+            self._queue_slots.release()
+
+    def _check_admission(self) -> None:
+        if self._closing:
+            raise WorkerClosed("the pool is closing")
+        if self._circuit is not CircuitState.CLOSED:
+            self._counts["unavailable"] += 1
+            raise PoolUnavailable(
+                f"the pool is unavailable: {self._circuit_reason}", reason=self._circuit_reason
+            )
+
+    # -- supervision ----------------------------------------------------------------------------------
+    def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
+        tenure = self._live.get(worker.worker_id)
+        if tenure is not None and new in TERMINAL:
+            tenure.ended.set()
+        if new in (WorkerState.READY,):
+            self._lot.unpark_all()
+        for hook in self.transition_hooks:
+            hook(worker, old, new, reason)
+
+    def _retire(self, tenure: _Tenure, reason: str) -> None:
+        if tenure.retiring:
+            return
+        logger.info("worker %s retiring: %s", tenure.worker.worker_id, reason)
+        tenure.retiring = True
+        self._counts["recycled"] += 1
+        tenure.ended.set()
+
+    def _spec(self) -> WorkerSpec:
+        return WorkerSpec(
+            worker_id=next_worker_id(),
+            diagnostics=self.diagnostics,
+            capacity=self.worker_options.capacity,
+            max_frame_bytes=self.worker_options.max_frame_bytes,
+            fail_at_start=self._fail_at_start,
+        )
+
+    async def _run_worker(
+        self, slot: int, *, task_status: trio.TaskStatus[_Tenure] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own one worker for its whole life: start it, serve, drain if retiring, tear it down."""
+        async with open_service_nursery() as nursery:
+            worker = await start_worker(
+                nursery,
+                launcher=self._launcher,
+                spec=self._spec(),
+                options=self.worker_options,
+                on_transition=self._on_transition,
+            )
+            tenure = _Tenure(slot, worker, trio.current_time())
+            self._live[worker.worker_id] = tenure
+            try:
+                self._lot.unpark_all()
+                task_status.started(tenure)
+                await tenure.ended.wait()
+                if tenure.retiring and worker.accepting:
+                    with trio.move_on_after(self.options.drain_grace):
+                        await worker.wait_idle()
+            finally:
+                self._live.pop(worker.worker_id, None)
+                with trio.CancelScope(shield=True):
+                    await worker.aclose(grace=0.0 if self._closing else None)
+
+    async def _supervise_slot(
+        self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self._nursery is not None
+        started = False
+        while not self._closing:
+            probing = False
+            if self._circuit is not CircuitState.CLOSED:
+                if self._probing or trio.current_time() < self._next_probe:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    changed = self._circuit_changed
+                    with trio.move_on_at(self._next_probe if not self._probing else math.inf):
+                        await changed.wait()
+                    continue
+                probing = self._probing = True
+                self._set_circuit(CircuitState.HALF_OPEN, self._circuit_reason)
+            try:
+                tenure: _Tenure = await self._nursery.start(self._run_worker, slot)
+            except WorkerStartFailed as exc:
+                self._counts["restarts"] += 1 if started else 0
+                logger.warning("slot %d: %s", slot, exc)
+                self._count_failure(str(exc).splitlines()[0], probing=probing)
+                if not started and self._circuit is CircuitState.CLOSED:
+                    continue  # first start of this slot: try again within the budget
+                continue
+            finally:
+                if probing:
+                    self._probing = False
+            if probing:
+                self._close_circuit()
+            if not started:
+                started = True
+                task_status.started()
+            await tenure.ended.wait()
+            if tenure.retiring or self._closing:
+                continue
+            self._counts["restarts"] += 1
+            uptime = trio.current_time() - tenure.started_at
+            stats = tenure.worker.statistics()
+            if uptime < self.options.min_healthy_uptime and stats.calls_served == 0:
+                reason = (
+                    f"worker {tenure.worker.worker_id} failed after {uptime:.3f} s without serving a call"
+                )
+                self._count_failure(reason, probing=False)
+
+    def _count_failure(self, reason: str, *, probing: bool) -> None:
+        now = trio.current_time()
+        if probing:
+            self._backoff = min(self._backoff * 2, self.options.probe_backoff_max)
+            self._open_circuit(f"probe failed: {reason}")
+            return
+        self._young_failures.append(now)
+        while self._young_failures and self._young_failures[0] < now - self.options.restart_period:
+            self._young_failures.popleft()
+        if (
+            len(self._young_failures) > self.options.restart_intensity
+            and self._circuit is CircuitState.CLOSED
+        ):
+            self._open_circuit(
+                f"restart budget spent ({len(self._young_failures)} failed starts within "
+                f"{self.options.restart_period} s); last: {reason}"
+            )
+
+    def _open_circuit(self, reason: str) -> None:
+        self._next_probe = trio.current_time() + self._backoff
+        logger.error("pool circuit open (next probe in %.2f s): %s", self._backoff, reason)
+        self._set_circuit(CircuitState.OPEN, reason)
+        self._lot.unpark_all()  # queued callers fail with PoolUnavailable
+
+    def _close_circuit(self) -> None:
+        self._young_failures.clear()
+        self._backoff = self.options.probe_backoff
+        logger.info("pool circuit closed: a probe worker started")
+        self._set_circuit(CircuitState.CLOSED, "")
+
+    def _set_circuit(self, state: CircuitState, reason: str) -> None:
+        self._circuit = state
+        self._circuit_reason = reason
+        self._circuit_changed.set()
+        self._circuit_changed = trio.Event()
+
+    async def _maintain(self) -> None:
+        next_rss = trio.current_time() + self.options.rss_check_interval
+        while True:
+            await trio.sleep(min(MAINTENANCE_INTERVAL_S, self.options.rss_check_interval))
+            expired = self.sessions.expire()
+            if expired:
+                logger.info("sessions expired: %s", ", ".join(expired))
+            limit = self.options.max_worker_rss_bytes
+            if limit is not None and trio.current_time() >= next_rss:
+                next_rss = trio.current_time() + self.options.rss_check_interval
+                for tenure in list(self._live.values()):
+                    if tenure.retiring or not tenure.worker.accepting:
+                        continue
+                    try:
+                        stats = await tenure.worker.call("stats", timeout=self.worker_options.ack_timeout)
+                    except DspexError:
+                        continue
+                    if stats.get("rss_bytes", 0) > limit:
+                        self._retire(tenure, f"resident memory {stats['rss_bytes']} B over {limit} B")
+
+    async def _close(self) -> None:
+        """Stop admission, drain in-flight calls up to the grace; the caller then cancels the nursery."""
+        self._closing = True
+        self._lot.unpark_all()
+        self._set_circuit(self._circuit, self._circuit_reason)  # wake supervisors
+        if self._in_flight:
+            with trio.move_on_after(self.options.drain_grace):
+                await self._drained.wait()
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    pool_fields = {a.name for a in attrs.fields(PoolOptions)}
+    worker_fields = {a.name for a in attrs.fields(WorkerOptions)}
+    unknown = sorted(set(options) - pool_fields - worker_fields)
+    if unknown:
+        raise TypeError(
+            f"unknown pool option(s) {', '.join(unknown)}; known: {', '.join(sorted(pool_fields | worker_fields))}"
+        )
+    return (
+        {k: v for k, v in options.items() if k in pool_fields},
+        {k: v for k, v in options.items() if k in worker_fields},
+    )
+
+
+@asynccontextmanager
+async def open_pool(
+    workers: int = 2,
+    lm: Any = None,
+    diagnostics: bool = False,
+    *,
+    launcher: Launcher | None = None,
+    clock: Callable[[], float] | None = None,
+    fail_at_start: int | None = None,
+    **options: Any,
+) -> AsyncIterator[Pool]:
+    """Open a pool of ``workers`` supervised worker processes.
+
+    Returns once every slot has a ready worker (or the circuit opened trying). Leaving the block stops
+    admission, lets in-flight calls finish for up to ``drain_grace`` seconds, then tears every worker
+    down (and the zygote): nothing is left running.
+
+    ``lm`` is the default LM configuration (None: the embedded offline LM). ``launcher`` overrides the
+    launcher choice; ``clock`` the session store's clock; ``fail_at_start`` (diagnostics) makes every
+    worker exit with that code before its handshake. ``options`` are the fields of :class:`PoolOptions`
+    and :class:`WorkerOptions`.
+    """
+    pool_kwargs, worker_kwargs = _split_options({"workers": workers, **options})
+    pool_options = PoolOptions(**pool_kwargs)
+    worker_options = WorkerOptions(**worker_kwargs)
+    if fail_at_start is not None and not diagnostics:
+        raise ValueError("fail_at_start needs diagnostics=True")
+    async with open_service_nursery() as nursery, _open_launcher(pool_options, launcher) as chosen:
+        pool = Pool(
+            options=pool_options,
+            worker_options=worker_options,
+            launcher=chosen,
+            diagnostics=diagnostics,
+            lm=lm,
+            clock=clock,
+            fail_at_start=fail_at_start,
+        )
+        pool._nursery = nursery
+        try:
+            async with trio.open_nursery() as starting:
+                for slot in range(pool_options.workers):
+                    starting.start_soon(nursery.start, pool._supervise_slot, slot)
+            nursery.start_soon(pool._maintain)
+            yield pool
+        finally:
+            with trio.CancelScope(shield=True):
+                await pool._close()
+                async with trio.open_nursery() as closing:  # every ladder at once, tasks still alive
+                    for worker in pool.workers():
+                        closing.start_soon(functools.partial(worker.aclose, grace=0.0))
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _open_launcher(options: PoolOptions, launcher: Launcher | None) -> AsyncIterator[Launcher]:
+    if launcher is not None:
+        yield launcher
+        return
+    yield SubprocessLauncher(python=options.python)
