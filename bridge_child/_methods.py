@@ -141,7 +141,11 @@ def crash(worker: Worker, ctx: CallContext) -> Any:
             signum = signal.Signals[signame]
         except KeyError:
             raise invalid_params(f"crash: unknown signal {signame!r}") from None
-        signal.signal(signum, signal.SIG_DFL)
+        # crash runs in a pool thread, and only the main thread may change a disposition
+        if signal.getsignal(signum) != signal.SIG_DFL:
+            if threading.current_thread() is not threading.main_thread():
+                raise invalid_params(f"crash: {signame} is ignored or handled in this worker")
+            signal.signal(signum, signal.SIG_DFL)  # pragma: no cover - crash is not inline
         os.kill(os.getpid(), signum)
         time.sleep(10)  # pragma: no cover - the signal ends us
     code = ctx.param("exit_code", int, 1)

@@ -113,7 +113,8 @@ class ExitStatus:
     code: int | None
     """Exit code, when it exited."""
     signal: int | None
-    """Signal number, when a signal killed it."""
+    """Signal number, when a signal killed it. Both None: it is gone but its status is unknown (a
+    zygote-forked worker whose template died before reporting it)."""
 
     @classmethod
     def from_returncode(cls, returncode: int) -> ExitStatus:
@@ -127,6 +128,8 @@ class ExitStatus:
                 return f"killed by {signal.Signals(self.signal).name}"
             except ValueError:
                 return f"killed by signal {self.signal}"
+        if self.code is None:
+            return "exit status unknown"
         return f"exit code {self.code}"
 
 

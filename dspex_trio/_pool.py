@@ -49,6 +49,7 @@ MAX_REDISPATCHES: Final = 3
 """Times a call that never started may be re-dispatched after its worker died."""
 MAINTENANCE_INTERVAL_S: Final = 1.0
 """How often sessions are swept for the idle TTL, in seconds."""
+LAUNCHER_KINDS: Final = ("auto", "zygote", "subprocess")
 LATENCY_WINDOW: Final = 2048
 """Latest call latencies kept per method for the percentiles."""
 
@@ -86,10 +87,6 @@ class PoolOptions:
     """Recycle a worker whose resident memory passes this, in bytes (None: never)."""
     rss_check_interval: float = attrs.field(default=5.0, validator=_at_least(0.01))
     session_ttl: float = attrs.field(default=DEFAULT_SESSION_TTL_S, validator=_at_least(0))
-    launcher: str = attrs.field(
-        default="auto", validator=attrs.validators.in_({"auto", "zygote", "subprocess"})
-    )
-    """"zygote" (fork from a template), "subprocess" (``python -m bridge_child``), or "auto"."""
     python: str = sys.executable
     """Interpreter for the subprocess launcher and the zygote template."""
 
@@ -633,7 +630,7 @@ async def open_pool(
     lm: Any = None,
     diagnostics: bool = False,
     *,
-    launcher: Launcher | None = None,
+    launcher: str | Launcher = "auto",
     clock: Callable[[], float] | None = None,
     fail_at_start: int | None = None,
     **options: Any,
@@ -644,8 +641,9 @@ async def open_pool(
     admission, lets in-flight calls finish for up to ``drain_grace`` seconds, then tears every worker
     down (and the zygote): nothing is left running.
 
-    ``lm`` is the default LM configuration (None: the embedded offline LM). ``launcher`` overrides the
-    launcher choice; ``clock`` the session store's clock; ``fail_at_start`` (diagnostics) makes every
+    ``lm`` is the default LM configuration (None: the embedded offline LM). ``launcher`` is "zygote"
+    (fork workers from a template process that imported dspy once), "subprocess" (``python -m
+    bridge_child``), "auto" (zygote where ``os.fork`` exists, else subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start`` (diagnostics) makes every
     worker exit with that code before its handshake. ``options`` are the fields of :class:`PoolOptions`
     and :class:`WorkerOptions`.
     """
@@ -681,8 +679,12 @@ async def open_pool(
 
 
 @asynccontextmanager
-async def _open_launcher(options: PoolOptions, launcher: Launcher | None) -> AsyncIterator[Launcher]:
-    if launcher is not None:
+async def _open_launcher(options: PoolOptions, launcher: str | Launcher) -> AsyncIterator[Launcher]:
+    if not isinstance(launcher, str):
         yield launcher
         return
+    if launcher not in LAUNCHER_KINDS:
+        raise ValueError(
+            f"launcher must be one of {', '.join(LAUNCHER_KINDS)} or a Launcher, not {launcher!r}"
+        )
     yield SubprocessLauncher(python=options.python)
