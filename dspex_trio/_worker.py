@@ -145,7 +145,6 @@ class _Call:
     timeout: float | None
     stream: bool
     acked: bool = False
-    ack_or_done: trio.Event = attrs.Factory(trio.Event)
     done: trio.Event = attrs.Factory(trio.Event)
     result: outcome.Outcome[Any] | None = None
     events: collections.deque[Any] = attrs.Factory(collections.deque)
@@ -156,7 +155,6 @@ class _Call:
             return
         self.result = result
         self.done.set()
-        self.ack_or_done.set()
         self.event_arrived.set()
 
 
@@ -338,20 +336,22 @@ class Worker:
     async def _wait(self, call: _Call) -> Any:
         deadline = math.inf if call.timeout is None else call.sent_at + call.timeout
         try:
-            if not call.ack_or_done.is_set():
-                with trio.move_on_at(min(deadline, call.sent_at + self.options.ack_timeout)):
-                    await call.ack_or_done.wait()
-                if not call.ack_or_done.is_set():
-                    if trio.current_time() >= deadline:
-                        raise self._timed_out(call)
-                    self._lose(
-                        WorkerUnresponsive,
-                        f"call {call.id} ({call.method}) was not acked within {self.options.ack_timeout} s",
-                    )
-            with trio.move_on_at(deadline):
-                await call.done.wait()
             if not call.done.is_set():
-                raise self._timed_out(call)
+                # One cancel scope on the fast path: until the ack deadline (or the call's own).
+                with trio.move_on_at(min(deadline, call.sent_at + self.options.ack_timeout)):
+                    await call.done.wait()
+                if not call.done.is_set():
+                    if not call.acked:
+                        if trio.current_time() >= deadline:
+                            raise self._timed_out(call)
+                        self._lose(
+                            WorkerUnresponsive,
+                            f"call {call.id} ({call.method}) was not acked within {self.options.ack_timeout} s",
+                        )
+                    with trio.move_on_at(deadline):
+                        await call.done.wait()
+                    if not call.done.is_set():
+                        raise self._timed_out(call)
             assert call.result is not None
             return call.result.unwrap()
         finally:
@@ -428,7 +428,6 @@ class Worker:
             return
         if isinstance(message, wire.Ack):
             call.acked = True
-            call.ack_or_done.set()
         elif isinstance(message, wire.Event):
             if len(call.events) >= self.options.max_stream_events:
                 lag = Overloaded(
