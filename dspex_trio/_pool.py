@@ -209,6 +209,7 @@ class Pool:
         self._latency: dict[str, collections.deque[float]] = {}
         self._counts = collections.Counter[str]()
         self._nursery: trio.Nursery | None = None
+        self._descriptions: dict[tuple[str, int], dict[str, Any]] = {}
         self.transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
         """Called on every worker state transition (health events hook in here)."""
 
@@ -262,6 +263,170 @@ class Pool:
         return await self._dispatch(
             method, params, program=program, timeout=timeout, idempotent=idempotent, wait=wait
         )
+
+    # -- DSPy programs --------------------------------------------------------------------------------
+    async def create_program(
+        self,
+        signature: str | dict[str, Any],
+        *,
+        module: str = "predict",
+        instructions: str | None = None,
+        session: str | None = None,
+        state: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Create a program in ``session`` and return its id.
+
+        ``signature`` is a string (``"question: str, context: list[str] -> answer, confidence: float"``)
+        or a dict ``{"inputs": [...], "outputs": [...], "instructions": ...}``; ``module`` is
+        ``"predict"`` or ``"chain_of_thought"``. A worker parses and builds it first (never ``eval``), so an
+        invalid signature or a disallowed type is an ``InvalidParams`` here, not at execution.
+        """
+        spec: dict[str, Any] = {"signature": signature, "module": module}
+        if instructions is not None:
+            spec["instructions"] = instructions
+        if state is not None:
+            spec["state"] = state
+        description = await self.call("validate_program", {"spec": spec}, timeout=timeout, idempotent=True)
+        program = self.sessions.add_program(session, spec)
+        self._descriptions[program.id, program.version] = description
+        return program.id
+
+    def _info(self, program: ProgramSpec) -> dict[str, Any]:
+        description = self._descriptions.get((program.id, program.version), {})
+        return {
+            **description,
+            "id": program.id,
+            "module": program.spec.get("module"),
+            "version": program.version,
+        }
+
+    async def get_program(self, program: str, *, session: str | None = None) -> dict[str, Any]:
+        """The program's description (fields, types, instructions). ``ProgramNotFound`` if absent."""
+        return self._info(self.sessions.program(session, program))
+
+    async def list_programs(self, *, session: str | None = None) -> list[dict[str, Any]]:
+        """Every program of the session, each described as by ``get_program`` (with its ``id``)."""
+        return [self._info(p) for p in self.sessions.programs(session)]
+
+    async def delete_program(self, program: str, *, session: str | None = None) -> None:
+        """Delete a program (workers drop their cached copy as it ages out). ``ProgramNotFound`` if absent."""
+        spec = self.sessions.program(session, program)
+        self.sessions.delete_program(session, program)
+        self._descriptions.pop((spec.id, spec.version), None)
+
+    def _lm_params(self, session: str | None) -> dict[str, Any]:
+        record = self.sessions.peek(session)
+        if record is not None and record.lm is not None:
+            return {"lm": record.lm}
+        return {"lm": self.lm} if self.lm is not None else {}
+
+    async def execute(
+        self,
+        program: str,
+        inputs: dict[str, Any],
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+        with_usage: bool = False,
+    ) -> dict[str, Any]:
+        """Run a program and return its output fields as plain JSON values of their declared types.
+
+        With ``with_usage=True`` the answer is ``{"outputs": {...}, "usage": {...} | None}``.
+
+        Raises:
+            ProgramNotFound: no such program in the session.
+            ProgramError: the program failed (``error_type`` names DSPy's error, e.g. ``LMRateLimitError``).
+            InvalidParams: missing, unknown or mistyped inputs.
+            and the errors of ``call()``.
+        """
+        params = {"program": program, "inputs": inputs, **self._lm_params(session)}
+        answer = await self.call("execute", params, session=session, timeout=timeout)
+        return answer if with_usage else answer["outputs"]
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        program: str,
+        inputs: dict[str, Any],
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """Run a program streamed: ``{"event": "chunk", "field", "chunk"}`` as chunks arrive, then one
+        ``{"event": "completed", "outputs", "usage"}``. Leaving the block early cancels the execution in
+        its worker. A worker dying before it acked the call is retried transparently; after, it raises.
+        """
+        spec = self.sessions.program(session, program)
+        params = {"program": program, "inputs": inputs, **self._lm_params(session)}
+        start = trio.current_time()
+        deadline = math.inf if timeout is None else start + timeout
+        self._counts["calls"] += 1
+        for _attempt in range(MAX_REDISPATCHES + 1):
+            tenure = await self._checkout(deadline, wait=False, program=spec, excluded=set())
+            with_spec = (spec.id, spec.version) not in tenure.programs
+            call_params = {**params, "program": spec.wire_ref(with_spec=with_spec)}
+            remaining = None if deadline == math.inf else max(1e-3, deadline - trio.current_time())
+            self._in_flight += 1
+            try:
+                async with tenure.worker.stream("execute", call_params, timeout=remaining) as events:
+                    yield _program_events(events, self, tenure, spec, start)
+                    return
+            except (WorkerCrashed, ProtocolError) as exc:
+                if exc.started:
+                    self._counts["failed"] += 1
+                    raise
+                self._counts["redispatched"] += 1
+            finally:
+                self._in_flight -= 1
+                self._after_call(tenure)
+        raise PoolUnavailable("the execution could not be placed on a worker", reason="re-dispatch limit")
+
+    async def get_state(self, program: str, *, session: str | None = None) -> dict[str, Any]:
+        """The program's DSPy state (demos, instructions), e.g. to save an optimised program."""
+        return await self.call("get_state", {"program": program}, session=session, idempotent=True)
+
+    async def load_state(self, program: str, state: dict[str, Any], *, session: str | None = None) -> None:
+        """Install DSPy state (demos, instructions) into a program: validated by a worker, then stored in
+        the session (a new version: workers rebuild it on their next call)."""
+        spec = {**self.sessions.program(session, program).spec, "state": state}
+        description = await self.call("validate_program", {"spec": spec}, idempotent=True)
+        updated = self.sessions.update_program(session, program, state=state)
+        self._descriptions[updated.id, updated.version] = description
+
+    async def configure_lm(
+        self,
+        model: str,
+        *,
+        session: str | None = None,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        **settings: Any,
+    ) -> None:
+        """Set the LM: for ``session`` only, or (without one) the pool default, applied on every worker
+        now and on every worker started later. ``model`` is ``"offline"`` (the embedded deterministic LM)
+        or any ``provider/model`` of ``dspy.LM``. The key is never logged or echoed back."""
+        config: dict[str, Any] = {"model": model, **settings}
+        if api_base is not None:
+            config["api_base"] = api_base
+        if api_key is not None:
+            config["api_key"] = api_key
+        await self.call("validate_lm", {"lm": config}, idempotent=True)
+        if session is not None:
+            self.sessions.set_lm(session, config)
+            return
+        self.lm = config
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers():
+                nursery.start_soon(self._configure_worker, worker)
+
+    async def _configure_worker(self, worker: Worker) -> None:
+        if self.lm is None:
+            return
+        try:
+            await worker.call("configure_lm", {"lm": self.lm}, timeout=self.worker_options.ack_timeout * 2)
+        except (WorkerCrashed, WorkerClosed, ProtocolError, CallTimeout):
+            pass  # it is gone; its replacement is configured when it starts
 
     def statistics(self) -> PoolStatistics:
         workers = tuple(t.worker.statistics() for t in self._live.values())
@@ -483,6 +648,8 @@ class Pool:
                 options=self.worker_options,
                 on_transition=self._on_transition,
             )
+            if self.lm is not None:
+                await self._configure_worker(worker)
             tenure = _Tenure(slot, worker, trio.current_time())
             self._live[worker.worker_id] = tenure
             try:
@@ -688,3 +855,15 @@ async def _open_launcher(options: PoolOptions, launcher: str | Launcher) -> Asyn
             f"launcher must be one of {', '.join(LAUNCHER_KINDS)} or a Launcher, not {launcher!r}"
         )
     yield SubprocessLauncher(python=options.python)
+
+
+async def _program_events(
+    events: Any, pool: Pool, tenure: _Tenure, spec: ProgramSpec, start: float
+) -> AsyncIterator[dict[str, Any]]:
+    async for data in events:
+        yield {"event": "chunk", **data}
+    answer = await events.result()
+    tenure.programs.add((spec.id, spec.version))
+    pool._counts["completed"] += 1
+    pool._record_latency("execute", trio.current_time() - start)
+    yield {"event": "completed", "outputs": answer["outputs"], "usage": answer.get("usage")}
