@@ -21,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--calls", type=int, default=2000, help="concurrent no-op calls to run")
     demo.add_argument("--launcher", choices=["auto", "zygote", "subprocess"], default="auto")
+    fake = commands.add_parser(
+        "fake-lm", help="serve a small OpenAI-compatible LM for tests and benchmarks", add_help=False
+    )
+    fake.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -54,6 +58,11 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-lm"]:
+        from dspex_trio._fake_lm import main as fake_lm_main
+
+        return fake_lm_main(argv[1:])
     args = _parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(

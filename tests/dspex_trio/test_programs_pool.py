@@ -131,3 +131,58 @@ async def test_state_round_trip(pool):
     state["demos"] = [{"question": "1+1?", "answer": "2"}]
     await pool.load_state(pid, state, session="s")
     assert (await pool.get_state(pid, session="s"))["demos"] == [{"question": "1+1?", "answer": "2"}]
+
+
+# -- the real HTTP LM path, against the project's fake OpenAI-compatible server ------------------------
+
+
+@pytest.fixture
+async def fake_lm():
+    from dspex_trio._fake_lm import open_fake_lm
+
+    async with open_fake_lm() as server:
+        yield server
+
+
+async def configure_fake(pool, fake_lm, session=None):
+    await pool.configure_lm(
+        "openai/fake", api_base=fake_lm.url, api_key="test-key", num_retries=0, session=session
+    )
+
+
+async def test_chain_of_thought_over_http(pool, fake_lm):
+    await configure_fake(pool, fake_lm)
+    pid = await pool.create_program("question -> answer, confidence: float", module="chain_of_thought")
+    out = await pool.execute(pid, {"question": "Why is the sky blue?"})
+    assert isinstance(out["answer"], str) and out["answer"]
+    assert isinstance(out["reasoning"], str) and isinstance(out["confidence"], float)
+    assert fake_lm.requests >= 1
+
+
+async def test_streaming_over_http_yields_chunks_before_the_final_event(pool, fake_lm):
+    await configure_fake(pool, fake_lm)
+    pid = await pool.create_program("question -> answer")
+    async with pool.stream(pid, {"question": "Tell me a story"}) as events:
+        seen = [event async for event in events]
+    assert sum(1 for e in seen if e["event"] == "chunk") >= 2
+    assert seen[-1]["event"] == "completed" and seen[-1]["outputs"]["answer"]
+
+
+async def test_rate_limit_is_a_program_error_naming_the_dspy_type(pool, fake_lm):
+    await configure_fake(pool, fake_lm)
+    pid = await pool.create_program("question -> answer")
+    fake_lm.configure(fail_status=429, fail_count=100)
+    with pytest.raises(dspex_trio.ProgramError) as caught:
+        await pool.execute(pid, {"question": "x"})
+    assert caught.value.error_type == "LMRateLimitError"
+    assert "test-key" not in str(caught.value)
+
+
+async def test_session_lm_is_invisible_to_other_sessions(pool, fake_lm):
+    await configure_fake(pool, fake_lm, session="A")
+    a = await pool.create_program("question -> answer", session="A")
+    b = await pool.create_program("question -> answer", session="B")
+    await pool.execute(b, {"question": "x"}, session="B")
+    assert fake_lm.requests == 0  # B runs on the offline LM
+    await pool.execute(a, {"question": "x"}, session="A")
+    assert fake_lm.requests >= 1
