@@ -37,11 +37,12 @@ from dspex_trio._errors import (
     WorkerCrashed,
     WorkerStartFailed,
 )
-from dspex_trio._launcher import Launcher, SubprocessLauncher, WorkerSpec
+from dspex_trio._launcher import Launcher, WorkerSpec
 from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec, SessionStore
 from dspex_trio._states import TERMINAL, WorkerState
 from dspex_trio._util import open_service_nursery
 from dspex_trio._worker import Worker, WorkerOptions, WorkerStatistics, next_worker_id, start_worker
+from dspex_trio._zygote import open_launcher
 
 logger = logging.getLogger("dspex_trio.pool")
 
@@ -819,7 +820,8 @@ async def open_pool(
     worker_options = WorkerOptions(**worker_kwargs)
     if fail_at_start is not None and not diagnostics:
         raise ValueError("fail_at_start needs diagnostics=True")
-    async with open_service_nursery() as nursery, _open_launcher(pool_options, launcher) as chosen:
+    # The launcher (a zygote) outlives the nursery: every worker is reaped before the template stops.
+    async with _open_launcher(pool_options, launcher) as chosen, open_service_nursery() as nursery:
         pool = Pool(
             options=pool_options,
             worker_options=worker_options,
@@ -854,7 +856,8 @@ async def _open_launcher(options: PoolOptions, launcher: str | Launcher) -> Asyn
         raise ValueError(
             f"launcher must be one of {', '.join(LAUNCHER_KINDS)} or a Launcher, not {launcher!r}"
         )
-    yield SubprocessLauncher(python=options.python)
+    async with open_launcher(launcher, python=options.python) as chosen:
+        yield chosen
 
 
 async def _program_events(

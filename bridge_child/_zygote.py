@@ -1,0 +1,309 @@
+"""The zygote: a template process that imports dspy and trio once and forks each worker on request.
+
+Run by the runtime (``dspex_trio._zygote.open_zygote``), never by hand::
+
+    python -m bridge_child._zygote --control-fd N
+
+``N`` is the template's end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair (one datagram per message,
+so no framing; file descriptors ride along as ``SCM_RIGHTS``). Messages are JSON objects:
+
+parent -> template
+    ``{"op": "spawn", "id": I, "argv": [...]}`` with exactly three fds: the worker's stdin (read end), its
+    frame stream (write end) and its stderr (write end). ``argv`` is ``WorkerSpec.argv()``.
+template -> parent
+    ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S}`` once, when it can fork;
+    ``{"op": "spawned", "id": I, "pid": P}`` or ``{"op": "error", "id": I, "message": M}``, one per spawn;
+    ``{"op": "exit", "pid": P, "code": C, "signal": S}`` when a forked worker has exited and been reaped
+    (the workers are the template's children, not the runtime's: this is how it learns exit statuses).
+
+Rules the template keeps (see ``notes/dspy-3.4.md``): it stays single-threaded (checked before every
+fork), never runs an event loop, imports no litellm, opens no network client and no disk cache. It
+reaps its children from a ``select`` loop woken by SIGCHLD (``signal.set_wakeup_fd``) and a periodic
+timeout, so it never blocks on a child. Its writes to the control socket are non-blocking (queued until
+the socket is writable), so a parent that stops reading cannot wedge it. When the control socket reaches
+EOF (the runtime closed it, or died) the template exits at once; its workers see their own stdin reach
+EOF and exit by themselves. SIGINT is ignored: the runtime decides when it ends.
+
+A forked worker: its own process group (set by both the template and the child, the classic race-free
+way: the group exists before the runtime learns the pid, so a signal to the group cannot miss; no new
+session is needed, the template's has no controlling terminal), every inherited fd closed but its three
+pipes (stdin on 0, stderr on 1 and 2, frames on a private non-inheritable fd), signal handlers reset,
+random generators re-seeded, then ``bridge_child._server.run_worker``; it always ends in ``os._exit``.
+Importing this module does nothing; only :func:`main` acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import gc
+import json
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Final, NoReturn
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+"""Largest control message either way."""
+SPAWN_FDS: Final = 3
+"""File descriptors that come with a ``spawn`` request: stdin (read), frames (write), stderr (write)."""
+REAP_INTERVAL_S: Final = 1.0
+"""The loop reaps children at least this often, even if a SIGCHLD wake-up was lost."""
+EXIT_TEMPLATE_ERROR: Final = 70
+"""A forked worker's exit code when the template's own code failed in it before the worker ran."""
+
+
+def _log(message: str) -> None:
+    try:
+        os.write(2, f"bridge_child._zygote[{os.getpid()}]: {message}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+class Template:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.control.setblocking(False)
+        self.outbox: deque[bytes] = deque()
+        self.children: set[int] = set()
+        # SIGCHLD wakes the select loop through a non-blocking pipe; the handler itself does nothing.
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    # -- messages ---------------------------------------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        self.outbox.append(json.dumps(message, separators=(",", ":")).encode())
+        self.flush()
+
+    def flush(self) -> None:
+        while self.outbox:
+            try:
+                self.control.send(self.outbox[0])
+            except (BlockingIOError, InterruptedError):
+                return  # the loop waits for the socket to be writable
+            except OSError:  # the parent is gone: EOF on the next read ends us
+                self.outbox.clear()
+                return
+            self.outbox.popleft()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def serve(self) -> NoReturn:
+        control = self.control.fileno()
+        while True:
+            writers = [control] if self.outbox else []
+            try:
+                readable, writable, _ = select.select([control, self.wake_r], writers, [], REAP_INTERVAL_S)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries select
+                readable, writable = [], []
+            if self.wake_r in readable:
+                _drain(self.wake_r)
+            self.reap()
+            if control in readable:
+                self.receive()
+            if writable or self.outbox:
+                self.flush()
+
+    def receive(self) -> None:
+        try:
+            data, fds, flags, _addr = socket.recv_fds(self.control, MAX_MESSAGE_BYTES, SPAWN_FDS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.exit(f"control socket failed ({exc}); exiting")
+        if not data and not fds:
+            self.exit("control socket closed; exiting")
+        try:
+            self.handle(data, fds, flags)
+        finally:
+            for fd in fds:
+                _close(fd)
+
+    def handle(self, data: bytes, fds: list[int], flags: int) -> None:
+        try:
+            message = json.loads(data)
+            request_id = message["id"]
+            op = message["op"]
+        except (ValueError, KeyError, TypeError) as exc:
+            _log(f"ignoring an unreadable control message ({exc})")
+            return
+        if op != "spawn":
+            self.send({"op": "error", "id": request_id, "message": f"unknown op {op!r}"})
+            return
+        argv = message.get("argv")
+        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+            self.send({"op": "error", "id": request_id, "message": "argv must be a list of strings"})
+            return
+        if flags & socket.MSG_CTRUNC or len(fds) != SPAWN_FDS:
+            self.send(
+                {"op": "error", "id": request_id, "message": f"expected {SPAWN_FDS} fds, got {len(fds)}"}
+            )
+            return
+        try:
+            pid = self.fork_worker(argv, *fds)
+        except OSError as exc:
+            self.send({"op": "error", "id": request_id, "message": f"fork failed: {exc}"})
+            return
+        self.children.add(pid)
+        self.send({"op": "spawned", "id": request_id, "pid": pid})
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            self.send({"op": "exit", "pid": pid, "code": code, "signal": signum})
+
+    def exit(self, reason: str) -> NoReturn:
+        if self.children:
+            _log(f"{reason} ({len(self.children)} worker(s) still running: they exit on their stdin EOF)")
+        sys.stderr.flush()
+        os._exit(0)
+
+    # -- forking ----------------------------------------------------------------------------------------
+    def fork_worker(self, argv: list[str], stdin_fd: int, frames_fd: int, stderr_fd: int) -> int:
+        threads = threading.active_count()
+        if threads != 1:  # a fork with other threads alive may copy a held lock: refuse instead
+            raise OSError(errno.EDEADLK, f"the template has {threads} threads; forking is unsafe")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child (measured by the tests, not by coverage)
+            self.become_worker(argv, stdin_fd, frames_fd, stderr_fd)
+        # The child makes itself a group leader too; doing it here as well means the group exists before
+        # the runtime hears the pid, so a signal to the group sent at once cannot miss.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:  # it already died (and may be reaped soon): its exit is reported as usual
+            pass
+        return pid
+
+    def become_worker(self, argv: list[str], stdin_fd: int, frames_fd: int, stderr_fd: int) -> NoReturn:
+        code = EXIT_TEMPLATE_ERROR
+        try:
+            os.setpgid(0, 0)  # own process group (the template did it too: whichever runs first wins)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Close the template's own objects through their owners (so no finalizer closes a reused fd
+            # number later), then every other inherited fd but the three pipes.
+            self.control.close()
+            _close(self.wake_r)
+            _close(self.wake_w)
+            os.dup2(stdin_fd, 0)
+            os.dup2(stderr_fd, 1)
+            os.dup2(stderr_fd, 2)
+            os.set_inheritable(frames_fd, False)  # the worker's grandchildren must not hold it
+            os.closerange(3, frames_fd)
+            os.closerange(frames_fd + 1, _max_fd())
+            _reseed()
+            from bridge_child._server import parse_args, prepare_process, run_worker
+
+            args = parse_args(argv)
+            prepare_process()
+            sys.argv = ["bridge_child", *argv]
+            code = run_worker(args, read_fd=0, write_fd=frames_fd)
+        except SystemExit as exc:
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A Python-level handler, so the C handler writes the signal number to the wake-up fd."""
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):  # pragma: no cover
+        return 65536
+
+
+def _reseed() -> None:
+    """A forked child starts with its template's generator states: re-seed what was imported."""
+    random.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:  # pragma: no cover - dspy 3.4 does not import it
+        numpy_random.seed()
+
+
+def _preload() -> dict[str, Any]:
+    from bridge_child import _programs
+    from bridge_child._server import library_versions
+
+    started = time.perf_counter()
+    _programs.preload()
+    import trio  # noqa: F401  # workers that use Trio later (streaming) do not pay its import
+
+    import bridge_child._server  # noqa: F401
+
+    preload_s = time.perf_counter() - started
+    # Move everything imported so far out of the collector's reach: a child's collections then never
+    # write to these objects' GC headers, so their pages stay shared with the template (copy-on-write).
+    gc.freeze()
+    return {"versions": library_versions(), "preload_s": round(preload_s, 4)}
+
+
+def main(argv: list[str]) -> NoReturn:
+    # Stdout hygiene before anything is imported: nothing the template (or dspy at import) prints may
+    # reach its stdout; each worker re-points its own fds 0-2 anyway.
+    os.dup2(2, 1)
+    parser = argparse.ArgumentParser(prog="python -m bridge_child._zygote", description=__doc__)
+    parser.add_argument("--control-fd", type=int, required=True, help="the template's end of the socket")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=args.control_fd)
+    control.set_inheritable(False)
+    info = _preload()
+    threads = threading.active_count()
+    if threads != 1:
+        _log(f"preloading started {threads - 1} thread(s): cannot fork safely")
+        os._exit(EXIT_TEMPLATE_ERROR)
+    template = Template(control)
+    template.send({"op": "ready", "pid": os.getpid(), **info})
+    template.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
