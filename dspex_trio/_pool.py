@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
 import attrs
@@ -37,6 +37,7 @@ from dspex_trio._errors import (
     WorkerCrashed,
     WorkerStartFailed,
 )
+from dspex_trio._events import EventBus, Subscription
 from dspex_trio._launcher import Launcher, WorkerSpec
 from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec, SessionStore
 from dspex_trio._states import TERMINAL, WorkerState
@@ -151,6 +152,59 @@ class PoolStatistics:
     """Per method."""
 
 
+@attrs.frozen
+class WorkerHealth:
+    """One worker in a health snapshot."""
+
+    worker_id: str
+    pid: int
+    state: WorkerState
+    in_flight: int
+    last_heartbeat_age: float
+    """Seconds since the worker last sent anything (a pong, an ack, a result)."""
+    restarts: int
+    """Restarts of its slot so far."""
+    retiring: bool
+
+
+@attrs.frozen
+class HealthSnapshot:
+    """The health of a backend at one moment."""
+
+    backend: str
+    workers: tuple[WorkerHealth, ...]
+    size: int
+    restarts: int
+    circuit: CircuitState
+    circuit_reason: str
+    launcher: str
+    seq: int
+    """Events published before this snapshot (a subscriber resyncs from here)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "size": self.size,
+            "restarts": self.restarts,
+            "circuit": str(self.circuit),
+            "circuit_reason": self.circuit_reason,
+            "launcher": self.launcher,
+            "seq": self.seq,
+            "workers": [
+                {
+                    "worker_id": w.worker_id,
+                    "pid": w.pid,
+                    "state": str(w.state),
+                    "in_flight": w.in_flight,
+                    "last_heartbeat_age": round(w.last_heartbeat_age, 3),
+                    "restarts": w.restarts,
+                    "retiring": w.retiring,
+                }
+                for w in self.workers
+            ],
+        }
+
+
 @attrs.define(eq=False)
 class _Tenure:
     """One worker's time in a slot."""
@@ -211,6 +265,9 @@ class Pool:
         self._counts = collections.Counter[str]()
         self._nursery: trio.Nursery | None = None
         self._descriptions: dict[tuple[str, int], dict[str, Any]] = {}
+        self._slot_restarts = collections.Counter[int]()
+        self.events = EventBus(backend="pool")
+        """Health events: every worker state transition and circuit change."""
         self.transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
         """Called on every worker state transition (health events hook in here)."""
 
@@ -429,8 +486,46 @@ class Pool:
         except (WorkerCrashed, WorkerClosed, ProtocolError, CallTimeout):
             pass  # it is gone; its replacement is configured when it starts
 
+    def subscribe_health(self, *, buffer: int | None = None) -> AbstractAsyncContextManager[Subscription]:
+        """``async with pool.subscribe_health() as events: async for event in events: ...``
+
+        Every worker state transition (``worker_state``: worker_id, pid, from, to, reason) and circuit
+        change (``circuit``). Bounded: a subscriber that falls ``buffer`` events behind misses events and
+        then receives one ``lagged`` event with the count; ``health()`` gives a fresh snapshot.
+        """
+        return self.events.subscribe(buffer=buffer)
+
+    def health(self) -> HealthSnapshot:
+        """Per-worker state and heartbeat age, restarts, the circuit, the launcher."""
+        now = trio.current_time()
+        workers = tuple(
+            WorkerHealth(
+                worker_id=t.worker.worker_id,
+                pid=t.worker.pid,
+                state=t.worker.state,
+                in_flight=t.worker.in_flight,
+                last_heartbeat_age=max(0.0, now - t.worker.last_seen),
+                restarts=self._slot_restarts[t.slot],
+                retiring=t.retiring,
+            )
+            for t in self._live.values()
+        )
+        return HealthSnapshot(
+            backend="pool",
+            workers=workers,
+            size=self.options.workers,
+            restarts=self._counts["restarts"],
+            circuit=self._circuit,
+            circuit_reason=self._circuit_reason,
+            launcher=self._launcher.name,
+            seq=self.events.published,
+        )
+
     def statistics(self) -> PoolStatistics:
-        workers = tuple(t.worker.statistics() for t in self._live.values())
+        workers = tuple(
+            attrs.evolve(t.worker.statistics(), restarts=self._slot_restarts[t.slot])
+            for t in self._live.values()
+        )
         latency = {}
         for method, samples in self._latency.items():
             ordered = sorted(samples)
@@ -617,6 +712,16 @@ class Pool:
             tenure.ended.set()
         if new in (WorkerState.READY,):
             self._lot.unpark_all()
+        self.events.publish(
+            "worker_state",
+            {
+                "worker_id": worker.worker_id,
+                "pid": worker.pid,
+                "from": str(old),
+                "to": str(new),
+                "reason": reason,
+            },
+        )
         for hook in self.transition_hooks:
             hook(worker, old, new, reason)
 
@@ -704,6 +809,7 @@ class Pool:
             if tenure.retiring or self._closing:
                 continue
             self._counts["restarts"] += 1
+            self._slot_restarts[slot] += 1
             uptime = trio.current_time() - tenure.started_at
             stats = tenure.worker.statistics()
             if uptime < self.options.min_healthy_uptime and stats.calls_served == 0:
@@ -743,6 +849,8 @@ class Pool:
         self._set_circuit(CircuitState.CLOSED, "")
 
     def _set_circuit(self, state: CircuitState, reason: str) -> None:
+        if state is not self._circuit:
+            self.events.publish("circuit", {"from": str(self._circuit), "to": str(state), "reason": reason})
         self._circuit = state
         self._circuit_reason = reason
         self._circuit_changed.set()

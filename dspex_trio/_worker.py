@@ -201,6 +201,11 @@ class Worker:
         return self.process.pid
 
     @property
+    def last_seen(self) -> float:
+        """``trio.current_time()`` when the worker last sent anything."""
+        return self._last_seen
+
+    @property
     def in_flight(self) -> int:
         return len(self._calls)
 
