@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -147,15 +146,17 @@ class _Call:
     acked: bool = False
     done: trio.Event = attrs.Factory(trio.Event)
     result: outcome.Outcome[Any] | None = None
-    events: collections.deque[Any] = attrs.Factory(collections.deque)
-    event_arrived: trio.Event = attrs.Factory(trio.Event)
+    events: collections.deque[Any] | None = None
+    """Stream events not yet consumed (streamed calls only)."""
+    event_arrived: trio.Event | None = None
 
     def finish(self, result: outcome.Outcome[Any]) -> None:
         if self.done.is_set():
             return
         self.result = result
         self.done.set()
-        self.event_arrived.set()
+        if self.event_arrived is not None:
+            self.event_arrived.set()
 
 
 @attrs.define(eq=False)
@@ -174,6 +175,9 @@ class Worker:
     state: WorkerState = WorkerState.STARTING
     _conn: wire.Connection = attrs.field(init=False)
     _calls: dict[int, _Call] = attrs.Factory(dict)
+    _unacked: dict[int, _Call] = attrs.Factory(dict)
+    """Calls sent and not yet acked, oldest first."""
+    _unacked_arrived: trio.Event = attrs.Factory(trio.Event)
     _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
     _outbox: list[bytes] = attrs.Factory(list)
     _writer_wakeup: trio.Event = attrs.Factory(trio.Event)
@@ -326,8 +330,15 @@ class Worker:
             frame = self._conn.send(wire.Call(call_id, method, params, timeout, flags))
         except wire.UnencodableMessage as exc:
             raise InvalidParams(f"{method}: {exc}") from exc
-        call = _Call(call_id, method, trio.current_time(), timeout, bool(flags & wire.FLAG_STREAM))
+        stream = bool(flags & wire.FLAG_STREAM)
+        call = _Call(call_id, method, trio.current_time(), timeout, stream)
+        if stream:
+            call.events = collections.deque()
+            call.event_arrived = trio.Event()
         self._calls[call_id] = call
+        if not self._unacked:
+            self._unacked_arrived.set()
+        self._unacked[call_id] = call
         self._outbox.append(frame)
         self._writer_wakeup.set()
         self._update_load()
@@ -339,21 +350,14 @@ class Worker:
         return WorkerClosed(f"worker {self.worker_id} is {self.state} and takes no new calls")
 
     async def _wait(self, call: _Call) -> Any:
-        deadline = math.inf if call.timeout is None else call.sent_at + call.timeout
+        """Wait for the call's outcome. The ack timeout is watched by ``_ack_watchdog`` for all calls at
+        once, so a call without a deadline needs no cancel scope of its own."""
         try:
             if not call.done.is_set():
-                # One cancel scope on the fast path: until the ack deadline (or the call's own).
-                with trio.move_on_at(min(deadline, call.sent_at + self.options.ack_timeout)):
+                if call.timeout is None:
                     await call.done.wait()
-                if not call.done.is_set():
-                    if not call.acked:
-                        if trio.current_time() >= deadline:
-                            raise self._timed_out(call)
-                        self._lose(
-                            WorkerUnresponsive,
-                            f"call {call.id} ({call.method}) was not acked within {self.options.ack_timeout} s",
-                        )
-                    with trio.move_on_at(deadline):
+                else:
+                    with trio.move_on_at(call.sent_at + call.timeout):
                         await call.done.wait()
                     if not call.done.is_set():
                         raise self._timed_out(call)
@@ -362,6 +366,23 @@ class Worker:
         finally:
             if not call.done.is_set():
                 self._abandon(call)
+
+    async def _ack_watchdog(self) -> None:
+        """Kill the worker when its oldest unacked call is older than ``ack_timeout`` (it is wedged)."""
+        timeout = self.options.ack_timeout
+        while True:
+            if not self._unacked:
+                self._unacked_arrived = trio.Event()
+                await self._unacked_arrived.wait()
+                continue
+            oldest = next(iter(self._unacked.values()))
+            due = oldest.sent_at + timeout
+            if trio.current_time() >= due:
+                self._lose(
+                    WorkerUnresponsive, f"call {oldest.id} ({oldest.method}) was not acked within {timeout} s"
+                )
+                return
+            await trio.sleep_until(due)
 
     def _timed_out(self, call: _Call) -> CallTimeout:
         self._abandon(call)
@@ -373,6 +394,7 @@ class Worker:
         are dropped."""
         if self._calls.pop(call.id, None) is None:
             return
+        self._unacked.pop(call.id, None)
         if self._conn.abandon(call.id) and not self._exited.is_set() and self._cause is None:
             self._queue(wire.Cancel(call.id))
         call.finish(outcome.Error(error or WorkerClosed(f"call {call.id} was abandoned by its caller")))
@@ -431,9 +453,12 @@ class Worker:
         call = self._calls.get(message.id)
         if call is None:  # pragma: no cover - the connection drops frames of abandoned calls
             return
+        self._unacked.pop(message.id, None)
         if isinstance(message, wire.Ack):
             call.acked = True
         elif isinstance(message, wire.Event):
+            if call.events is None or call.event_arrived is None:
+                return  # progress events of a call that did not ask for a stream
             if len(call.events) >= self.options.max_stream_events:
                 lag = Overloaded(
                     f"the consumer of streamed call {call.id} lagged {len(call.events)} events behind"
@@ -565,6 +590,7 @@ class Worker:
                 self._set_state(WorkerState.FAILED, self._cause[1] if self._cause else status.describe())
         calls = list(self._calls.values())
         self._calls.clear()
+        self._unacked.clear()
         self._idle.set()
         self._conn.forget_all()
         for call in calls:
@@ -608,6 +634,7 @@ class Worker:
                     self._last_seen = trio.current_time()
                     self._set_state(WorkerState.READY, "hello received")
                     nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._ack_watchdog)
                     task_status.started(self)
                     await self._torn_down.wait()
                     with trio.move_on_after(READER_DRAIN_AFTER_EXIT_S):
@@ -659,6 +686,7 @@ class CallStream:
 
     async def __anext__(self) -> Any:
         call = self._call
+        assert call.events is not None and call.event_arrived is not None
         while not call.events:
             if call.done.is_set():
                 raise StopAsyncIteration
@@ -669,7 +697,8 @@ class CallStream:
     async def result(self) -> Any:
         """Wait for the terminal frame (skipping unread events) and return the value or raise its error."""
         value = await self._worker._wait(self._call)
-        self._call.events.clear()
+        if self._call.events is not None:
+            self._call.events.clear()
         return value
 
 
