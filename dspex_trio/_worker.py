@@ -43,6 +43,8 @@ logger = logging.getLogger("dspex_trio.worker")
 
 READ_CHUNK_BYTES: Final = 256 * 1024
 """Most bytes taken from a worker's frame or stderr pipe per read."""
+STDERR_READ_CHUNK_BYTES: Final = 32 * 1024
+"""Most stderr bytes handled per read, so re-logging a flood yields to other tasks often."""
 STDERR_TAIL_LINES: Final = 20
 """Last stderr lines kept per worker, quoted in start-up failures."""
 MAX_STDERR_LINE_BYTES: Final = 8 * 1024
@@ -520,7 +522,7 @@ class Worker:
         pending = b""
         while True:
             try:
-                data = await self.process.stderr.receive_some(READ_CHUNK_BYTES)
+                data = await self.process.stderr.receive_some(STDERR_READ_CHUNK_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
