@@ -232,10 +232,11 @@ class Worker:
                 if not self.contexts:
                     break
             time.sleep(0.005)
-        with self.lock:
+        with self.lock:  # held until the exit: no thread may send a result for a call cut off here
             for ctx in list(self.contexts.values()):
                 ctx.cancelled.set()
-        _exit_now(0)
+                ctx.finished = True
+            _exit_now(0)
 
     def dispatch(self, message: wire.ParentMessage) -> None:
         if isinstance(message, wire.Call):
