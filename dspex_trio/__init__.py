@@ -3,6 +3,16 @@
 Everything public is re-exported here; the modules behind it are private.
 """
 
+from dspex_trio._backends import Backend as Backend
+from dspex_trio._backends import BackendStatistics as BackendStatistics
+from dspex_trio._backends import BridgeBackend as BridgeBackend
+from dspex_trio._backends import FallbackBackend as FallbackBackend
+from dspex_trio._backends import FallbackStatistics as FallbackStatistics
+from dspex_trio._backends import MockBackend as MockBackend
+from dspex_trio._backends import open_backend as open_backend
+from dspex_trio._breaker import BreakerStatistics as BreakerStatistics
+from dspex_trio._breaker import CircuitBreaker as CircuitBreaker
+from dspex_trio._breaker import CircuitState as CircuitState
 from dspex_trio._errors import CallTimeout as CallTimeout
 from dspex_trio._errors import DspexError as DspexError
 from dspex_trio._errors import ExitStatus as ExitStatus
@@ -24,7 +34,6 @@ from dspex_trio._events import Subscription as Subscription
 from dspex_trio._launcher import Launcher as Launcher
 from dspex_trio._launcher import SubprocessLauncher as SubprocessLauncher
 from dspex_trio._launcher import WorkerSpec as WorkerSpec
-from dspex_trio._pool import CircuitState as CircuitState
 from dspex_trio._pool import HealthSnapshot as HealthSnapshot
 from dspex_trio._pool import LatencySummary as LatencySummary
 from dspex_trio._pool import Pool as Pool
@@ -32,6 +41,7 @@ from dspex_trio._pool import PoolOptions as PoolOptions
 from dspex_trio._pool import PoolStatistics as PoolStatistics
 from dspex_trio._pool import WorkerHealth as WorkerHealth
 from dspex_trio._pool import open_pool as open_pool
+from dspex_trio._retry import RetryPolicy as RetryPolicy
 from dspex_trio._states import WorkerState as WorkerState
 from dspex_trio._worker import CallStream as CallStream
 from dspex_trio._worker import Worker as Worker

@@ -29,7 +29,8 @@ class HealthEvent:
 
     kind: str
     """``worker_state`` (a worker changed state), ``circuit`` (the breaker changed), ``launcher``
-    (fallback), or ``lagged`` (this subscriber missed events)."""
+    (fallback), ``backend`` (a fallback chain switched backends: from, to, reason), or ``lagged`` (this
+    subscriber missed events)."""
     data: dict[str, Any]
     """What happened; for ``worker_state``: worker_id, pid, from, to, reason."""
     backend: str = "pool"
@@ -56,9 +57,10 @@ class TooManySubscribers(RuntimeError):
 class Subscription:
     """Events as they happen. ``async for event in subscription``; ``missed`` counts dropped events."""
 
-    def __init__(self, buffer: int) -> None:
+    def __init__(self, buffer: int, backend: str = "pool") -> None:
         self._events: collections.deque[HealthEvent] = collections.deque()
         self._buffer = buffer
+        self._backend = backend
         self._missed_pending = 0
         self.missed = 0
         """Events this subscriber missed in all (its buffer was full)."""
@@ -93,7 +95,7 @@ class Subscription:
             return self._events.popleft()
         if self._missed_pending:
             missed, self._missed_pending = self._missed_pending, 0
-            return HealthEvent("lagged", {"missed": missed})
+            return HealthEvent("lagged", {"missed": missed}, backend=self._backend)
         raise trio.WouldBlock
 
     async def receive(self) -> HealthEvent:
@@ -150,7 +152,7 @@ class EventBus:
         size = self.buffer if buffer is None else buffer
         if size < 1:
             raise ValueError(f"buffer must be at least 1 event, not {size}")
-        subscription = Subscription(size)
+        subscription = Subscription(size, backend=self.backend)
         self._subscribers.add(subscription)
         try:
             yield subscription

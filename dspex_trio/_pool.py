@@ -13,10 +13,10 @@ never started when their worker dies.
 from __future__ import annotations
 
 import collections
-import enum
 import functools
 import logging
 import math
+import random
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -26,6 +26,7 @@ import attrs
 import trio
 
 from bridge_child import wire
+from dspex_trio._breaker import CircuitBreaker, CircuitState
 from dspex_trio._errors import (
     CacheMiss,
     CallTimeout,
@@ -39,6 +40,7 @@ from dspex_trio._errors import (
 )
 from dspex_trio._events import EventBus, Subscription
 from dspex_trio._launcher import Launcher, WorkerSpec
+from dspex_trio._retry import RandomSource, RetryPolicy
 from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec, SessionStore
 from dspex_trio._states import TERMINAL, WorkerState
 from dspex_trio._util import open_service_nursery
@@ -48,7 +50,7 @@ from dspex_trio._zygote import open_launcher
 logger = logging.getLogger("dspex_trio.pool")
 
 MAX_REDISPATCHES: Final = 3
-"""Times a call that never started may be re-dispatched after its worker died."""
+"""Default re-dispatches of a call that never started (``retry_max_attempts`` is this + 1)."""
 MAINTENANCE_INTERVAL_S: Final = 1.0
 """How often sessions are swept for the idle TTL, in seconds."""
 LAUNCHER_KINDS: Final = ("auto", "zygote", "subprocess")
@@ -73,14 +75,29 @@ class PoolOptions:
     max_queue: int = attrs.field(default=1024, validator=_at_least(0))
     """Calls waiting for a worker with free capacity; past it, ``Overloaded`` (or wait, if asked)."""
     restart_intensity: int = attrs.field(default=5, validator=_at_least(0))
-    """More than this many counted restarts within ``restart_period`` open the circuit."""
+    """More than this many counted restarts within ``restart_period`` open the circuit (the breaker's
+    failure threshold is ``restart_intensity + 1``)."""
     restart_period: float = attrs.field(default=10.0, validator=_at_least(0))
+    """The breaker's failure window."""
     min_healthy_uptime: float = attrs.field(default=1.0, validator=_at_least(0))
     """A worker that fails before its handshake, or within this uptime having served no call, counts
     against the restart budget; one killed after serving calls is simply replaced."""
     probe_backoff: float = attrs.field(default=0.5, validator=_at_least(0))
-    """First wait before a probe while the circuit is open; doubles up to ``probe_backoff_max``."""
+    """The breaker's reset timeout: first wait before a probe while the circuit is open; doubles per
+    failed probe up to ``probe_backoff_max``."""
     probe_backoff_max: float = attrs.field(default=30.0, validator=_at_least(0))
+    half_open_probes: int = attrs.field(default=1, validator=_at_least(1))
+    """Worker starts that must succeed while half-open to close the circuit (a probe is one worker
+    start in an empty slot, so at most ``workers`` are needed; fewer if no other slot is empty)."""
+    retry_backoff: float = attrs.field(default=0.01, validator=_at_least(0))
+    """Wait before re-sending a call after its worker failed; grows by ``retry_backoff_multiplier`` per
+    attempt up to ``retry_backoff_max``, with ``retry_jitter`` of it random."""
+    retry_backoff_multiplier: float = attrs.field(default=2.0, validator=_at_least(1))
+    retry_backoff_max: float = attrs.field(default=1.0, validator=_at_least(0))
+    retry_jitter: float = attrs.field(default=0.5, validator=_at_least(0))
+    """Random fraction of each retry wait, within [0, 1]."""
+    retry_max_attempts: int = attrs.field(default=MAX_REDISPATCHES + 1, validator=_at_least(1))
+    """Attempts of one call in all (re-dispatches of never-acked calls and idempotent retries)."""
     drain_grace: float = attrs.field(default=10.0, validator=_at_least(0))
     """On close: how long in-flight calls may finish before the workers are torn down."""
     max_calls_per_worker: int | None = attrs.field(default=None, validator=_at_least(1))
@@ -91,12 +108,6 @@ class PoolOptions:
     session_ttl: float = attrs.field(default=DEFAULT_SESSION_TTL_S, validator=_at_least(0))
     python: str = sys.executable
     """Interpreter for the subprocess launcher and the zygote template."""
-
-
-class CircuitState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half-open"
 
 
 @attrs.frozen
@@ -137,6 +148,10 @@ class PoolStatistics:
     """Calls re-sent after their worker died before acking them."""
     retried: int
     """Idempotent calls retried on another worker after their worker died."""
+    backoffs: int
+    """Waits before a re-dispatch or retry (see ``retry_backoff``)."""
+    backoff_seconds: float
+    """Total time calls spent in those waits, in seconds."""
     restarts: int
     """Workers replaced after failing."""
     recycled: int
@@ -145,6 +160,8 @@ class PoolStatistics:
     """Launcher in use ("zygote" or "subprocess", with the reason for a fallback)."""
     circuit: CircuitState
     circuit_reason: str
+    circuit_opened: int
+    """Times the circuit opened (trips and failed probes)."""
     checkout_success_rate: float
     """Share of checkouts that got a worker (1.0 when none was attempted)."""
     sessions: int
@@ -229,6 +246,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class Pool:
     """A supervised pool of workers. Made by :func:`open_pool`."""
 
+    name = "pool"
+    """The backend name (see ``dspex_trio.Backend``)."""
+
     def __init__(
         self,
         *,
@@ -239,6 +259,7 @@ class Pool:
         lm: Any,
         clock: Callable[[], float] | None,
         fail_at_start: int | None = None,
+        rng: RandomSource | None = None,
     ) -> None:
         self.options = options
         self.worker_options = worker_options
@@ -254,13 +275,29 @@ class Pool:
         self._closing = False
         self._in_flight = 0
         self._drained = trio.Event()
-        self._circuit = CircuitState.CLOSED
-        self._circuit_reason = ""
+        self.breaker = CircuitBreaker(
+            clock=trio.current_time,
+            failure_threshold=options.restart_intensity + 1,
+            window=options.restart_period,
+            reset_timeout=options.probe_backoff,
+            reset_timeout_max=options.probe_backoff_max,
+            half_open_probes=min(options.half_open_probes, options.workers),
+            on_change=self._set_circuit,
+            trip_label="restart budget spent",
+        )
+        """The circuit breaker, fed by the restart budget's counted failures."""
+        self.retry = RetryPolicy(
+            initial=options.retry_backoff,
+            multiplier=options.retry_backoff_multiplier,
+            cap=options.retry_backoff_max,
+            jitter=options.retry_jitter,
+            max_attempts=options.retry_max_attempts,
+        )
+        """Backoff between the attempts of a call (whether to retry is ``_dispatch``'s rule)."""
+        self._rng: RandomSource = rng if rng is not None else random.Random()
+        self._backoff_seconds = 0.0
         self._circuit_changed = trio.Event()
-        self._probing = False
-        self._next_probe = 0.0
-        self._backoff = options.probe_backoff
-        self._young_failures: collections.deque[float] = collections.deque()
+        self._waiting_slots = 0
         self._latency: dict[str, collections.deque[float]] = {}
         self._counts = collections.Counter[str]()
         self._nursery: trio.Nursery | None = None
@@ -278,7 +315,7 @@ class Pool:
 
     @property
     def circuit(self) -> CircuitState:
-        return self._circuit
+        return self.breaker.state
 
     @property
     def launcher_name(self) -> str:
@@ -390,7 +427,8 @@ class Pool:
     ) -> dict[str, Any]:
         """Run a program and return its output fields as plain JSON values of their declared types.
 
-        With ``with_usage=True`` the answer is ``{"outputs": {...}, "usage": {...} | None}``.
+        With ``with_usage=True`` the answer is ``{"outputs": {...}, "usage": {...} | None, "backend":
+        "pool"}``.
 
         Raises:
             ProgramNotFound: no such program in the session.
@@ -400,7 +438,7 @@ class Pool:
         """
         params = {"program": program, "inputs": inputs, **self._lm_params(session)}
         answer = await self.call("execute", params, session=session, timeout=timeout)
-        return answer if with_usage else answer["outputs"]
+        return {**answer, "backend": self.name} if with_usage else answer["outputs"]
 
     @asynccontextmanager
     async def stream(
@@ -412,32 +450,37 @@ class Pool:
         timeout: float | None = None,
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Run a program streamed: ``{"event": "chunk", "field", "chunk"}`` as chunks arrive, then one
-        ``{"event": "completed", "outputs", "usage"}``. Leaving the block early cancels the execution in
-        its worker. A worker dying before it acked the call is retried transparently; after, it raises.
+        ``{"event": "completed", "outputs", "usage", "backend"}``. Leaving the block early cancels the
+        execution in its worker. A worker dying before it acked the call (and before the block got the
+        events) is retried transparently, after a backoff; after, it raises.
         """
         spec = self.sessions.program(session, program)
         params = {"program": program, "inputs": inputs, **self._lm_params(session)}
         start = trio.current_time()
         deadline = math.inf if timeout is None else start + timeout
         self._counts["calls"] += 1
-        for _attempt in range(MAX_REDISPATCHES + 1):
+        for attempt in range(1, self.retry.max_attempts + 1):
             tenure = await self._checkout(deadline, wait=False, program=spec, excluded=set())
             with_spec = (spec.id, spec.version) not in tenure.programs
             call_params = {**params, "program": spec.wire_ref(with_spec=with_spec)}
             remaining = None if deadline == math.inf else max(1e-3, deadline - trio.current_time())
             self._in_flight += 1
+            yielded = False
             try:
                 async with tenure.worker.stream("execute", call_params, timeout=remaining) as events:
+                    yielded = True
                     yield _program_events(events, self, tenure, spec, start)
                     return
             except (WorkerCrashed, ProtocolError) as exc:
-                if exc.started:
+                if exc.started or yielded:  # the block saw the stream: not ours to re-run
                     self._counts["failed"] += 1
                     raise
                 self._counts["redispatched"] += 1
             finally:
                 self._in_flight -= 1
                 self._after_call(tenure)
+            if attempt < self.retry.max_attempts:
+                await self._back_off(attempt, deadline)
         raise PoolUnavailable("the execution could not be placed on a worker", reason="re-dispatch limit")
 
     async def get_state(self, program: str, *, session: str | None = None) -> dict[str, Any]:
@@ -496,7 +539,7 @@ class Pool:
         return self.events.subscribe(buffer=buffer)
 
     def health(self) -> HealthSnapshot:
-        """Per-worker state and heartbeat age, restarts, the circuit, the launcher."""
+        """Per-worker state and heartbeat age, restarts, the circuit, the launcher, the backend."""
         now = trio.current_time()
         workers = tuple(
             WorkerHealth(
@@ -515,8 +558,8 @@ class Pool:
             workers=workers,
             size=self.options.workers,
             restarts=self._counts["restarts"],
-            circuit=self._circuit,
-            circuit_reason=self._circuit_reason,
+            circuit=self.breaker.state,
+            circuit_reason=self.breaker.reason,
             launcher=self._launcher.name,
             seq=self.events.published,
         )
@@ -550,11 +593,14 @@ class Pool:
             unavailable=self._counts["unavailable"],
             redispatched=self._counts["redispatched"],
             retried=self._counts["retried"],
+            backoffs=self._counts["backoffs"],
+            backoff_seconds=self._backoff_seconds,
             restarts=self._counts["restarts"],
             recycled=self._counts["recycled"],
             launcher=self._launcher_note,
-            circuit=self._circuit,
-            circuit_reason=self._circuit_reason,
+            circuit=self.breaker.state,
+            circuit_reason=self.breaker.reason,
+            circuit_opened=self.breaker.statistics().opened,
             checkout_success_rate=(self._counts["checkouts_ok"] / checkouts) if checkouts else 1.0,
             sessions=len(self.sessions),
             latency=latency,
@@ -577,7 +623,7 @@ class Pool:
         deadline = math.inf if timeout is None else start + timeout
         flags = wire.FLAG_IDEMPOTENT if idempotent else 0
         self._counts["calls"] += 1
-        redispatches = 0
+        attempts = 1
         retried = False
         excluded: set[str] = set()
         send_spec = False
@@ -593,6 +639,7 @@ class Pool:
                 if remaining is not None and remaining <= 0:
                     raise CallTimeout(f"{method} timed out after {timeout} s waiting for a worker")
                 self._in_flight += 1
+                back_off = False
                 try:
                     call = worker._submit(method, call_params, timeout=remaining, flags=flags)
                     result = await worker._wait(call)
@@ -602,25 +649,31 @@ class Pool:
                     send_spec = True
                     continue
                 except (WorkerCrashed, ProtocolError) as exc:
-                    if not exc.started and redispatches < MAX_REDISPATCHES:
-                        redispatches += 1
+                    # Retried: calls that never started, and idempotent ones (once, elsewhere).
+                    if not self.retry.allows(attempts):
+                        raise
+                    if not exc.started:
                         self._counts["redispatched"] += 1
-                        continue
-                    if idempotent and not retried:
+                    elif idempotent and not retried:
                         retried = True
                         excluded.add(worker.worker_id)
                         self._counts["retried"] += 1
-                        continue
-                    raise
-                except WorkerClosed:
-                    if self._closing or redispatches >= MAX_REDISPATCHES:
+                    else:
                         raise
-                    redispatches += 1  # it began closing (recycled) between checkout and submit
+                    back_off = True
+                except WorkerClosed:
+                    if self._closing or not self.retry.allows(attempts):
+                        raise
+                    attempts += 1  # it began closing (recycled) between checkout and submit: no wait
                     self._counts["redispatched"] += 1
                     continue
                 finally:
                     self._in_flight -= 1
                     self._after_call(tenure)
+                if back_off:
+                    await self._back_off(attempts, deadline)
+                    attempts += 1
+                    continue
                 if program is not None:
                     tenure.programs.add((program.id, program.version))
                 self._counts["completed"] += 1
@@ -629,6 +682,14 @@ class Pool:
         except BaseException:
             self._counts["failed"] += 1
             raise
+
+    async def _back_off(self, retry: int, deadline: float) -> None:
+        """Wait before retry number ``retry`` (capped by the call's deadline)."""
+        now = trio.current_time()
+        wake = min(now + self.retry.delay(retry, self._rng), deadline)
+        self._counts["backoffs"] += 1
+        self._backoff_seconds += max(0.0, wake - now)
+        await trio.sleep_until(wake)
 
     def _after_call(self, tenure: _Tenure) -> None:
         self._lot.unpark()
@@ -699,11 +760,10 @@ class Pool:
     def _check_admission(self) -> None:
         if self._closing:
             raise WorkerClosed("the pool is closing")
-        if self._circuit is not CircuitState.CLOSED:
+        if not self.breaker.allows_calls:
             self._counts["unavailable"] += 1
-            raise PoolUnavailable(
-                f"the pool is unavailable: {self._circuit_reason}", reason=self._circuit_reason
-            )
+            reason = self.breaker.reason
+            raise PoolUnavailable(f"the pool is unavailable: {reason}", reason=reason)
 
     # -- supervision ----------------------------------------------------------------------------------
     def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
@@ -774,34 +834,40 @@ class Pool:
         self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         assert self._nursery is not None
+        breaker = self.breaker
         started = False
         while not self._closing:
             probing = False
-            if self._circuit is not CircuitState.CLOSED:
-                if self._probing or trio.current_time() < self._next_probe:
+            if not breaker.allows_calls:
+                if not breaker.try_probe():
                     if not started:
                         started = True
                         task_status.started()
                     changed = self._circuit_changed
-                    with trio.move_on_at(self._next_probe if not self._probing else math.inf):
-                        await changed.wait()
+                    self._waiting_slots += 1
+                    try:
+                        with trio.move_on_at(breaker.retry_at):
+                            await changed.wait()
+                    finally:
+                        self._waiting_slots -= 1
                     continue
-                probing = self._probing = True
-                self._set_circuit(CircuitState.HALF_OPEN, self._circuit_reason)
+                probing = True
             try:
                 tenure: _Tenure = await self._nursery.start(self._run_worker, slot)
             except WorkerStartFailed as exc:
                 self._counts["restarts"] += 1 if started else 0
                 logger.warning("slot %d: %s", slot, exc)
-                self._count_failure(str(exc).splitlines()[0], probing=probing)
-                if not started and self._circuit is CircuitState.CLOSED:
-                    continue  # first start of this slot: try again within the budget
-                continue
-            finally:
+                reason = str(exc).splitlines()[0]
                 if probing:
-                    self._probing = False
+                    breaker.probe_failed(reason)
+                else:
+                    breaker.record_failure(reason)
+                continue  # a first start retries within the budget; after it, the breaker decides
             if probing:
-                self._close_circuit()
+                breaker.probe_succeeded()
+                if breaker.state is CircuitState.HALF_OPEN and self._waiting_slots == 0:
+                    breaker.probes_exhausted()  # no empty slot left to probe with
+                self._wake_supervisors()
             if not started:
                 started = True
                 task_status.started()
@@ -813,46 +879,23 @@ class Pool:
             uptime = trio.current_time() - tenure.started_at
             stats = tenure.worker.statistics()
             if uptime < self.options.min_healthy_uptime and stats.calls_served == 0:
-                reason = (
+                breaker.record_failure(
                     f"worker {tenure.worker.worker_id} failed after {uptime:.3f} s without serving a call"
                 )
-                self._count_failure(reason, probing=False)
 
-    def _count_failure(self, reason: str, *, probing: bool) -> None:
-        now = trio.current_time()
-        if probing:
-            self._backoff = min(self._backoff * 2, self.options.probe_backoff_max)
-            self._open_circuit(f"probe failed: {reason}")
-            return
-        self._young_failures.append(now)
-        while self._young_failures and self._young_failures[0] < now - self.options.restart_period:
-            self._young_failures.popleft()
-        if (
-            len(self._young_failures) > self.options.restart_intensity
-            and self._circuit is CircuitState.CLOSED
-        ):
-            self._open_circuit(
-                f"restart budget spent ({len(self._young_failures)} failed starts within "
-                f"{self.options.restart_period} s); last: {reason}"
-            )
+    def _set_circuit(self, old: CircuitState, new: CircuitState, reason: str) -> None:
+        """The breaker changed state: log, publish a ``circuit`` event, wake whoever waits on it."""
+        if new is CircuitState.OPEN:
+            delay = self.breaker.retry_at - trio.current_time()
+            logger.error("pool circuit open (next probe in %.2f s): %s", delay, reason)
+        elif new is CircuitState.CLOSED:
+            logger.info("pool circuit closed: probe workers started")
+        self.events.publish("circuit", {"from": str(old), "to": str(new), "reason": reason})
+        if new is CircuitState.OPEN:
+            self._lot.unpark_all()  # queued callers fail with PoolUnavailable
+        self._wake_supervisors()
 
-    def _open_circuit(self, reason: str) -> None:
-        self._next_probe = trio.current_time() + self._backoff
-        logger.error("pool circuit open (next probe in %.2f s): %s", self._backoff, reason)
-        self._set_circuit(CircuitState.OPEN, reason)
-        self._lot.unpark_all()  # queued callers fail with PoolUnavailable
-
-    def _close_circuit(self) -> None:
-        self._young_failures.clear()
-        self._backoff = self.options.probe_backoff
-        logger.info("pool circuit closed: a probe worker started")
-        self._set_circuit(CircuitState.CLOSED, "")
-
-    def _set_circuit(self, state: CircuitState, reason: str) -> None:
-        if state is not self._circuit:
-            self.events.publish("circuit", {"from": str(self._circuit), "to": str(state), "reason": reason})
-        self._circuit = state
-        self._circuit_reason = reason
+    def _wake_supervisors(self) -> None:
         self._circuit_changed.set()
         self._circuit_changed = trio.Event()
 
@@ -880,7 +923,7 @@ class Pool:
         """Stop admission, drain in-flight calls up to the grace; the caller then cancels the nursery."""
         self._closing = True
         self._lot.unpark_all()
-        self._set_circuit(self._circuit, self._circuit_reason)  # wake supervisors
+        self._wake_supervisors()
         if self._in_flight:
             with trio.move_on_after(self.options.drain_grace):
                 await self._drained.wait()
@@ -909,6 +952,7 @@ async def open_pool(
     launcher: str | Launcher = "auto",
     clock: Callable[[], float] | None = None,
     fail_at_start: int | None = None,
+    rng: RandomSource | None = None,
     **options: Any,
 ) -> AsyncIterator[Pool]:
     """Open a pool of ``workers`` supervised worker processes.
@@ -920,7 +964,8 @@ async def open_pool(
     ``lm`` is the default LM configuration (None: the embedded offline LM). ``launcher`` is "zygote"
     (fork workers from a template process that imported dspy once), "subprocess" (``python -m
     bridge_child``), "auto" (zygote where ``os.fork`` exists, else subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start`` (diagnostics) makes every
-    worker exit with that code before its handshake. ``options`` are the fields of :class:`PoolOptions`
+    worker exit with that code before its handshake; ``rng`` the random source of the retry jitter (a seeded
+    ``random.Random`` in tests). ``options`` are the fields of :class:`PoolOptions`
     and :class:`WorkerOptions`.
     """
     pool_kwargs, worker_kwargs = _split_options({"workers": workers, **options})
@@ -938,6 +983,7 @@ async def open_pool(
             lm=lm,
             clock=clock,
             fail_at_start=fail_at_start,
+            rng=rng,
         )
         pool._nursery = nursery
         try:
@@ -977,4 +1023,9 @@ async def _program_events(
     tenure.programs.add((spec.id, spec.version))
     pool._counts["completed"] += 1
     pool._record_latency("execute", trio.current_time() - start)
-    yield {"event": "completed", "outputs": answer["outputs"], "usage": answer.get("usage")}
+    yield {
+        "event": "completed",
+        "outputs": answer["outputs"],
+        "usage": answer.get("usage"),
+        "backend": pool.name,
+    }
