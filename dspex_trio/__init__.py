@@ -43,6 +43,10 @@ from dspex_trio._pool import WorkerHealth as WorkerHealth
 from dspex_trio._pool import open_pool as open_pool
 from dspex_trio._retry import RetryPolicy as RetryPolicy
 from dspex_trio._states import WorkerState as WorkerState
+from dspex_trio._websocket import WebsocketOptions as WebsocketOptions
+from dspex_trio._websocket import WebsocketServer as WebsocketServer
+from dspex_trio._websocket import WebsocketStatistics as WebsocketStatistics
+from dspex_trio._websocket import serve_websocket as serve_websocket
 from dspex_trio._worker import CallStream as CallStream
 from dspex_trio._worker import Worker as Worker
 from dspex_trio._worker import WorkerOptions as WorkerOptions

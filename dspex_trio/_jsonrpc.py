@@ -1,0 +1,292 @@
+"""JSON-RPC 2.0 for the websocket API, sans-IO: text in, a request or an error reply out.
+
+No trio, no sockets: :func:`parse_message_untrusted` turns one client text frame into a :class:`Request`
+or a :class:`RpcError`; :func:`structure_params_untrusted` validates a method's params with a strict
+cattrs converter (no silent coercion: ``5`` is not a string) and reports every problem at once, as the
+``data.errors`` of a ``-32602`` reply. The reply builders return plain dicts; :func:`encode` makes text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Final, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+# -- error codes: standard JSON-RPC, then the server range (-32000 .. -32099) --------------------------
+
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+OVERLOADED: Final = -32000
+UNAVAILABLE: Final = -32001
+UNKNOWN_EXECUTION: Final = -32002
+UNKNOWN_PROGRAM: Final = -32003
+LIMIT_EXCEEDED: Final = -32004
+UNAUTHORIZED: Final = -32005
+EXECUTION_FAILED: Final = -32010
+
+KINDS: Final[dict[int, str]] = {
+    PARSE_ERROR: "parse_error",
+    INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found",
+    INVALID_PARAMS: "invalid_params",
+    INTERNAL_ERROR: "internal",
+    OVERLOADED: "overloaded",
+    UNAVAILABLE: "unavailable",
+    UNKNOWN_EXECUTION: "unknown_execution",
+    UNKNOWN_PROGRAM: "unknown_program",
+    LIMIT_EXCEEDED: "limit_exceeded",
+    UNAUTHORIZED: "unauthorized",
+    EXECUTION_FAILED: "execution_failed",
+}
+"""Every error reply carries ``data.kind``: this name of its code (stable across versions)."""
+
+MAX_ID_CHARS: Final = 128
+"""Longest string request id accepted, in characters."""
+
+RequestId = str | int | float | None
+
+
+@attrs.frozen
+class Request:
+    """One valid request (or notification, when ``has_id`` is False: it gets no reply)."""
+
+    method: str
+    params: dict[str, Any]
+    id: RequestId = None
+    has_id: bool = True
+
+
+class RpcError(Exception):
+    """A JSON-RPC error reply to send (``id`` is None when the request's id could not be read)."""
+
+    def __init__(self, code: int, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = {"kind": KINDS.get(code, "error"), **(data or {})}
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def parse_message_untrusted(text: str) -> Request:
+    """Parse one text frame from a client.
+
+    Raises:
+        RpcError: ``PARSE_ERROR`` (not JSON), or ``INVALID_REQUEST`` (not a JSON-RPC 2.0 request object;
+            batches are not supported). ``error.request_id`` is the id when it could be read.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RpcError(PARSE_ERROR, f"invalid JSON: {exc}") from None
+    if isinstance(message, list):
+        raise RpcError(INVALID_REQUEST, "batch requests are not supported; send one request per frame")
+    if not isinstance(message, dict):
+        raise RpcError(INVALID_REQUEST, "a request must be a JSON object")
+    has_id = "id" in message
+    request_id = message.get("id")
+    if has_id and not _valid_id(request_id):
+        raise RpcError(INVALID_REQUEST, "id must be a string (at most 128 characters), a number or null")
+    try:
+        if message.get("jsonrpc") != "2.0":
+            raise RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"')
+        method = message.get("method")
+        if not isinstance(method, str) or not method:
+            raise RpcError(INVALID_REQUEST, "method must be a non-empty string")
+        params = message.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise RpcError(INVALID_REQUEST, "params must be an object (by-name parameters)")
+        extra = set(message) - {"jsonrpc", "method", "params", "id"}
+        if extra:
+            raise RpcError(INVALID_REQUEST, f"unknown member(s): {', '.join(sorted(extra))}")
+    except RpcError as exc:
+        exc.request_id = request_id  # type: ignore[attr-defined]
+        raise
+    return Request(method=method, params=params, id=request_id, has_id=has_id)
+
+
+# -- replies ---------------------------------------------------------------------------------------------
+
+
+def result_reply(request_id: RequestId, result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def error_reply(request_id: RequestId, error: RpcError) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "error": {"code": error.code, "message": error.message, "data": error.data},
+    }
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def encode(message: dict[str, Any]) -> str:
+    """Compact JSON text; values that JSON lacks (enums, sets, ...) are written as strings."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+# -- params ------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ProgramCreateParams:
+    signature: str | dict[str, Any]
+    module: str = "predict"
+    instructions: str | None = None
+    session: str | None = None
+    state: dict[str, Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ProgramRefParams:
+    program: str
+    session: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SessionParams:
+    session: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SessionEndParams:
+    session: str
+
+
+@attrs.frozen(kw_only=True)
+class LmConfigureParams:
+    model: str
+    session: str | None = None
+    api_base: str | None = None
+    api_key: str | None = None
+    settings: dict[str, Any] = attrs.field(factory=dict)
+    """Further ``dspy.LM`` settings (``temperature``, ``max_tokens``, ...)."""
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionParams:
+    program: str
+    inputs: dict[str, Any]
+    session: str | None = None
+    stream: bool = True
+    """``execution/submit`` only: send ``chunk`` events as the LM streams."""
+    timeout: float | None = None
+    """Seconds for the whole execution (queueing included); None: no deadline."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, not {self.timeout!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionCancelParams:
+    execution: str
+
+
+@attrs.frozen(kw_only=True)
+class SubscriptionParams:
+    subscription: str
+
+
+@attrs.frozen(kw_only=True)
+class NoParams:
+    pass
+
+
+def _strict(expected: type, name: str) -> Any:
+    def hook(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and expected is not bool:
+            raise TypeError(f"expected {name}, got a boolean")
+        if not isinstance(value, expected):
+            raise TypeError(f"expected {name}, got {type(value).__name__}")
+        return value
+
+    return hook
+
+
+def _number(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _object(value: Any, _type: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _signature(value: Any, _type: Any) -> str | dict[str, Any]:
+    if isinstance(value, str | dict):
+        return value
+    raise TypeError(f"expected a string or an object, got {type(value).__name__}")
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(str, _strict(str, "a string"))
+    converter.register_structure_hook(bool, _strict(bool, "a boolean"))
+    converter.register_structure_hook(int, _strict(int, "an integer"))
+    converter.register_structure_hook(float, _number)
+    converter.register_structure_hook_func(lambda t: t == dict[str, Any], _object)
+    converter.register_structure_hook_func(lambda t: t == str | dict[str, Any], _signature)
+    return converter
+
+
+_converter = _make_converter()
+T = TypeVar("T")
+
+
+def structure_params_untrusted(params: dict[str, Any], cls: type[T]) -> T:
+    """Validate a method's params into ``cls``.
+
+    Raises:
+        RpcError: ``INVALID_PARAMS``, with ``data.errors``: one readable line per problem, each naming its
+            parameter (``"inputs: expected an object, got str"``, ``"unknown parameter: foo"``).
+    """
+    try:
+        return _converter.structure(params, cls)
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError) as exc:
+        errors = _describe(exc)
+        raise RpcError(
+            INVALID_PARAMS, "invalid params: " + "; ".join(errors), data={"errors": errors}
+        ) from None
+
+
+def _describe(exc: BaseException) -> list[str]:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return [f"unknown parameter: {key}" for key in sorted(exc.extra_fields)]
+    if isinstance(exc, ClassValidationError):
+        lines: list[str] = []
+        with_notes, without = exc.group_exceptions()
+        for inner, note in with_notes:
+            name = getattr(note, "name", None)
+            if isinstance(inner, KeyError):
+                lines.append(f"{name}: required")
+            else:
+                lines.append(f"{name}: {inner}" if name else str(inner))
+        for inner in without:
+            lines.extend(_describe(inner))
+        return lines or [str(exc)]
+    return [str(exc)]
