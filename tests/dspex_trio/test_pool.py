@@ -439,9 +439,10 @@ async def test_sigkill_of_a_worker_under_load() -> None:
                 # first a batch of long calls: least-loaded routing alternates the workers, so each
                 # runs two idempotent and two non-idempotent ones when the kill comes
                 async with trio.open_nursery() as batch:
-                    for idem in (True, True, False, False, True, True, False, False):
+                    # one at a time: trio runs a batch of new tasks in no fixed order
+                    for n, idem in enumerate((True, True, False, False, True, True, False, False), 1):
                         batch.start_soon(call, idem, 1.0)
-                    await wait_until(lambda: pool.statistics().in_flight == 8, 2)
+                        await wait_until(lambda n=n: pool.statistics().in_flight == n, 2)
                     assert [w.in_flight for w in pool.statistics().workers] == [4, 4]
                     for i in range(8):  # then load on top
                         nursery.start_soon(background, stop, i)
