@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -185,6 +186,8 @@ class Worker:
     _writer_wakeup: trio.Event = attrs.Factory(trio.Event)
     _send_lock: trio.Lock = attrs.Factory(trio.Lock)
     _idle: trio.Event = attrs.Factory(trio.Event)
+    _stdin_fd: int | None = None
+    """The raw, non-blocking fd behind ``process.stdin`` when it has one (direct writes)."""
     _hello_event: trio.Event = attrs.Factory(trio.Event)
     _reader_done: trio.Event = attrs.Factory(trio.Event)
     _exited: trio.Event = attrs.Factory(trio.Event)
@@ -198,6 +201,8 @@ class Worker:
     _calls_failed: int = 0
 
     def __attrs_post_init__(self) -> None:
+        fileno = getattr(self.process.stdin, "fileno", None)
+        self._stdin_fd = fileno() if callable(fileno) else None
         self._conn = wire.Connection(wire.Role.PARENT, max_frame_bytes=self.options.max_frame_bytes)
         self._idle.set()
 
@@ -341,8 +346,7 @@ class Worker:
         if not self._unacked:
             self._unacked_arrived.set()
         self._unacked[call_id] = call
-        self._outbox.append(frame)
-        self._writer_wakeup.set()
+        self._write_or_queue(frame)
         self._update_load()
         return call
 
@@ -417,7 +421,23 @@ class Worker:
                         pass  # the worker is gone; the ladder goes on
 
     def _queue(self, message: wire.ParentMessage) -> None:
-        self._outbox.append(self._conn.send(message))
+        self._write_or_queue(self._conn.send(message))
+
+    def _write_or_queue(self, frame: bytes) -> None:
+        """Write ``frame`` now when nothing is queued or being written (the pipe is non-blocking, so
+        this never waits); otherwise, or for what did not fit, queue it for the writer task. Saves the
+        writer-task hop on a lone call (~35 µs per round trip here) and keeps batching under load."""
+        if not self._outbox and not self._send_lock.locked() and self._stdin_fd is not None:
+            try:
+                written = os.write(self._stdin_fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                written = 0  # a broken pipe: the writer task meets it too, and the watcher reports why
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self._outbox.append(frame)
         self._writer_wakeup.set()
 
     async def wait_idle(self) -> None:
