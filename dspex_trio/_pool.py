@@ -40,8 +40,9 @@ from dspex_trio._errors import (
 )
 from dspex_trio._events import EventBus, Subscription
 from dspex_trio._launcher import Launcher, WorkerSpec
+from dspex_trio._programs_host import ProgramHost, program_events, program_spec
 from dspex_trio._retry import RandomSource, RetryPolicy
-from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec, SessionStore
+from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec
 from dspex_trio._states import TERMINAL, WorkerState
 from dspex_trio._util import open_service_nursery
 from dspex_trio._worker import Worker, WorkerOptions, WorkerStatistics, next_worker_id, start_worker
@@ -243,11 +244,12 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-class Pool:
+class Pool(ProgramHost):
     """A supervised pool of workers. Made by :func:`open_pool`."""
 
     name = "pool"
     """The backend name (see ``dspex_trio.Backend``)."""
+    _reads_checkpoint = False  # the pool's get/list/delete_program never passed a checkpoint
 
     def __init__(
         self,
@@ -261,14 +263,13 @@ class Pool:
         fail_at_start: int | None = None,
         rng: RandomSource | None = None,
     ) -> None:
+        super().__init__(clock=clock, session_ttl=options.session_ttl, lm=lm)
         self.options = options
         self.worker_options = worker_options
         self.diagnostics = diagnostics
-        self.lm = lm
         self._launcher = launcher
         self._launcher_note = launcher.name
         self._fail_at_start = fail_at_start
-        self.sessions = SessionStore(clock=clock or trio.current_time, ttl=options.session_ttl)
         self._live: dict[str, _Tenure] = {}
         self._lot = trio.lowlevel.ParkingLot()
         self._queue_slots = trio.Semaphore(options.max_queue)
@@ -301,7 +302,6 @@ class Pool:
         self._latency: dict[str, collections.deque[float]] = {}
         self._counts = collections.Counter[str]()
         self._nursery: trio.Nursery | None = None
-        self._descriptions: dict[tuple[str, int], dict[str, Any]] = {}
         self._slot_restarts = collections.Counter[int]()
         self.events = EventBus(backend="pool")
         """Health events: every worker state transition and circuit change."""
@@ -350,11 +350,7 @@ class Pool:
             and the worker's own errors (``UnknownMethod``, ``InvalidParams``, ...).
         Cancelling the caller cancels the call in its worker.
         """
-        program: ProgramSpec | None = None
-        if isinstance(params, dict) and isinstance(params.get("program"), str):
-            program = self.sessions.program(session, params["program"])
-        elif session is not None:
-            self.sessions.session(session)
+        program = self._resolve(params, session)
         return await self._dispatch(
             method, params, program=program, timeout=timeout, idempotent=idempotent, wait=wait
         )
@@ -377,68 +373,7 @@ class Pool:
         ``"predict"`` or ``"chain_of_thought"``. A worker parses and builds it first (never ``eval``), so an
         invalid signature or a disallowed type is an ``InvalidParams`` here, not at execution.
         """
-        spec: dict[str, Any] = {"signature": signature, "module": module}
-        if instructions is not None:
-            spec["instructions"] = instructions
-        if state is not None:
-            spec["state"] = state
-        description = await self.call("validate_program", {"spec": spec}, timeout=timeout, idempotent=True)
-        program = self.sessions.add_program(session, spec)
-        self._descriptions[program.id, program.version] = description
-        return program.id
-
-    def _info(self, program: ProgramSpec) -> dict[str, Any]:
-        description = self._descriptions.get((program.id, program.version), {})
-        return {
-            **description,
-            "id": program.id,
-            "module": program.spec.get("module"),
-            "version": program.version,
-        }
-
-    async def get_program(self, program: str, *, session: str | None = None) -> dict[str, Any]:
-        """The program's description (fields, types, instructions). ``ProgramNotFound`` if absent."""
-        return self._info(self.sessions.program(session, program))
-
-    async def list_programs(self, *, session: str | None = None) -> list[dict[str, Any]]:
-        """Every program of the session, each described as by ``get_program`` (with its ``id``)."""
-        return [self._info(p) for p in self.sessions.programs(session)]
-
-    async def delete_program(self, program: str, *, session: str | None = None) -> None:
-        """Delete a program (workers drop their cached copy as it ages out). ``ProgramNotFound`` if absent."""
-        spec = self.sessions.program(session, program)
-        self.sessions.delete_program(session, program)
-        self._descriptions.pop((spec.id, spec.version), None)
-
-    def _lm_params(self, session: str | None) -> dict[str, Any]:
-        record = self.sessions.peek(session)
-        if record is not None and record.lm is not None:
-            return {"lm": record.lm}
-        return {"lm": self.lm} if self.lm is not None else {}
-
-    async def execute(
-        self,
-        program: str,
-        inputs: dict[str, Any],
-        *,
-        session: str | None = None,
-        timeout: float | None = None,
-        with_usage: bool = False,
-    ) -> dict[str, Any]:
-        """Run a program and return its output fields as plain JSON values of their declared types.
-
-        With ``with_usage=True`` the answer is ``{"outputs": {...}, "usage": {...} | None, "backend":
-        "pool"}``.
-
-        Raises:
-            ProgramNotFound: no such program in the session.
-            ProgramError: the program failed (``error_type`` names DSPy's error, e.g. ``LMRateLimitError``).
-            InvalidParams: missing, unknown or mistyped inputs.
-            and the errors of ``call()``.
-        """
-        params = {"program": program, "inputs": inputs, **self._lm_params(session)}
-        answer = await self.call("execute", params, session=session, timeout=timeout)
-        return {**answer, "backend": self.name} if with_usage else answer["outputs"]
+        return await self._add_program(program_spec(signature, module, instructions, state), session, timeout)
 
     @asynccontextmanager
     async def stream(
@@ -455,21 +390,22 @@ class Pool:
         events) is retried transparently, after a backoff; after, it raises.
         """
         spec = self.sessions.program(session, program)
-        params = {"program": program, "inputs": inputs, **self._lm_params(session)}
+        params = self._execute_params(program, inputs, session)
         start = trio.current_time()
         deadline = math.inf if timeout is None else start + timeout
         self._counts["calls"] += 1
         for attempt in range(1, self.retry.max_attempts + 1):
             tenure = await self._checkout(deadline, wait=False, program=spec, excluded=set())
-            with_spec = (spec.id, spec.version) not in tenure.programs
-            call_params = {**params, "program": spec.wire_ref(with_spec=with_spec)}
+            call_params = self._wire_params(params, spec, tenure.programs, send_spec=False)
             remaining = None if deadline == math.inf else max(1e-3, deadline - trio.current_time())
             self._in_flight += 1
             yielded = False
             try:
                 async with tenure.worker.stream("execute", call_params, timeout=remaining) as events:
                     yielded = True
-                    yield _program_events(events, self, tenure, spec, start)
+                    yield program_events(
+                        events, self.name, on_completed=functools.partial(self._streamed, tenure, spec, start)
+                    )
                     return
             except (WorkerCrashed, ProtocolError) as exc:
                 if exc.started or yielded:  # the block saw the stream: not ours to re-run
@@ -495,28 +431,8 @@ class Pool:
         updated = self.sessions.update_program(session, program, state=state)
         self._descriptions[updated.id, updated.version] = description
 
-    async def configure_lm(
-        self,
-        model: str,
-        *,
-        session: str | None = None,
-        api_base: str | None = None,
-        api_key: str | None = None,
-        **settings: Any,
-    ) -> None:
-        """Set the LM: for ``session`` only, or (without one) the pool default, applied on every worker
-        now and on every worker started later. ``model`` is ``"offline"`` (the embedded deterministic LM)
-        or any ``provider/model`` of ``dspy.LM``. The key is never logged or echoed back."""
-        config: dict[str, Any] = {"model": model, **settings}
-        if api_base is not None:
-            config["api_base"] = api_base
-        if api_key is not None:
-            config["api_key"] = api_key
-        await self.call("validate_lm", {"lm": config}, idempotent=True)
-        if session is not None:
-            self.sessions.set_lm(session, config)
-            return
-        self.lm = config
+    async def _apply_default_lm(self) -> None:
+        """The default LM changed: apply it on every worker now (workers started later get it too)."""
         async with trio.open_nursery() as nursery:
             for worker in self.workers():
                 nursery.start_soon(self._configure_worker, worker)
@@ -631,10 +547,7 @@ class Pool:
             while True:
                 tenure = await self._checkout(deadline, wait=wait, program=program, excluded=excluded)
                 worker = tenure.worker
-                call_params = params
-                if program is not None:
-                    with_spec = send_spec or (program.id, program.version) not in tenure.programs
-                    call_params = {**params, "program": program.wire_ref(with_spec=with_spec)}
+                call_params = self._wire_params(params, program, tenure.programs, send_spec=send_spec)
                 remaining = None if deadline == math.inf else deadline - trio.current_time()
                 if remaining is not None and remaining <= 0:
                     raise CallTimeout(f"{method} timed out after {timeout} s waiting for a worker")
@@ -700,6 +613,12 @@ class Pool:
                 self._retire(tenure, f"served {limit} calls")
         if self._closing and self._in_flight == 0:
             self._drained.set()
+
+    def _streamed(self, tenure: _Tenure, spec: ProgramSpec, start: float) -> None:
+        """A streamed execution completed."""
+        tenure.programs.add((spec.id, spec.version))
+        self._counts["completed"] += 1
+        self._record_latency("execute", trio.current_time() - start)
 
     def _record_latency(self, method: str, seconds: float) -> None:
         samples = self._latency.get(method)
@@ -1012,20 +931,3 @@ async def _open_launcher(options: PoolOptions, launcher: str | Launcher) -> Asyn
         )
     async with open_launcher(launcher, python=options.python) as chosen:
         yield chosen
-
-
-async def _program_events(
-    events: Any, pool: Pool, tenure: _Tenure, spec: ProgramSpec, start: float
-) -> AsyncIterator[dict[str, Any]]:
-    async for data in events:
-        yield {"event": "chunk", **data}
-    answer = await events.result()
-    tenure.programs.add((spec.id, spec.version))
-    pool._counts["completed"] += 1
-    pool._record_latency("execute", trio.current_time() - start)
-    yield {
-        "event": "completed",
-        "outputs": answer["outputs"],
-        "usage": answer.get("usage"),
-        "backend": pool.name,
-    }
