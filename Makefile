@@ -9,7 +9,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 export LITELLM_OFFLINE_MODE := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lint bench bench-quick clean
+.PHONY: setup run test test-fast lint bench bench-quick clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  # the in-process part only (no worker processes): seconds (docs/testing.md)
+	$(BIN)/python -m pytest -m "not real_processes" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks $(ARGS)

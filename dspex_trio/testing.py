@@ -1,0 +1,506 @@
+"""pytest plugin: fixtures for testing an application that embeds dspex-trio, on the three test layers.
+
+Registered through the ``pytest11`` entry point (``dspex_trio``): installing dspex-trio is enough, no
+``pytest_plugins`` line is needed (``-p no:dspex_trio`` turns it off). The fixtures are Trio fixtures
+(pytest-trio): use them from async tests, with ``trio_mode = true`` in the pytest configuration or
+``@pytest.mark.trio`` on each test. See ``docs/testing.md``.
+
+Fixtures (each test gets its own; nothing is shared between tests):
+
+- ``dspex_backend``: a :class:`~dspex_trio.Backend` on the test's layer: ``mock`` (in-process, fake
+  deterministic answers), ``bridge`` (one real worker process) or ``full`` (the real pool, real DSPy).
+- ``dspex_pool``: a ready :class:`~dspex_trio.Pool` (always real) with the embedded offline LM.
+- ``dspex_fake_lm``: a running OpenAI-compatible fake LM server (``.url`` is its ``api_base``).
+- ``dspex_ws_client``: a :class:`WebsocketClient` connected to a websocket server that serves
+  ``dspex_backend`` (so it follows the layer too).
+- ``dspex_pool_options``: the ``open_pool`` options of ``dspex_pool`` and the ``full`` layer; override it
+  in a ``conftest.py`` to change them.
+
+The layer of a test is resolved when the test runs, first match wins: an explicit parameter
+(``@pytest.mark.parametrize("dspex_backend", ["bridge"], indirect=True)``), the ``dspex_layer`` marker
+(``@pytest.mark.dspex_layer("bridge")``), ``--dspex-mode``, the ``DSPEX_TEST_MODE`` environment variable,
+then ``mock``. An unknown value is a usage error. A layer whose requirement is missing (``dspy``, process
+support) is skipped, saying what to install.
+
+Tests that start real processes through these fixtures (``bridge``/``full`` layers, ``dspex_pool``) get the
+``real_processes`` marker at collection: ``pytest -m "not real_processes"`` runs the fast part alone.
+After the fixtures are torn down, a child process of the test process still running (zombies count as
+exited) is killed and reported as an error of the test, with its pid and command line.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import itertools
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import pytest
+import trio
+import trio_websocket
+
+from dspex_trio import Backend, Pool, WebsocketServer, open_backend, open_pool, serve_websocket
+from dspex_trio._fake_lm import FakeLM, open_fake_lm
+
+try:
+    from pytest_trio import trio_fixture as _trio_fixture
+except ImportError:  # pragma: no cover - pytest-trio is in the "test" extra
+    _trio_fixture = None
+
+__all__ = ["ENV_VAR", "LAYERS", "DspexLeakWarning", "RpcError", "WebsocketClient"]
+
+LAYERS: Final = ("mock", "bridge", "full")
+"""The test layers, fastest first."""
+ENV_VAR: Final = "DSPEX_TEST_MODE"
+"""The environment variable that selects the layer (below the marker and ``--dspex-mode``)."""
+DEFAULT_LAYER: Final = "mock"
+REAL_PROCESSES_MARKER: Final = "real_processes"
+_BACKEND_KIND: Final = {"mock": "mock", "bridge": "bridge", "full": "pool"}
+_PROCESS_FIXTURES: Final = frozenset({"dspex_pool"})
+"""Fixtures that always start real processes (whatever the layer)."""
+DEFAULT_POOL_WORKERS: Final = 2
+START_TIMEOUT_S: Final = 60.0
+"""Bound on opening a backend or pool (a cold ``import dspy`` alone takes ~1 s), in s."""
+RPC_TIMEOUT_S: Final = 30.0
+"""Default bound on one :class:`WebsocketClient` request or notification wait, in s."""
+LEAK_GRACE_S: Final = 2.0
+"""After teardown: how long child processes may take to exit before they count as leaked, in s."""
+_LEAK_POLL_S: Final = 0.02
+_REAP_WAIT_S: Final = 2.0
+"""After killing a leaked process: how long to wait to reap it, in s."""
+_WS_SUBPROTOCOL: Final = "dspex.v1"
+
+T = TypeVar("T")
+
+
+# -- options, markers, layer resolution -------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dspex", "dspex-trio test layers")
+    group.addoption(
+        "--dspex-mode",
+        dest="dspex_mode",
+        default=None,
+        metavar="|".join(LAYERS),
+        help=f"the layer of the dspex_backend fixture (overrides ${ENV_VAR}; a dspex_layer marker or an "
+        f"explicit parameter overrides it). Default: {DEFAULT_LAYER}.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "dspex_layer(name): run this test's dspex_backend on layer name (mock, bridge or full), "
+        "overriding --dspex-mode and $DSPEX_TEST_MODE",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{REAL_PROCESSES_MARKER}: starts real worker processes (set by the dspex fixtures for the bridge "
+        'and full layers); -m "not real_processes" selects the fast in-process part',
+    )
+    # Fail early and clearly on a bad setting; the layer itself is read again at test time.
+    _check_layer(config.getoption("dspex_mode"), "--dspex-mode")
+    _check_layer(os.environ.get(ENV_VAR) or None, ENV_VAR)
+
+
+def _check_layer(value: object, source: str) -> str | None:
+    if value is None or value in LAYERS:
+        return value
+    raise pytest.UsageError(
+        f"{source}: unknown dspex test layer {value!r}; the allowed values are {', '.join(LAYERS)}"
+    )
+
+
+def _layer_of(item: pytest.Item, param: object = None, *, has_param: bool = False) -> str:
+    """The layer of ``item``: explicit parameter > ``dspex_layer`` marker > ``--dspex-mode`` >
+    ``$DSPEX_TEST_MODE`` > ``mock``. Raises ``pytest.UsageError`` on an unknown value."""
+    if has_param:
+        return _check_layer(param, "dspex_backend parameter") or DEFAULT_LAYER
+    marker = item.get_closest_marker("dspex_layer")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("layer")
+        return _check_layer(value, f"@pytest.mark.dspex_layer on {item.nodeid}") or DEFAULT_LAYER
+    option = _check_layer(item.config.getoption("dspex_mode"), "--dspex-mode")
+    if option is not None:
+        return option
+    return _check_layer(os.environ.get(ENV_VAR) or None, ENV_VAR) or DEFAULT_LAYER
+
+
+def _collected_layer(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return _layer_of(item, params.get("dspex_backend"), has_param="dspex_backend" in params)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        uses_backend = bool(names & {"dspex_backend", "dspex_ws_client"})
+        if (uses_backend and _collected_layer(item) != "mock") or names & _PROCESS_FIXTURES:
+            item.add_marker(REAL_PROCESSES_MARKER)
+
+
+def _missing_requirement(layer: str) -> str | None:
+    """Why ``layer`` cannot run here (a reason for ``pytest.skip``), or None."""
+    if layer == "mock":
+        return None
+    if os.name != "posix" or sys.platform in ("emscripten", "wasi", "ios"):
+        return (
+            f"dspex layer {layer!r} starts worker processes: it needs a POSIX system with os.fork or "
+            f"subprocess (this is {sys.platform}); use --dspex-mode=mock"
+        )
+    try:
+        found = importlib.util.find_spec("dspy") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return (
+            f"dspex layer {layer!r} runs real DSPy: install dspy==3.4.1 (pip install dspex-trio), "
+            "or use --dspex-mode=mock"
+        )
+    return None
+
+
+def _require(layer: str) -> None:
+    reason = _missing_requirement(layer)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+# -- leaks ------------------------------------------------------------------------------------------------
+
+
+class DspexLeakWarning(pytest.PytestWarning):
+    """A pipe or socket opened during a test that used the dspex fixtures is still open after their
+    teardown (``filterwarnings = error::dspex_trio.testing.DspexLeakWarning`` makes it an error)."""
+
+
+def _open_fds() -> dict[int, str]:
+    """This process's pipes and sockets, ``{fd: what it points to}`` (empty without ``/proc``)."""
+    fds: dict[int, str] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listdir's own fd, closed by now
+            continue
+        if target.startswith(("pipe:", "socket:")):
+            fds[int(name)] = target
+    return fds
+
+
+def _children() -> dict[int, str]:
+    """This process's live child processes (zombies have exited: left out), ``{pid: command line}``."""
+    me = os.getpid()
+    children: dict[int, str] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): nothing to check
+        return children
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses: split after the last ")"
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) != me or fields[0] == b"Z":
+            continue
+        children[int(name)] = _cmdline(int(name))
+    return children
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return "?"
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or "?"
+
+
+def _kill_and_reap(pid: int) -> None:
+    """SIGKILL ``pid`` (its whole group when it leads one), then reap it (bounded)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + _REAP_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # reaped by its owner meanwhile
+            return
+        time.sleep(_LEAK_POLL_S)
+
+
+def _check_no_leaks(before: dict[int, str]) -> None:
+    """Fail (a test error at teardown) if a child process started during the test is still running
+    after ``LEAK_GRACE_S``; kill it first."""
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        leaked = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+        if not leaked or time.monotonic() >= deadline:
+            break
+        time.sleep(_LEAK_POLL_S)
+    if not leaked:
+        return
+    for pid in leaked:
+        _kill_and_reap(pid)
+    described = "; ".join(f"pid {pid}: {cmd}" for pid, cmd in sorted(leaked.items()))
+    pytest.fail(
+        f"dspex_trio: {len(leaked)} child process(es) started by this test still ran {LEAK_GRACE_S} s "
+        f"after its fixtures were torn down (killed now): {described}",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def _dspex_no_leaks() -> Iterator[None]:
+    """Set up before, torn down after every dspex fixture: the leak checks (processes: an error; pipes
+    and sockets: a :class:`DspexLeakWarning`)."""
+    before, fds_before = _children(), _open_fds()
+    yield
+    try:
+        _check_no_leaks(before)
+    finally:
+        gc.collect()  # an unreachable socket object is closed by its finalizer: not a leak
+        leaked_fds = {fd: t for fd, t in _open_fds().items() if fds_before.get(fd) != t}
+        if leaked_fds:
+            described = ", ".join(f"fd {fd} -> {t}" for fd, t in sorted(leaked_fds.items()))
+            warnings.warn(
+                DspexLeakWarning(f"dspex_trio: still open after the test's teardown: {described}"),
+                stacklevel=1,
+            )
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+
+async def _serve_context(
+    open_: Callable[[], AbstractAsyncContextManager[T]],
+    done: trio.Event,
+    *,
+    task_status: trio.TaskStatus[T] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with open_() as value:
+        task_status.started(value)
+        await done.wait()
+
+
+@asynccontextmanager
+async def _opened(open_: Callable[[], AbstractAsyncContextManager[T]]) -> AsyncIterator[T]:
+    """``async with open_()`` in a task of its own, so that only its opening is bounded (by
+    ``START_TIMEOUT_S``); closed normally when the block ends."""
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(START_TIMEOUT_S):
+            value: T = await nursery.start(_serve_context, open_, done)
+        try:
+            yield value
+        finally:
+            done.set()
+
+
+def _async_fixture(fn: Callable[..., Any]) -> Any:
+    """A Trio fixture (pytest-trio), or, without pytest-trio, a fixture that says to install it."""
+    if _trio_fixture is not None:
+        return _trio_fixture(fn)
+
+    def missing() -> None:  # pragma: no cover
+        pytest.fail(f"the {fn.__name__} fixture needs pytest-trio: pip install pytest-trio", pytrace=False)
+
+    missing.__name__ = fn.__name__
+    missing.__doc__ = fn.__doc__
+    return pytest.fixture(name=fn.__name__)(missing)
+
+
+@pytest.fixture
+def dspex_layer(request: pytest.FixtureRequest) -> str:
+    """This test's layer (``mock``, ``bridge`` or ``full``), resolved as for ``dspex_backend``."""
+    return _collected_layer(request.node)
+
+
+@pytest.fixture
+def dspex_pool_options() -> dict[str, Any]:
+    """The ``open_pool`` options of ``dspex_pool`` and of the ``full`` layer; override it to change them
+    (``lm=None`` is the embedded offline LM)."""
+    return {"workers": DEFAULT_POOL_WORKERS, "lm": None}
+
+
+@pytest.fixture
+def _dspex_backend_layer(request: pytest.FixtureRequest) -> str:
+    """The layer of ``dspex_backend``, its requirements checked (a skip, outside trio, keeps its reason)."""
+    layer = _collected_layer(request.node)
+    _require(layer)
+    return layer
+
+
+@pytest.fixture
+def _dspex_pool_requirements() -> None:
+    _require("full")
+
+
+@_async_fixture
+async def dspex_backend(
+    _dspex_no_leaks: None, _dspex_backend_layer: str, dspex_pool_options: dict[str, Any]
+) -> AsyncIterator[Backend]:
+    """A backend on this test's layer (see the module doc): ``.name`` is ``mock``, ``bridge`` or
+    ``pool`` (the ``full`` layer)."""
+    layer = _dspex_backend_layer
+    options: dict[str, Any] = {}
+    if layer == "full":
+        options = dict(dspex_pool_options)
+    elif layer == "bridge":
+        options = {k: v for k, v in dspex_pool_options.items() if k in ("lm", "diagnostics")}
+    async with _opened(lambda: open_backend(_BACKEND_KIND[layer], **options)) as backend:  # type: ignore[arg-type]
+        yield backend
+
+
+@_async_fixture
+async def dspex_pool(
+    _dspex_no_leaks: None, _dspex_pool_requirements: None, dspex_pool_options: dict[str, Any]
+) -> AsyncIterator[Pool]:
+    """A ready pool of real worker processes with the embedded offline LM (``dspex_pool_options``)."""
+    async with _opened(lambda: open_pool(**dspex_pool_options)) as pool:
+        yield pool
+
+
+@_async_fixture
+async def dspex_fake_lm(_dspex_no_leaks: None) -> AsyncIterator[FakeLM]:
+    """A running fake LM server on 127.0.0.1 (a free port): pass ``.url`` as ``api_base``, set
+    ``.config`` (a ``FakeLMConfig``) to add latency or failures, read ``.statistics``."""
+    async with open_fake_lm() as fake:
+        yield fake
+
+
+class RpcError(Exception):
+    """A JSON-RPC error reply: ``code``, ``message`` and ``data`` (``data["kind"]`` for the server's own
+    codes, e.g. ``unknown_program``)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"{message} (code {code}{f', data {data!r}' if data is not None else ''})")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class WebsocketClient:
+    """A JSON-RPC 2.0 client on one websocket connection (subprotocol ``dspex.v1``), for trio tests.
+
+    ``await request(method, params)`` returns the result or raises :class:`RpcError`;
+    ``await next_notification(method=None)`` returns the next notification (``{"jsonrpc", "method",
+    "params"}``), of ``method`` if given (others stay queued). Both wait at most ``timeout`` seconds
+    (``trio.TooSlowError``). Requests may run concurrently; a background task reads the replies.
+    ``connection`` is the underlying ``trio_websocket.WebSocketConnection``.
+    """
+
+    def __init__(
+        self, connection: trio_websocket.WebSocketConnection, server: WebsocketServer | None = None
+    ) -> None:
+        self.connection = connection
+        self.server = server
+        """The server it is connected to (from ``dspex_ws_client``), or None."""
+        self._ids = itertools.count(1)
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._notifications: deque[dict[str, Any]] = deque()
+        self._arrived = trio.Event()
+        self._closed: BaseException | None = None
+
+    async def request(self, method: str, params: Any = None, *, timeout: float = RPC_TIMEOUT_S) -> Any:
+        """Send a request; its result. ``RpcError`` for an error reply."""
+        request_id = next(self._ids)
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        reply = await self._wait(
+            lambda: self._replies.pop(request_id, None), timeout, json.dumps(message), f"reply to {method}"
+        )
+        if "error" in reply:
+            error = reply["error"]
+            raise RpcError(error.get("code", 0), error.get("message", ""), error.get("data"))
+        return reply.get("result")
+
+    async def notify(self, method: str, params: Any = None) -> None:
+        """Send a notification (no reply)."""
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.connection.send_message(json.dumps(message))
+
+    async def next_notification(
+        self, method: str | None = None, *, timeout: float = RPC_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """The next notification received (of ``method``, if given), waiting for it if need be."""
+
+        def take() -> dict[str, Any] | None:
+            for i, message in enumerate(self._notifications):
+                if method is None or message.get("method") == method:
+                    del self._notifications[i]
+                    return message
+            return None
+
+        return await self._wait(take, timeout, None, f"notification {method or '(any)'}")
+
+    async def _wait(
+        self, take: Callable[[], dict[str, Any] | None], timeout: float, send: str | None, what: str
+    ) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            if send is not None:
+                await self.connection.send_message(send)
+            while (found := take()) is None:
+                if self._closed is not None:
+                    raise RuntimeError(f"websocket closed while waiting for the {what}") from self._closed
+                await self._arrived.wait()
+        return found
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = json.loads(await self.connection.get_message())
+                if "method" in message:
+                    self._notifications.append(message)
+                elif isinstance(message.get("id"), int):
+                    self._replies[message["id"]] = message
+                self._arrived.set()
+                self._arrived = trio.Event()
+        except trio_websocket.ConnectionClosed as exc:
+            self._closed = exc
+            self._arrived.set()
+
+
+@_async_fixture
+async def dspex_ws_client(dspex_backend: Backend, _dspex_no_leaks: None) -> AsyncIterator[WebsocketClient]:
+    """A :class:`WebsocketClient` connected to a websocket server (127.0.0.1, a free port) serving
+    ``dspex_backend``; the server is ``client.server``."""
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, dspex_backend, "127.0.0.1", 0))  # type: ignore[arg-type]
+        async with trio_websocket.open_websocket_url(
+            server.url, subprotocols=[_WS_SUBPROTOCOL], connect_timeout=START_TIMEOUT_S
+        ) as connection:
+            client = WebsocketClient(connection, server)
+            nursery.start_soon(client._read)
+            yield client
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,225 @@
+"""The pytest plugin (``dspex_trio.testing``), driven as a user would: sample test files run by an inner
+pytest in a subprocess (``pytester.runpytest_subprocess``: trio and real processes are involved)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from tests.helpers import pid_alive
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="starts real workers")
+
+INI = """
+[pytest]
+trio_mode = true
+addopts = -p no:cacheprovider
+"""
+
+SAMPLE = """
+import pytest
+
+BACKEND = {"mock": "mock", "bridge": "bridge", "full": "pool"}
+
+
+async def test_backend_runs_a_program(dspex_backend, dspex_layer):
+    pid = await dspex_backend.create_program("question -> answer", session="s")
+    out = await dspex_backend.execute(pid, {"question": "What is Trio?"}, session="s")
+    assert isinstance(out["answer"], str) and out["answer"]
+    assert dspex_backend.name == BACKEND[dspex_layer]
+    print(f"LAYER={dspex_layer} BACKEND={dspex_backend.name}")
+
+
+async def test_fake_lm_serves_the_real_layers(dspex_backend, dspex_fake_lm, dspex_layer):
+    await dspex_backend.configure_lm(
+        "openai/fake", api_base=dspex_fake_lm.url, api_key="test-key", num_retries=0, session="s"
+    )
+    pid = await dspex_backend.create_program("question -> answer", session="s")
+    out = await dspex_backend.execute(pid, {"question": "Why is the sky blue?"}, session="s")
+    assert out["answer"]
+    assert dspex_fake_lm.requests == (0 if dspex_layer == "mock" else 1)
+
+
+async def test_websocket_client(dspex_ws_client):
+    from dspex_trio.testing import RpcError
+
+    client = dspex_ws_client
+    assert await client.request("ping") == "pong"
+    program = (await client.request("program/create", {"signature": "question -> answer"}))["program"]
+    submitted = await client.request("execution/submit", {"program": program, "inputs": {"question": "q"}})
+    events = []
+    while not events or events[-1]["event"] not in ("completed", "failed", "cancelled"):
+        events.append((await client.next_notification("execution/event"))["params"])
+    assert events[0]["event"] == "started" and events[-1]["event"] == "completed", events
+    assert {e["execution"] for e in events} == {submitted["execution"]}
+    with pytest.raises(RpcError) as caught:
+        await client.request("program/get", {"program": "p_nope"})
+    assert caught.value.data["kind"] == "unknown_program"
+"""
+
+
+@pytest.fixture
+def user_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.delenv("DSPEX_TEST_MODE", raising=False)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    pytester.makeini(INI)
+    return pytester
+
+
+@pytest.mark.parametrize(
+    ("layer", "how"),
+    [("mock", "default"), ("bridge", "env"), ("full", "option")],
+)
+def test_a_user_suite_passes_on_each_layer(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, layer: str, how: str
+) -> None:
+    user_suite.makepyfile(test_sample=SAMPLE)
+    args = ["-s"]
+    if how == "env":
+        monkeypatch.setenv("DSPEX_TEST_MODE", layer)
+    elif how == "option":
+        args.append(f"--dspex-mode={layer}")
+    result = user_suite.runpytest_subprocess(*args, timeout=120)
+    result.assert_outcomes(passed=3)
+    backend = {"mock": "mock", "bridge": "bridge", "full": "pool"}[layer]
+    result.stdout.fnmatch_lines([f"*LAYER={layer} BACKEND={backend}*"])
+
+
+def test_real_processes_marker_selects_the_fast_part(user_suite: pytest.Pytester) -> None:
+    user_suite.makepyfile(
+        test_marks="""
+        import pytest
+
+        async def test_mock(dspex_backend):
+            assert dspex_backend.name == "mock"
+
+        @pytest.mark.dspex_layer("bridge")
+        async def test_bridge(dspex_backend): ...
+
+        @pytest.mark.parametrize("dspex_backend", ["full"], indirect=True)
+        async def test_full(dspex_backend): ...
+
+        async def test_pool(dspex_pool): ...
+        """
+    )
+    result = user_suite.runpytest_subprocess("-m", "not real_processes", timeout=60)
+    result.assert_outcomes(passed=1, deselected=3)
+
+
+@pytest.mark.parametrize("where", ["option", "env", "marker", "parameter"])
+def test_an_unknown_layer_is_a_usage_error_naming_the_allowed_values(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    decoration = {
+        "marker": '@pytest.mark.dspex_layer("cloud")',
+        "parameter": '@pytest.mark.parametrize("dspex_backend", ["cloud"], indirect=True)',
+    }.get(where, "")
+    user_suite.makepyfile(
+        f"""
+        import pytest
+
+        {decoration}
+        async def test_it(dspex_backend): ...
+        """
+    )
+    args = ["--dspex-mode=cloud"] if where == "option" else []
+    if where == "env":
+        monkeypatch.setenv("DSPEX_TEST_MODE", "cloud")
+    result = user_suite.runpytest_subprocess(*args, timeout=60)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    source = {"option": "--dspex-mode", "env": "DSPEX_TEST_MODE", "marker": "@pytest.mark.dspex_layer"}
+    result.stderr.fnmatch_lines(
+        [
+            f"*{source.get(where, 'dspex_backend parameter')}*unknown dspex test layer 'cloud'; "
+            "the allowed values are mock, bridge, full*"
+        ]
+    )
+
+
+def test_a_leaked_process_is_reported_and_killed(user_suite: pytest.Pytester) -> None:
+    user_suite.makepyfile(
+        """
+        import os
+        import subprocess
+
+        async def test_leaks_a_process(dspex_backend):
+            subprocess.Popen(["sleep", "30"])
+
+        async def test_next_one_is_clean(dspex_backend):
+            pass
+
+        async def test_leaks_a_pipe(dspex_backend):
+            global PIPE
+            PIPE = os.pipe()
+        """
+    )
+    result = user_suite.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(passed=3, errors=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_leaks_a_process*",
+            "*1 child process(es) started by this test still ran*(killed now): pid * sleep 30*",
+            "*test_leaks_a_pipe*",
+            "*DspexLeakWarning: dspex_trio: still open after the test's teardown: fd * -> pipe:*",
+        ]
+    )
+    match = re.search(r"pid (\d+): sleep 30", result.stdout.str())
+    assert match is not None
+    assert not pid_alive(int(match[1]))
+
+
+def test_markers_and_parameters_override_the_environment_read_at_test_time(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DSPEX_TEST_MODE", "mock")
+    user_suite.makepyfile(
+        """
+        import pytest
+
+        async def test_env(dspex_backend, dspex_layer):
+            assert dspex_layer == "mock" and dspex_backend.name == "mock"
+
+        @pytest.mark.dspex_layer("bridge")
+        async def test_marker_beats_env(dspex_backend, dspex_layer):
+            assert dspex_layer == "bridge" and dspex_backend.name == "bridge"
+
+        @pytest.mark.dspex_layer("bridge")
+        @pytest.mark.parametrize("dspex_backend", ["mock"], indirect=True)
+        async def test_parameter_beats_marker(dspex_backend, dspex_layer):
+            assert dspex_layer == "mock" and dspex_backend.name == "mock"
+
+        @pytest.fixture
+        def switch_to_bridge(monkeypatch):
+            monkeypatch.setenv("DSPEX_TEST_MODE", "bridge")
+
+        async def test_env_is_read_when_the_test_runs(switch_to_bridge, dspex_backend):
+            assert dspex_backend.name == "bridge"
+        """
+    )
+    result = user_suite.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(passed=4)
+
+    result = user_suite.runpytest_subprocess("--dspex-mode=mock", "-k", "env_is_read", timeout=60)
+    result.assert_outcomes(failed=1)  # the option beats the environment: still mock
+
+
+def test_a_layer_without_dspy_is_skipped_saying_what_to_install(user_suite: pytest.Pytester) -> None:
+    user_suite.makeconftest("import sys\nsys.modules['dspy'] = None  # as if dspy were not installed\n")
+    user_suite.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.dspex_layer("bridge")
+        async def test_bridge(dspex_backend): ...
+
+        async def test_pool(dspex_pool): ...
+
+        async def test_mock_needs_no_dspy(dspex_backend):
+            assert dspex_backend.name == "mock"
+        """
+    )
+    result = user_suite.runpytest_subprocess("-rs", timeout=60)
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines(["*SKIPPED*install dspy==3.4.1 (pip install dspex-trio)*"])
