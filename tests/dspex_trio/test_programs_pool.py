@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import trio
 
 import dspex_trio
 from tests.helpers import wait_until
@@ -186,3 +187,29 @@ async def test_session_lm_is_invisible_to_other_sessions(pool, fake_lm):
     assert fake_lm.requests == 0  # B runs on the offline LM
     await pool.execute(a, {"question": "x"}, session="A")
     assert fake_lm.requests >= 1
+
+
+async def test_a_worker_killed_mid_execution_loses_no_program(pool, fake_lm):
+    await configure_fake(pool, fake_lm)
+    pid = await pool.create_program("question -> answer")
+    fake_lm.configure(latency_s=30.0)
+    outcome: list[BaseException] = []
+
+    async def execute() -> None:
+        try:
+            await pool.execute(pid, {"question": "slow"})
+        except dspex_trio.WorkerCrashed as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(execute)
+        await wait_until(lambda: fake_lm.requests >= 1, timeout=10)
+        busy = [w for w in pool.statistics().workers if w.in_flight]
+        assert len(busy) == 1
+        os.kill(busy[0].pid, signal.SIGKILL)
+    assert len(outcome) == 1 and outcome[0].started is True  # it was running: not retried silently
+    fake_lm.configure(latency_s=0.0)
+    assert pid in {p["id"] for p in await pool.list_programs()}
+    out = await pool.execute(pid, {"question": "again"})
+    assert out["answer"]
+    assert busy[0].pid not in {w.pid for w in pool.statistics().workers}

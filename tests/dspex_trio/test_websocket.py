@@ -599,3 +599,37 @@ async def test_drain_lets_running_executions_finish_and_refuses_new_ones(pool):
         assert result["error"]["data"]["kind"] == "unavailable"
         assert result["events"][-1]["event"] == "completed"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lagging_health_subscriber_gets_lagged_then_a_fresh_snapshot(pool):
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        subscribed = threading.Event()
+        published = threading.Event()
+        seen: list[dict[str, Any]] = []
+
+        def client() -> None:
+            with Client(server.url) as c:
+                subscription = c.result("health/subscribe")["subscription"]
+                subscribed.set()
+                assert published.wait(10.0)  # not reading while the burst passes
+                while True:
+                    params = c.notification("health/event")
+                    assert params["subscription"] == subscription
+                    seen.append(params)
+                    if params["event"] == "snapshot":
+                        break
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(in_thread, client)
+            await trio.to_thread.run_sync(subscribed.wait, 10.0)
+            for i in range(10_000):  # far more than the subscription's buffer, in one go
+                pool.events.publish("test", {"i": i})
+            published.set()
+        kinds = [p["event"] for p in seen]
+        assert kinds[-2:] == ["lagged", "snapshot"], kinds[-5:]
+        lagged = seen[-2]["data"]
+        assert lagged["missed"] > 0 and len(seen) - 2 + lagged["missed"] == 10_000
+        assert {w["pid"] for w in seen[-1]["data"]["workers"]} == {w.pid for w in pool.statistics().workers}
+        assert [p["seq"] for p in seen] == list(range(1, len(seen) + 1))
+        nursery.cancel_scope.cancel()
