@@ -20,11 +20,8 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
-import platform
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -37,12 +34,22 @@ from typing import Any
 
 import msgspec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-"""The repository (or, in a measuring subprocess, the snapshot of it)."""
-SNAPSHOT_PACKAGES = ("dspex_trio", "bridge_child", "benchmarks")
-"""Copied at the start of a run; the measuring subprocesses import these from the copy."""
-TAG_ENV = "DSPEX_ROUNDTRIP_BENCH_TAG"
-"""Set in the environment of every process this benchmark starts (leftover check)."""
+from benchmarks import _common
+from benchmarks._common import (
+    ROOT,
+    CountUnknownChild,
+    check,
+    child_env,
+    code_under_test,
+    machine_facts,
+    reap_leftovers,
+    rotate,
+    run_one,
+    snapshot_tree,
+    summarize_latencies,
+    wait_quiet,
+)
+
 HEADER = struct.Struct(">BBI")
 """The dspex-trio frame header (``bridge_child.wire.HEADER``): magic, version, body length."""
 MAGIC, VERSION = 0xD5, 1
@@ -108,11 +115,6 @@ def pop_reply(buf: bytearray) -> Any:
     reply = _DEC(bytes(buf[HEADER.size : end]))
     del buf[:end]
     return reply
-
-
-def check(got: Any, want: Any) -> None:
-    if got != want:
-        raise AssertionError(f"wrong reply {got!r}, expected {want!r}")
 
 
 def raw_child_argv() -> list[str]:
@@ -504,38 +506,10 @@ _FACTS: dict[str, Any] = {}
 """Facts recorded by a measuring subprocess (e.g. the worker's CPU affinity)."""
 
 
-def run_one(fn: Callable[..., Any], how: str, *args: Any, time_limit: float) -> Any:
-    """Run one implementation to completion in this process, bounded by ``time_limit`` seconds."""
-    if how == "sync":
-        return fn(*args)
-
-    async def bounded() -> Any:
-        import anyio
-
-        with anyio.fail_after(time_limit):
-            return await fn(*args)
-
-    if how == "trio":
-        import trio
-
-        return trio.run(bounded)
-    import anyio
-
-    return anyio.run(bounded, backend="asyncio")
-
-
-def summarize_latencies(ns: list[int]) -> dict[str, float]:
-    s = sorted(ns)
-    return {
-        "median": statistics.median(s) / 1000,
-        "p99": s[max(0, math.ceil(0.99 * len(s)) - 1)] / 1000,
-    }
-
-
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """The body of one measuring subprocess: one round of one scenario."""
     os.sched_setaffinity(0, set(spec["cpus"]))  # before any thread or worker exists: all inherit it
-    asyncio_log = _CountUnknownChild()
+    asyncio_log = CountUnknownChild()
     logging.getLogger("asyncio").addFilter(asyncio_log)
     results: dict[str, Any] = {}
     table = ROUND_TRIP if spec["scenario"] == "round_trip" else THROUGHPUT
@@ -555,119 +529,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         results[name]["seconds"] = time.perf_counter() - t0
     _FACTS["asyncio_unknown_child_warnings"] = asyncio_log.count
     _FACTS["code_under_test"] = code_under_test()
-    _FACTS["imported_from"] = {
-        name: os.path.dirname(getattr(sys.modules.get(name), "__file__", None) or "?")
-        for name in ("dspex_trio", "bridge_child", "benchmarks")
-    }
+    _FACTS["imported_from"] = _common.imported_from()
     return {"results": results, "facts": _FACTS, "affinity": sorted(os.sched_getaffinity(0))}
 
 
-class _CountUnknownChild(logging.Filter):
-    """Counts (and hides) asyncio's "Unknown child process pid N, will report returncode 255": a race in
-    the asyncio backend's teardown of anyio's workers (killed, then reaped by ``Popen.poll()`` before the
-    child watcher's ``waitpid``); the worker is gone either way. The count is reported."""
-
-    count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "Unknown child process" in str(record.msg):
-            self.count += 1
-            return False
-        return True
-
-
 # -- the driver ----------------------------------------------------------------------------------------
-def tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``tag`` (ours, still alive)."""
-    needle = f"{TAG_ENV}={tag}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    with open(f"/proc/{entry}/stat", "rb") as st:
-                        if st.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                            continue  # a zombie is reported by whoever should reap it, not counted
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def reap_leftovers(tag: str, grace: float = 3.0) -> list[int]:
-    """Wait up to ``grace`` s for tagged processes to go; SIGKILL and return those that did not."""
-    deadline = time.monotonic() + grace
-    while (pids := tagged_pids(tag)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
-
-
-def cpu_busy(interval: float = 0.3) -> float:
-    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat): other load on the machine."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_quiet(limit: float, threshold: float = 0.15) -> float:
-    """Wait up to ``limit`` seconds for the machine to be quiet; returns the last busy fraction."""
-    deadline = time.monotonic() + limit
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        busy = cpu_busy(1.0)
-    return busy
-
-
-def child_env(tag: str, tree: str) -> dict[str, str]:
-    """The environment of a measuring subprocess: tagged, importing the packages from ``tree``."""
-    path = os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, TAG_ENV: tag, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
-
-def snapshot_tree() -> str:
-    """Copy the packages measured into a temporary directory: every round of a run measures the same
-    code even while others edit the working tree."""
-    tree = tempfile.mkdtemp(prefix="dspex-roundtrip-")
-    for package in SNAPSHOT_PACKAGES:
-        shutil.copytree(
-            os.path.join(ROOT, package),
-            os.path.join(tree, package),
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-        )
-    return tree
-
-
 def run_round(spec: dict[str, Any], tag: str, timeout: float, tree: str) -> dict[str, Any]:
-    env = child_env(tag, tree)
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        argv = [sys.executable, "-m", "benchmarks.roundtrip", "--_measure", json.dumps(spec), out.name]
-        try:
-            subprocess.run(argv, env=env, timeout=timeout, check=True, cwd=tree)
-        except subprocess.TimeoutExpired:
-            return {"error": f"round timed out after {timeout:.0f} s", "leftovers": reap_leftovers(tag, 0)}
-        except subprocess.CalledProcessError as exc:
-            return {"error": f"measuring process failed ({exc.returncode})", "leftovers": reap_leftovers(tag)}
-        result: dict[str, Any] = json.load(out)
-    result["leftovers"] = reap_leftovers(tag)
-    return result
+    return _common.run_measure("benchmarks.roundtrip", spec, tag, timeout, tree)
 
 
 def run_profile(
@@ -694,74 +562,6 @@ def run_profile(
             errors.append(f"profile: {exc}")
     leftovers += reap_leftovers(tag)
     return profile
-
-
-def code_under_test(tree: str = ROOT) -> dict[str, Any]:
-    """The commit of the working tree, and a digest of the measured files in ``tree`` (the snapshot)."""
-    import hashlib
-
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", "-C", ROOT, *cmd], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-
-    files = [
-        "dspex_trio/_worker.py",
-        "dspex_trio/_launcher.py",
-        "bridge_child/_server.py",
-        "bridge_child/wire.py",
-    ]
-    digests = {}
-    for name in files:
-        try:
-            with open(os.path.join(tree, name), "rb") as f:
-                digests[name] = hashlib.sha256(f.read()).hexdigest()[:12]
-        except OSError:
-            digests[name] = "?"
-    info: dict[str, Any] = {"measured_from": tree, "sha256_12": digests}
-    if os.path.isdir(os.path.join(ROOT, ".git")):
-        info["commit"] = git("rev-parse", "--short", "HEAD")
-        info["modified_vs_commit"] = [
-            line[3:] for line in git("status", "--porcelain", "--", *files).splitlines()
-        ]
-    return info
-
-
-def machine_facts(cpu: int, all_cpus: list[int]) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    def v(dist: str) -> str:
-        try:
-            return version(dist)
-        except Exception:
-            return "?"
-
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "cpus_allowed": all_cpus,
-        "pinned_cpu": cpu,
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "versions": {
-            d: v(d) for d in ("dspex-trio", "trio", "trio-parallel", "anyio", "msgspec", "outcome", "attrs")
-        },
-    }
-
-
-def rotate(names: list[str], k: int) -> list[str]:
-    k %= len(names)
-    return names[k:] + names[:k]
 
 
 def driver(args: argparse.Namespace) -> int:
