@@ -35,6 +35,7 @@ Importing this module does nothing; only :func:`main` acts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -48,6 +49,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
 MAX_MESSAGE_BYTES: Final = 64 * 1024
@@ -285,6 +287,40 @@ def _preload() -> dict[str, Any]:
     return {"versions": library_versions(), "preload_s": round(preload_s, 4)}
 
 
+@contextlib.contextmanager
+def _exit_on_eof(control: socket.socket) -> Iterator[None]:
+    """While the block runs, a watcher thread exits the process as soon as the control socket reaches
+    EOF (the runtime died or gave up); the main loop's own EOF check only starts after the preload. The
+    thread is stopped and joined on leaving, so the template is single-threaded again before any fork.
+    (Nothing but EOF can arrive before ``ready``: the runtime sends no request until then.)"""
+    stop_r, stop_w = os.pipe()
+
+    def watch() -> None:
+        while True:
+            readable, _, _ = select.select([control.fileno(), stop_r], [], [])
+            if stop_r in readable:
+                return
+            try:
+                data = control.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                os._exit(0)
+            return  # a message came early: the main loop reads it after the preload
+
+    watcher = threading.Thread(target=watch, name="zygote-eof-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        os.write(stop_w, b"x")
+        watcher.join()
+        os.close(stop_r)
+        os.close(stop_w)
+
+
 def main(argv: list[str]) -> NoReturn:
     # Stdout hygiene before anything is imported: nothing the template (or dspy at import) prints may
     # reach its stdout; each worker re-points its own fds 0-2 anyway.
@@ -295,7 +331,8 @@ def main(argv: list[str]) -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=args.control_fd)
     control.set_inheritable(False)
-    info = _preload()
+    with _exit_on_eof(control):  # the preload takes ~1 s: a parent dying meanwhile must not wait for it
+        info = _preload()
     threads = threading.active_count()
     if threads != 1:
         _log(f"preloading started {threads - 1} thread(s): cannot fork safely")

@@ -181,6 +181,12 @@ class WebsocketServer:
             self._rejected += 1
             logger.info("websocket handshake refused (%d) from %s: %s", status, request.remote, body)
             await request.reject(status, extra_headers=extra, body=body.encode() + b"\n")
+            # trio-websocket (0.12) leaves the TCP connection open after a rejected handshake until the
+            # client closes it: a client that never does (a flood of bad tokens) would hold a socket and
+            # a reader task here indefinitely. Close it now.
+            stream = getattr(getattr(request, "_connection", None), "_stream", None)
+            if stream is not None:
+                await stream.aclose()
             return
         websocket = await request.accept(subprotocol=SUBPROTOCOL)
         self._connections += 1
