@@ -313,3 +313,36 @@ def imported_from() -> dict[str, str]:
         name: os.path.dirname(getattr(sys.modules.get(name), "__file__", None) or "?")
         for name in ("dspex_trio", "bridge_child", "benchmarks")
     }
+
+
+async def close_child(process: Any, stdin: Any, stdout: Any, grace: float = 5.0) -> None:
+    """Close a benchmark child: EOF on its stdin, up to ``grace`` seconds to exit, else SIGKILL; then
+    reap it and close its stdout. Shielded: runs to the end even when the caller is cancelled."""
+    import trio
+
+    with trio.CancelScope(shield=True):
+        await stdin.aclose()
+        with trio.move_on_after(grace):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await stdout.aclose()
+
+
+async def timed_calls(call: Any, warmup: Sequence[int], timed: Sequence[int]) -> list[int]:
+    """``await call(i)`` for each warm-up id, then time each timed id, in nanoseconds; every answer must
+    equal its id."""
+    import gc
+
+    for i in warmup:
+        check(await call(i), i)
+    gc.collect()
+    pc = time.perf_counter_ns
+    out = []
+    for i in timed:
+        t0 = pc()
+        value = await call(i)
+        out.append(pc() - t0)
+        check(value, i)
+    return out

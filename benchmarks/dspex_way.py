@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 
+from benchmarks._common import close_child
+
 READ_CHUNK = 64 * 1024
 START_TIMEOUT_S = 60.0
 
@@ -92,14 +94,7 @@ class LineWorker:
         return reply["result"]
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stdin.aclose()
-            with trio.move_on_after(5):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-            await self.stdout.aclose()
+        await close_child(self.process, self.stdin, self.stdout)
 
 
 async def spawn(import_dspy: bool = True) -> LineWorker:

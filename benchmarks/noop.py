@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import _common
-from benchmarks._common import check, run_one, summarize_latencies
+from benchmarks._common import check, close_child, run_one, summarize_latencies
 from benchmarks.roundtrip import (
     CALLERS,
     READ_CHUNK,
@@ -144,14 +144,7 @@ async def tp_trio_pipe(warmup: int, total: int) -> float:
             nursery.cancel_scope.cancel()
         return rate
     finally:
-        with trio.CancelScope(shield=True):
-            await stdin.aclose()
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await stdout.aclose()
+        await close_child(proc, stdin, stdout)
 
 
 async def tp_pool(warmup: int, total: int) -> float:

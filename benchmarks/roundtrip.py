@@ -40,6 +40,7 @@ from benchmarks._common import (
     CountUnknownChild,
     check,
     child_env,
+    close_child,
     code_under_test,
     machine_facts,
     reap_leftovers,
@@ -47,6 +48,7 @@ from benchmarks._common import (
     run_one,
     snapshot_tree,
     summarize_latencies,
+    timed_calls,
     wait_quiet,
 )
 
@@ -177,7 +179,6 @@ async def rt_trio_pipe(warmup: int, n: int) -> list[int]:
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
     buf = bytearray()
-    pc = time.perf_counter_ns
 
     async def call(i: int) -> Any:
         await stdin.send_all(raw_frame(i, i))
@@ -189,25 +190,9 @@ async def rt_trio_pipe(warmup: int, n: int) -> list[int]:
         return reply[1]
 
     try:
-        for i in range(warmup):
-            check(await call(i), i)
-        gc.collect()
-        out = []
-        for i in range(n):
-            t0 = pc()
-            value = await call(i)
-            out.append(pc() - t0)
-            check(value, i)
-        return out
+        return await timed_calls(call, range(warmup), range(n))
     finally:
-        with trio.CancelScope(shield=True):
-            await stdin.aclose()
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await stdout.aclose()
+        await close_child(proc, stdin, stdout)
 
 
 def bridge_child_argv() -> list[str]:
@@ -271,7 +256,6 @@ async def rt_trio_bridge_child(warmup: int, n: int) -> list[int]:
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
     conn = wire.Connection(wire.Role.PARENT)
-    pc = time.perf_counter_ns
 
     async def next_message() -> Any:
         while (message := conn.next_event()) is wire.NEED_DATA:
@@ -289,25 +273,9 @@ async def rt_trio_bridge_child(warmup: int, n: int) -> list[int]:
 
     try:
         assert isinstance(await next_message(), wire.Hello)
-        for i in range(1, warmup + 1):
-            check(await call(i), i)
-        gc.collect()
-        out = []
-        for i in range(warmup + 1, warmup + n + 1):
-            t0 = pc()
-            value = await call(i)
-            out.append(pc() - t0)
-            check(value, i)
-        return out
+        return await timed_calls(call, range(1, warmup + 1), range(warmup + 1, warmup + n + 1))
     finally:
-        with trio.CancelScope(shield=True):
-            await stdin.aclose()
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await stdout.aclose()
+        await close_child(proc, stdin, stdout)
 
 
 async def rt_open_worker(warmup: int, n: int) -> list[int]:
