@@ -10,6 +10,7 @@ import inspect
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import pytest
 import trio
@@ -34,24 +35,40 @@ def open_fds() -> dict[int, str]:
     return fds
 
 
-def _read_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, ppid)`` of ``pid`` from ``/proc/PID/stat``, or None if there is no such process."""
+class ProcStat(NamedTuple):
+    """What ``/proc/PID/stat`` says of a process."""
+
+    state: str
+    """One letter: ``R``, ``S``, ``T``, ``Z`` (zombie: exited, not reaped), ..."""
+    ppid: int
+    pgid: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """``pid``'s state, parent and process group, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
     except OSError:
         return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
     fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1])
+    return ProcStat(fields[0].decode(), int(fields[1]), int(fields[2]))
+
+
+def process_table() -> dict[int, ProcStat]:
+    """Every process on the machine that could be read, by pid."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (stat := proc_stat(int(name))) is not None:
+            table[int(name)] = stat
+    return table
 
 
 def process_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``T``, ``Z``, ...), or None if it does not exist."""
-    stat = _read_stat(pid)
-    return None if stat is None else stat[0]
+    stat = proc_stat(pid)
+    return None if stat is None else stat.state
 
 
 def pid_alive(pid: int) -> bool:
@@ -64,17 +81,11 @@ def child_processes(*, include_zombies: bool = True) -> dict[int, str]:
     """This process's direct children, ``{pid: state}``. Zombies (exited, not reaped) are included unless
     ``include_zombies`` is False: a zombie left behind is a leak too."""
     me = os.getpid()
-    children: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        stat = _read_stat(int(name))
-        if stat is None:
-            continue
-        state, ppid = stat
-        if ppid == me and (include_zombies or state != "Z"):
-            children[int(name)] = state
-    return children
+    return {
+        pid: stat.state
+        for pid, stat in process_table().items()
+        if stat.ppid == me and (include_zombies or stat.state != "Z")
+    }
 
 
 def kill_quietly(pid: int, signum: int = signal.SIGKILL, *, group: bool = False) -> None:

@@ -45,7 +45,7 @@ from dspex_trio import (
     WorkerUnresponsive,
 )
 from dspex_trio._launcher import SubprocessLauncher
-from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, wait_until
+from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_table, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and signals")
 
@@ -80,19 +80,7 @@ def tagged_processes(tag: str) -> set[int]:
 
 def proc_children(parent: int) -> set[int]:
     """Live (non-zombie) direct children of ``parent``."""
-    found: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[1]) == parent and fields[0] != b"Z":
-            found.add(int(name))
-    return found
+    return {pid for pid, stat in process_table().items() if stat.ppid == parent and stat.state != "Z"}
 
 
 def live_worker_processes(pool: dspex_trio.Pool) -> set[int]:

@@ -38,7 +38,7 @@ from dspex_trio import (
     WorkerCrashed,
     WorkerState,
 )
-from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, wait_until
+from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_table, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and signals")
 
@@ -54,25 +54,6 @@ def worker_pids(pool: dspex_trio.Pool) -> set[int]:
 
 def ready_pids(pool: dspex_trio.Pool) -> set[int]:
     return {w.pid for w in pool.statistics().workers if w.state in (WorkerState.READY, WorkerState.BUSY)}
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def process_table() -> dict[int, tuple[str, int, int]]:
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (stat := _stat(int(name))) is not None:
-            table[int(name)] = stat
-    return table
 
 
 def descendants_and_groups(root: int, groups: set[int]) -> set[int]:

@@ -32,7 +32,16 @@ from dspex_trio._zygote import (
     open_zygote,
     zygote_supported,
 )
-from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_state, wait_until
+from tests.helpers import (
+    child_processes,
+    kill_quietly,
+    open_fds,
+    pid_alive,
+    proc_stat,
+    process_state,
+    process_table,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not zygote_supported(), reason="the zygote needs Linux (fork, SCM_RIGHTS)")
 
@@ -43,29 +52,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def ppid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2 :].split()[1])
+    stat = proc_stat(pid)
+    return None if stat is None else stat.ppid
 
 
 def processes_in_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            found.append(int(name))
-    return found
+    return sorted(pid for pid, stat in process_table().items() if stat.pgid == pgid and stat.state != "Z")
 
 
 def gone(pid: int) -> bool:
