@@ -25,7 +25,7 @@ from dspex_trio._errors import (
 )
 from dspex_trio._events import EventBus, Subscription
 from dspex_trio._launcher import Launcher, SubprocessLauncher, WorkerSpec
-from dspex_trio._pool import HealthSnapshot, WorkerHealth
+from dspex_trio._pool import HealthSnapshot, WorkerHealth, worker_state_data
 from dspex_trio._programs_host import ProgramHost, program_events
 from dspex_trio._retry import RetryPolicy
 from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec
@@ -88,16 +88,7 @@ class BridgeBackend(ProgramHost):
         self.events.publish("circuit", {"from": str(old), "to": str(new), "reason": reason})
 
     def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
-        self.events.publish(
-            "worker_state",
-            {
-                "worker_id": worker.worker_id,
-                "pid": worker.pid,
-                "from": str(old),
-                "to": str(new),
-                "reason": reason,
-            },
-        )
+        self.events.publish("worker_state", worker_state_data(worker, old, new, reason))
 
     async def _start(self) -> Worker:
         """Start a worker (replacing a dead one). Raises ``WorkerStartFailed``."""
@@ -253,17 +244,7 @@ class BridgeBackend(ProgramHost):
         worker = self.worker
         workers: tuple[WorkerHealth, ...] = ()
         if worker is not None:
-            workers = (
-                WorkerHealth(
-                    worker_id=worker.worker_id,
-                    pid=worker.pid,
-                    state=worker.state,
-                    in_flight=worker.in_flight,
-                    last_heartbeat_age=max(0.0, trio.current_time() - worker.last_seen),
-                    restarts=self._counts["restarts"],
-                    retiring=False,
-                ),
-            )
+            workers = (WorkerHealth.of(worker, restarts=self._counts["restarts"]),)
         return HealthSnapshot(
             backend=self.name,
             workers=workers,

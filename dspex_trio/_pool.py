@@ -184,6 +184,30 @@ class WorkerHealth:
     """Restarts of its slot so far."""
     retiring: bool
 
+    @classmethod
+    def of(cls, worker: Worker, *, restarts: int, retiring: bool = False) -> WorkerHealth:
+        """The health of ``worker`` now."""
+        return cls(
+            worker_id=worker.worker_id,
+            pid=worker.pid,
+            state=worker.state,
+            in_flight=worker.in_flight,
+            last_heartbeat_age=max(0.0, trio.current_time() - worker.last_seen),
+            restarts=restarts,
+            retiring=retiring,
+        )
+
+
+def worker_state_data(worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> dict[str, Any]:
+    """The data of a ``worker_state`` health event (the same for every backend)."""
+    return {
+        "worker_id": worker.worker_id,
+        "pid": worker.pid,
+        "from": str(old),
+        "to": str(new),
+        "reason": reason,
+    }
+
 
 @attrs.frozen
 class HealthSnapshot:
@@ -456,17 +480,8 @@ class Pool(ProgramHost):
 
     def health(self) -> HealthSnapshot:
         """Per-worker state and heartbeat age, restarts, the circuit, the launcher, the backend."""
-        now = trio.current_time()
         workers = tuple(
-            WorkerHealth(
-                worker_id=t.worker.worker_id,
-                pid=t.worker.pid,
-                state=t.worker.state,
-                in_flight=t.worker.in_flight,
-                last_heartbeat_age=max(0.0, now - t.worker.last_seen),
-                restarts=self._slot_restarts[t.slot],
-                retiring=t.retiring,
-            )
+            WorkerHealth.of(t.worker, restarts=self._slot_restarts[t.slot], retiring=t.retiring)
             for t in self._live.values()
         )
         return HealthSnapshot(
@@ -691,16 +706,7 @@ class Pool(ProgramHost):
             tenure.ended.set()
         if new in (WorkerState.READY,):
             self._lot.unpark_all()
-        self.events.publish(
-            "worker_state",
-            {
-                "worker_id": worker.worker_id,
-                "pid": worker.pid,
-                "from": str(old),
-                "to": str(new),
-                "reason": reason,
-            },
-        )
+        self.events.publish("worker_state", worker_state_data(worker, old, new, reason))
         for hook in self.transition_hooks:
             hook(worker, old, new, reason)
 
