@@ -39,6 +39,9 @@ class Method:
     flush_first: bool = False
     """Inline only: write the ack before running (for methods that never return)."""
     diagnostic: bool = False
+    lane: Callable[[Worker, CallContext], bool] | None = None
+    """Says whether a call is CPU-bound: such calls run one at a time on the worker's CPU lane (the
+    reader thread, relieved when a call runs long), not in the thread pool. See ``_server``."""
 
 
 # -- core -------------------------------------------------------------------------------------------
@@ -125,7 +128,8 @@ def sleep(worker: Worker, ctx: CallContext) -> Any:
 
 
 def cpu(worker: Worker, ctx: CallContext) -> Any:
-    """Busy loop for ``seconds`` (holding the GIL most of the time), stopping early when cancelled."""
+    """Busy loop for ``seconds`` (holding the GIL most of the time), stopping early when cancelled.
+    With ``lane: true`` it runs on the CPU lane instead of the thread pool."""
     seconds = ctx.param("seconds", (int, float))
     end = time.monotonic() + seconds
     n = 0
@@ -217,9 +221,21 @@ def unencodable(worker: Worker, ctx: CallContext) -> Any:
     return {"value": object()}
 
 
+RAISABLE: Final[dict[str, type[BaseException]]] = {
+    "RuntimeError": RuntimeError,
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+}
+"""What the ``raise`` diagnostic can raise: a plain error, and the two that are not ``Exception``."""
+
+
 def raise_(worker: Worker, ctx: CallContext) -> Any:
+    """Raise ``kind`` (default RuntimeError) with ``message``; ``lane: true`` runs it on the CPU lane."""
     message = ctx.param("message", str, "raised on request")
-    raise RuntimeError(message)
+    kind = ctx.param("kind", str, "RuntimeError")
+    if kind not in RAISABLE:
+        raise invalid_params(f"raise: kind must be one of {', '.join(RAISABLE)}")
+    raise RAISABLE[kind](message)
 
 
 def fail(worker: Worker, ctx: CallContext) -> Any:
@@ -249,6 +265,11 @@ def _spew_size(ctx: CallContext) -> int:
     return int(n)
 
 
+def _lane_param(worker: Worker, ctx: CallContext) -> bool:
+    """Diagnostics run on the CPU lane when the call says ``lane: true``."""
+    return bool(ctx.param("lane", bool, False))
+
+
 CORE_METHODS: Final = {
     "ping": Method(ping, inline=True),
     "stats": Method(stats, inline=True),
@@ -259,7 +280,7 @@ CORE_METHODS: Final = {
 DIAGNOSTIC_METHODS: Final = {
     "echo": Method(echo, inline=True, diagnostic=True),
     "sleep": Method(sleep, diagnostic=True),
-    "cpu": Method(cpu, diagnostic=True),
+    "cpu": Method(cpu, diagnostic=True, lane=_lane_param),
     "crash": Method(crash, diagnostic=True),
     "hang": Method(hang, inline=True, flush_first=True, diagnostic=True),
     "spew_stdout": Method(spew_stdout, diagnostic=True),
@@ -268,7 +289,7 @@ DIAGNOSTIC_METHODS: Final = {
     "ignore_signal": Method(ignore_signal, inline=True, diagnostic=True),
     "spawn_child": Method(spawn_child, diagnostic=True),
     "unencodable": Method(unencodable, inline=True, diagnostic=True),
-    "raise": Method(raise_, diagnostic=True),
+    "raise": Method(raise_, diagnostic=True, lane=_lane_param),
     "fail": Method(fail, inline=True, diagnostic=True),
     "program_info": Method(program_info, inline=True, diagnostic=True),
 }

@@ -445,6 +445,14 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     return {"outputs": outputs, "usage": _usage(prediction)}
 
 
+def on_cpu_lane(worker: Worker, ctx: CallContext) -> bool:
+    """An execution is CPU-bound when its LM is the in-process offline LM (no I/O to wait on): it runs
+    on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool."""
+    params = ctx.params if isinstance(ctx.params, dict) else {}
+    config = params.get("lm") or worker.state.get("lm_config") or OFFLINE
+    return (config if isinstance(config, str) else config.get("model")) == OFFLINE
+
+
 def _run_streamed(ctx: CallContext, program: Program, inputs: dict[str, Any]) -> Any:
     """Run under ``dspy.streamify`` in this thread's own asyncio loop, emitting chunks as they come."""
     import asyncio
@@ -483,7 +491,7 @@ def methods() -> dict[str, Method]:
         "worker_lm": Method(worker_lm, inline=True),
         "validate_lm": Method(validate_lm, inline=True),
         "validate_program": Method(validate_program),
-        "execute": Method(execute),
+        "execute": Method(execute, lane=on_cpu_lane),
         "get_state": Method(get_state),
         "list_cached": Method(list_cached, inline=True),
         "forget": Method(forget, inline=True),

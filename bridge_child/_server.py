@@ -1,22 +1,37 @@
-"""The worker loop: a blocking reader thread that acks every call, and a thread pool that runs them.
+"""The worker loop: a blocking reader thread that acks every call and runs the CPU-bound ones itself,
+and a thread pool that runs the rest.
 
 Why not a Trio event loop in the child: see docs/worker.md. In short, a blocking reader answers a no-op
 call in one ``os.read`` + one ``os.write`` with no event-loop hop, ~50 µs faster per round trip here,
 and the work itself (DSPy calls) is blocking code that must run in threads either way.
 
 Threads:
-- the main thread reads frames from stdin, acks each call before any work on it, answers pings and
-  cancels at once, runs the few *inline* methods (cheap, non-blocking) itself, and hands the rest to
+- the *reader* reads frames from stdin, acks each call before any work on it, answers pings and
+  cancels (at once when idle, within ~2 ms while it runs lane calls), runs the few *inline* methods (cheap, non-blocking) itself, runs the calls of the
+  *CPU lane* itself (one at a time, see below), and hands the rest to
 - a ``ThreadPoolExecutor`` of ``capacity`` threads (calls beyond it are acked and wait their turn);
+- a *relief* thread, on standby: when a lane call has kept the reader busy for ``RELIEF_AFTER_S`` it
+  becomes the reader, so pings, cancels and acks keep flowing during a long CPU-bound call; the relieved
+  thread finishes the lane's queue and goes on standby in turn (the two threads swap roles);
 - a watchdog thread blocked in ``poll()`` for a hang-up on stdin: when the parent is gone the worker
   exits, even if the reader is stuck (the ``hang`` diagnostic) or every thread is busy.
 All frame writes go through one lock, which also guards the connection's state and each call's
 "finished" flag, so every call gets exactly one terminal frame.
+
+The CPU lane. CPU-bound calls (a method's ``lane`` predicate says which: DSPy executions with the
+in-process offline LM) gain nothing from threads, since they hold the GIL, and lose a lot to them: on
+the 2-core VM this was measured on, handing a ~450 µs execution to a pool thread made it cost ~700 µs of
+CPU (thread wake-ups, GIL hand-offs and cold caches), while the reader running it right after reading
+it, with no hand-off at all, keeps it near the in-process cost. So lane calls are queued in arrival
+order and run by the reader between reads; while the lane has work the reader reads (without blocking)
+only when its held results are due (``MAX_RESULT_HOLD_S``), and writes them with the acks of what it
+read. Figures in docs/worker.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import select
 import signal
@@ -25,7 +40,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from bridge_child import __version__, wire
 from bridge_child._context import CallContext, MethodError
@@ -39,6 +54,15 @@ EXIT_PROTOCOL_ERROR: Final = 3
 """Exit code when the parent sent something the protocol does not allow."""
 EXIT_STARTUP_FAILURE: Final = 4
 """Exit code for a worker told to fail at start (diagnostics) or unable to start."""
+MAX_RESULT_HOLD_S: Final = 0.002
+"""Seconds the reader may hold finished lane results to write them with later ones: while the lane has
+calls queued, its results go out together (one write, one wake-up of the parent) unless the oldest has
+waited this long; they also go out with any ack or pong, and whenever the reader is about to block."""
+RELIEF_AFTER_S: Final = 0.025
+"""Seconds a CPU-lane call may keep the reader before the standby thread takes over reading (pings,
+cancels and acks are answered within about twice this while a long CPU-bound call runs)."""
+STANDBY_PARK_AFTER_S: Final = 1.0
+"""Seconds without lane work after which the standby thread stops checking and sleeps until woken."""
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -117,9 +141,37 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="bridge-call")
         self.draining = False
         self.started_at = time.monotonic()
-        self.counters = {"calls": 0, "completed": 0, "failed": 0, "cancelled": 0, "discarded": 0}
+        self.counters = {
+            "calls": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "discarded": 0,
+            "lane_calls": 0,
+            "reliefs": 0,
+        }
         self._batch: list[bytes] = []
+        """Frames to write after this read (acks, pongs, inline results); guarded by ``lock``."""
+        self._held: list[bytes] = []
+        """Lane results held by the reader (see ``MAX_RESULT_HOLD_S``); guarded by ``lock``."""
+        self._held_since = 0.0
         self._jobs: list[tuple[CallContext, Method]] = []
+        """Calls for the thread pool, read and acked by the reader and submitted after its flush."""
+        self._poller = select.poll()
+        self._poller.register(read_fd, select.POLLIN)
+        # The CPU lane and the two threads' roles, all guarded by ``_roles``:
+        self._roles = threading.Condition(threading.Lock())
+        self._lane: collections.deque[tuple[CallContext, Method]] = collections.deque()
+        """Lane calls waiting, in arrival order (bounded by the calls the parent may have in flight)."""
+        self._reader: int | None = None
+        """``threading.get_ident()`` of the thread that reads stdin (exactly one does)."""
+        self._runner: int | None = None
+        """The thread running lane calls, if any (at most one: the lane is serial)."""
+        self._lane_busy = False
+        """True while the runner is inside a lane call."""
+        self._lane_seq = 0
+        """Lane calls started: the standby sees whether the runner made progress."""
+        self._standby_parked = False
         self.state: dict[str, Any] = {}
         """Per-worker state owned by method modules (program cache, LM configuration)."""
 
@@ -130,10 +182,11 @@ class Worker:
             self._batch.append(self.conn.send(message))
 
     def flush(self) -> None:
-        """Write the reader's batch (acks, pongs, inline results) in one write."""
-        if self._batch:
+        """Write the reader's batch (acks, pongs, inline results) and held lane results in one write."""
+        if self._batch or self._held:
             with self.lock:
-                data = b"".join(self._batch)
+                data = b"".join(self._held + self._batch)
+                self._held.clear()
                 self._batch.clear()
                 self._write(data)
 
@@ -159,8 +212,11 @@ class Worker:
             ctx.seq += 1
             self._write(frame)
 
-    def _terminal(self, ctx: CallContext, message: wire.Result | wire.Error, *, batch: bool) -> bool:
-        """Send the one terminal frame of ``ctx``; False (and nothing sent) if it already had one."""
+    def _terminal(
+        self, ctx: CallContext, message: wire.Result | wire.Error, *, batch: bool, hold: bool = False
+    ) -> bool:
+        """Send the one terminal frame of ``ctx`` (now, with the reader's batch, or ``hold``: with the
+        reader's held lane results); False (and nothing sent) if it already had one."""
         with self.lock:
             if ctx.finished:
                 self.counters["discarded"] += 1
@@ -178,33 +234,50 @@ class Worker:
                 self.counters["cancelled"] += 1
             else:
                 self.counters["failed"] += 1
-            if batch:
+            if hold:
+                if not self._held:
+                    self._held_since = time.monotonic()
+                self._held.append(frame)
+            elif batch:
                 self._batch.append(frame)
             else:
                 self._write(frame)
             return True
 
     # -- running calls --------------------------------------------------------------------------------
-    def _run(self, ctx: CallContext, method: Method, *, batch: bool) -> None:
+    def _outcome(self, ctx: CallContext, method: Method) -> wire.Result | wire.Error | None:
+        """Run the method; its terminal message, or None when the call was cancelled before it started.
+
+        Every exception becomes an error, ``BaseException`` included: a ``SystemExit`` raised by a
+        program must fail its call, not end the thread (and leave the call without an outcome)."""
         if ctx.cancelled.is_set():
-            return
+            return None
         with self.lock:
             self.executing.add(ctx.id)
         try:
             value = method.func(self, ctx)
         except MethodError as exc:
-            outcome: wire.Result | wire.Error = wire.Error(
-                ctx.id, exc.code, exc.type or type(exc).__name__, exc.message, exc.details
-            )
-        except Exception as exc:
+            return wire.Error(ctx.id, exc.code, exc.type or type(exc).__name__, exc.message, exc.details)
+        except BaseException as exc:
             detail = "".join(traceback.format_exception_only(exc)).strip()
-            outcome = wire.Error(ctx.id, wire.ErrorCode.INTERNAL, type(exc).__name__, str(exc) or detail)
-        else:
-            outcome = wire.Result(ctx.id, value)
+            return wire.Error(ctx.id, wire.ErrorCode.INTERNAL, type(exc).__name__, str(exc) or detail)
         finally:
             with self.lock:
                 self.executing.discard(ctx.id)
-        self._terminal(ctx, outcome, batch=batch)
+        return wire.Result(ctx.id, value)
+
+    def _run(self, ctx: CallContext, method: Method, *, batch: bool) -> None:
+        outcome = self._outcome(ctx, method)
+        if outcome is not None:
+            self._terminal(ctx, outcome, batch=batch)
+
+    def _on_lane(self, ctx: CallContext, method: Method) -> bool:
+        if method.lane is None:
+            return False
+        try:
+            return bool(method.lane(self, ctx))
+        except Exception:  # bad params: the method itself reports them, wherever it runs
+            return False
 
     def _on_call(self, call: wire.Call) -> None:
         self.counters["calls"] += 1
@@ -229,6 +302,10 @@ class Worker:
             if method.flush_first:
                 self.flush()
             self._run(ctx, method, batch=True)
+        elif self._on_lane(ctx, method):
+            self.counters["lane_calls"] += 1
+            with self._roles:
+                self._lane.append((ctx, method))
         else:
             self._jobs.append((ctx, method))
 
@@ -283,29 +360,134 @@ class Worker:
             versions=library_versions(),
         )
 
-    def serve(self) -> int:
-        """Run until stdin reaches EOF, a shutdown completes, or the parent breaks the protocol."""
+    def serve(self) -> NoReturn:
+        """Run until stdin reaches EOF, a shutdown completes, or the parent breaks the protocol (every
+        way out ends the process)."""
         start_watchdog(self.read_fd)
         self._queue(self.hello())
         self.flush()
+        self._reader = threading.get_ident()
+        threading.Thread(target=self._take_turns, name="bridge-relief", daemon=True).start()
+        self._take_turns()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take_turns(self) -> None:
+        """The loop of both the main and the relief thread: read (and run lane calls) while this
+        thread is the reader; once relieved, finish the lane's queue; then stand by."""
+        me = threading.get_ident()
         while True:
+            if self._reader == me:
+                self._read_and_run(me)
+            self._drain_lane(me)
+            self._stand_by(me)
+
+    def _read_once(self, *, block: bool) -> None:
+        """Read what stdin has (waiting for it only if ``block``), dispatch it, write the replies (with
+        any held lane results) and submit the pool's calls."""
+        if block:
+            self.flush()
+        if block or self._poller.poll(0):
             try:
                 data = os.read(self.read_fd, READ_CHUNK_BYTES)
             except InterruptedError:  # pragma: no cover - PEP 475 retries
-                continue
-            if not data:
-                _parent_gone()  # stdin reached EOF: exit promptly, also while busy
-            try:
-                self.conn.receive_data(data)
-                while (message := self.conn.next_event()) is not wire.NEED_DATA:
-                    self.dispatch(message)  # type: ignore[arg-type]
-            except wire.ProtocolError as exc:
-                print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
-                _exit_now(EXIT_PROTOCOL_ERROR)
-            self.flush()
-            jobs, self._jobs = self._jobs, []
-            for ctx, method in jobs:
-                self.executor.submit(self._run, ctx, method, batch=False)
+                data = None
+            if data is not None:
+                if not data:
+                    _parent_gone()  # stdin reached EOF: exit promptly, also while busy
+                try:
+                    self.conn.receive_data(data)
+                    while (message := self.conn.next_event()) is not wire.NEED_DATA:
+                        self.dispatch(message)  # type: ignore[arg-type]
+                except wire.ProtocolError as exc:
+                    print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
+                    _exit_now(EXIT_PROTOCOL_ERROR)
+        self.flush()
+        jobs, self._jobs = self._jobs, []
+        for ctx, method in jobs:
+            self.executor.submit(self._run, ctx, method, batch=False)
+
+    def _read_and_run(self, me: int) -> None:
+        """The reader's loop; returns when this thread was relieved (its lane call done).
+
+        While the lane has calls the reader reads stdin only once its held results are due (see
+        ``MAX_RESULT_HOLD_S``): the acks of the calls read then go out in the same write as those
+        results, one wake-up of the parent for both."""
+        while True:
+            with self._roles:
+                can_run = self._runner is None and bool(self._lane)
+            if not can_run:
+                self._read_once(block=True)
+            elif self._held and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S:
+                self._read_once(block=False)
+            with self._roles:
+                if self._runner is not None or not self._lane:
+                    continue
+                ctx, method = self._lane.popleft()
+                self._start_lane_call(me)
+            outcome = self._outcome(ctx, method)
+            with self._roles:
+                self._lane_busy = False
+                relieved = self._reader != me
+                if not relieved:
+                    self._runner = None
+            if outcome is not None:  # held by the reader; written now if another thread reads
+                self._terminal(ctx, outcome, batch=False, hold=not relieved)
+            if relieved:
+                return
+
+    def _start_lane_call(self, me: int) -> None:
+        """(``_roles`` held) This thread runs the next lane call."""
+        self._runner = me
+        self._lane_busy = True
+        self._lane_seq += 1
+        if self._standby_parked:
+            self._standby_parked = False
+            self._roles.notify()
+
+    def _drain_lane(self, me: int) -> None:
+        """A relieved runner runs the lane's queue to the end, then lets the reader run it again."""
+        while True:
+            with self._roles:
+                if self._runner != me:
+                    return
+                if not self._lane:
+                    self._runner = None
+                    return
+                ctx, method = self._lane.popleft()
+                self._start_lane_call(me)
+            self._run(ctx, method, batch=False)
+            with self._roles:
+                self._lane_busy = False
+
+    def _reader_in_lane_call(self) -> bool:
+        """(``_roles`` held) The reader is inside a lane call, so nobody reads stdin."""
+        return self._lane_busy and self._runner == self._reader
+
+    def _stand_by(self, me: int) -> None:
+        """Wait until the reader has been inside one lane call for ``RELIEF_AFTER_S``, then take over
+        reading. Sleeps without waking once the lane has been idle for ``STANDBY_PARK_AFTER_S``."""
+        idle_since: float | None = None
+        with self._roles:
+            while True:
+                if self._reader_in_lane_call():
+                    idle_since = None
+                    seq = self._lane_seq
+                    self._roles.wait(RELIEF_AFTER_S)
+                    if self._reader_in_lane_call() and self._lane_seq == seq:
+                        self._reader = me
+                        self.counters["reliefs"] += 1
+                        return
+                    continue
+                now = time.monotonic()
+                if idle_since is None:
+                    idle_since = now
+                if now - idle_since < STANDBY_PARK_AFTER_S:
+                    self._roles.wait(RELIEF_AFTER_S)
+                    continue
+                self._standby_parked = True
+                while self._standby_parked:
+                    self._roles.wait()
+                idle_since = None
 
 
 def start_watchdog(read_fd: int) -> None:
