@@ -117,7 +117,7 @@ def plan(
             spec = {
                 "implementations": _common.rotate(pick(["cpu", "io"]), r),
                 "seconds": 2.0 if q else 5.0,
-                "cpu_concurrency": 8,
+                "cpu_concurrency": [16, 8],  # the first is the target's (saturating) load
                 "latency": 0.1,
                 "concurrency": [1, 16, 64, 256],
             }
