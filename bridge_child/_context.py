@@ -33,7 +33,18 @@ class CallContext:
     terminal ``cancelled`` error was already sent.
     """
 
-    __slots__ = ("_emit", "cancelled", "deadline", "finished", "id", "method", "params", "seq", "stream")
+    __slots__ = (
+        "_emit",
+        "cancelled",
+        "captured",
+        "deadline",
+        "finished",
+        "id",
+        "method",
+        "params",
+        "seq",
+        "stream",
+    )
 
     def __init__(
         self,
@@ -49,6 +60,9 @@ class CallContext:
         self.finished = False
         """True once the terminal frame was sent (guarded by the worker's send lock)."""
         self.seq = 0
+        self.captured: dict[str, Any] | None = None
+        """What the method's lane check captured when the call was read (``execute``: the worker's LM
+        configuration then, so a ``configure_lm`` read after the call does not change it)."""
         self._emit = emit
 
     def emit(self, data: Any) -> None:

@@ -128,12 +128,13 @@ def sleep(worker: Worker, ctx: CallContext) -> Any:
 
 
 def cpu(worker: Worker, ctx: CallContext) -> Any:
-    """Busy loop for ``seconds`` (holding the GIL most of the time), stopping early when cancelled.
-    With ``lane: true`` it runs on the CPU lane instead of the thread pool."""
+    """Busy loop for ``seconds`` (holding the GIL most of the time), stopping early when cancelled
+    unless ``ignore_cancel``. With ``lane: true`` it runs on the CPU lane instead of the thread pool."""
     seconds = ctx.param("seconds", (int, float))
+    stoppable = not ctx.param("ignore_cancel", bool, False)
     end = time.monotonic() + seconds
     n = 0
-    while time.monotonic() < end and not ctx.cancelled.is_set():
+    while time.monotonic() < end and not (stoppable and ctx.cancelled.is_set()):
         n += sum(range(1000))
     return n
 

@@ -136,9 +136,7 @@ def _lm_key(config: dict[str, Any]) -> str:
 
 
 def lm_for(worker: Worker, config: dict[str, Any] | None) -> Any:
-    """The ``dspy.LM`` for ``config`` (the worker default when None), built once per configuration."""
-    if config is None:
-        config = worker.state.get("lm_config")
+    """The ``dspy.LM`` for ``config`` (the offline LM when None), built once per configuration."""
     if config is None:
         config = {"model": OFFLINE}
     key = _lm_key(config)
@@ -424,7 +422,13 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     inputs = ctx.param("inputs", dict)
     check_inputs(program, inputs)
     raw_lm = ctx.param("lm", (dict, str), None)
-    lm_config = check_lm_config(raw_lm) if raw_lm is not None else None
+    lm_config: dict[str, Any] | None
+    if raw_lm is not None:
+        lm_config = check_lm_config(raw_lm)
+    elif ctx.captured is not None:  # the worker's LM when the call was read
+        lm_config = ctx.captured["worker_lm"]
+    else:
+        lm_config = worker.state.get("lm_config")
     lm = lm_for(worker, lm_config)
     dspy = _import_dspy()
     try:
@@ -436,7 +440,7 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
         message = str(exc) or type(exc).__name__
         raise MethodError(
             wire.ErrorCode.PROGRAM_ERROR,
-            _redact(message, lm_config or worker.state.get("lm_config")),
+            _redact(message, lm_config),
             type=type(exc).__name__,
         ) from exc
     if prediction is None:  # cancelled while streaming: the terminal frame was already sent
@@ -447,9 +451,11 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
 
 def on_cpu_lane(worker: Worker, ctx: CallContext) -> bool:
     """An execution is CPU-bound when its LM is the in-process offline LM (no I/O to wait on): it runs
-    on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool."""
+    on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool.
+    Called when the call is read: the worker's LM configuration then is the one the call runs with."""
     params = ctx.params if isinstance(ctx.params, dict) else {}
-    config = params.get("lm") or worker.state.get("lm_config") or OFFLINE
+    ctx.captured = {"worker_lm": worker.state.get("lm_config")}
+    config = params.get("lm") or ctx.captured["worker_lm"] or OFFLINE
     return (config if isinstance(config, str) else config.get("model")) == OFFLINE
 
 

@@ -23,9 +23,10 @@ in-process offline LM) gain nothing from threads, since they hold the GIL, and l
 the 2-core VM this was measured on, handing a ~450 µs execution to a pool thread made it cost ~700 µs of
 CPU (thread wake-ups, GIL hand-offs and cold caches), while the reader running it right after reading
 it, with no hand-off at all, keeps it near the in-process cost. So lane calls are queued in arrival
-order and run by the reader between reads; while the lane has work the reader reads (without blocking)
-only when its held results are due (``MAX_RESULT_HOLD_S``), and writes them with the acks of what it
-read. Figures in docs/worker.md.
+order (once their acks are written) and run by the reader between reads; while the lane has work the
+reader reads (without blocking) only when its held results are due (``MAX_RESULT_HOLD_S``), and writes
+them with the acks of what it read. A lane call that was cancelled but goes on does not hold up the
+calls behind it: they move to the thread pool. Figures in docs/worker.md.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class Worker:
             "cancelled": 0,
             "discarded": 0,
             "lane_calls": 0,
+            "lane_spilled": 0,
             "reliefs": 0,
         }
         self._batch: list[bytes] = []
@@ -157,6 +159,9 @@ class Worker:
         self._held_since = 0.0
         self._jobs: list[tuple[CallContext, Method]] = []
         """Calls for the thread pool, read and acked by the reader and submitted after its flush."""
+        self._lane_new: list[tuple[CallContext, Method]] = []
+        """Lane calls read and acked by the reader, moved onto the lane after its flush (so no thread
+        can run one, and write its result, before its ack is written)."""
         self._poller = select.poll()
         self._poller.register(read_fd, select.POLLIN)
         # The CPU lane and the two threads' roles, all guarded by ``_roles``:
@@ -169,6 +174,8 @@ class Worker:
         """The thread running lane calls, if any (at most one: the lane is serial)."""
         self._lane_busy = False
         """True while the runner is inside a lane call."""
+        self._lane_ctx: CallContext | None = None
+        """The lane call running now, if any."""
         self._lane_seq = 0
         """Lane calls started: the standby sees whether the runner made progress."""
         self._standby_parked = False
@@ -304,8 +311,7 @@ class Worker:
             self._run(ctx, method, batch=True)
         elif self._on_lane(ctx, method):
             self.counters["lane_calls"] += 1
-            with self._roles:
-                self._lane.append((ctx, method))
+            self._lane_new.append((ctx, method))  # queued on the lane once its ack is written
         else:
             self._jobs.append((ctx, method))
 
@@ -337,6 +343,9 @@ class Worker:
             for ctx in list(self.contexts.values()):
                 ctx.cancelled.set()
                 ctx.finished = True
+            if self._held:  # lane calls that finished: their acks are out, their results go too
+                self._write(b"".join(self._held))
+                self._held.clear()
             _kill_own_group_but_self()
             _exit_now(0)
 
@@ -403,8 +412,26 @@ class Worker:
                     _exit_now(EXIT_PROTOCOL_ERROR)
         self.flush()
         jobs, self._jobs = self._jobs, []
+        if self._lane_new or self._lane_ctx is not None:
+            with self._roles:
+                self._lane.extend(self._lane_new)
+                self._lane_new.clear()
+                jobs.extend(self._spill_lane())
         for ctx, method in jobs:
             self.executor.submit(self._run, ctx, method, batch=False)
+
+    def _spill_lane(self) -> list[tuple[CallContext, Method]]:
+        """(``_roles`` held) The lane's queue, taken off the lane when its runner is stuck in a call
+        that was cancelled (it ran past the relief, so another thread reads): a call that ignores its
+        cancellation must not hold up the calls behind it. They run in the thread pool instead."""
+        running = self._lane_ctx
+        if running is None or not running.cancelled.is_set() or self._runner == self._reader:
+            return []
+        spilled = list(self._lane)
+        self._lane.clear()
+        with self.lock:
+            self.counters["lane_spilled"] += len(spilled)
+        return spilled
 
     def _read_and_run(self, me: int) -> None:
         """The reader's loop; returns when this thread was relieved (its lane call done).
@@ -423,10 +450,11 @@ class Worker:
                 if self._runner is not None or not self._lane:
                     continue
                 ctx, method = self._lane.popleft()
-                self._start_lane_call(me)
+                self._start_lane_call(me, ctx)
             outcome = self._outcome(ctx, method)
             with self._roles:
                 self._lane_busy = False
+                self._lane_ctx = None
                 relieved = self._reader != me
                 if not relieved:
                     self._runner = None
@@ -435,10 +463,11 @@ class Worker:
             if relieved:
                 return
 
-    def _start_lane_call(self, me: int) -> None:
-        """(``_roles`` held) This thread runs the next lane call."""
+    def _start_lane_call(self, me: int, ctx: CallContext) -> None:
+        """(``_roles`` held) This thread runs the lane call ``ctx``."""
         self._runner = me
         self._lane_busy = True
+        self._lane_ctx = ctx
         self._lane_seq += 1
         if self._standby_parked:
             self._standby_parked = False
@@ -454,10 +483,20 @@ class Worker:
                     self._runner = None
                     return
                 ctx, method = self._lane.popleft()
-                self._start_lane_call(me)
+                self._start_lane_call(me, ctx)
             self._run(ctx, method, batch=False)
             with self._roles:
                 self._lane_busy = False
+                self._lane_ctx = None
+
+    def _write_held_if_due(self) -> None:
+        """Standby, while the reader runs a lane call: write the results it holds if they are due, so a
+        long lane call does not hold back the results of the short ones before it for long."""
+        with self.lock:
+            if self._held and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S:
+                data = b"".join(self._held)
+                self._held.clear()
+                self._write(data)
 
     def _reader_in_lane_call(self) -> bool:
         """(``_roles`` held) The reader is inside a lane call, so nobody reads stdin."""
@@ -475,8 +514,11 @@ class Worker:
                     self._roles.wait(RELIEF_AFTER_S)
                     if self._reader_in_lane_call() and self._lane_seq == seq:
                         self._reader = me
-                        self.counters["reliefs"] += 1
-                        return
+                        with self.lock:
+                            self.counters["reliefs"] += 1
+                        return  # the new reader writes what is held before it blocks
+                    if self._reader_in_lane_call():
+                        self._write_held_if_due()
                     continue
                 now = time.monotonic()
                 if idle_since is None:

@@ -1,14 +1,22 @@
 """The worker's CPU lane: CPU-bound calls run one at a time on the reader thread, which a standby thread
 relieves when one runs long (``bridge_child._server``). Real processes, real time: every wait is bounded.
 
-What must hold: offline-LM executions take the lane and real-LM ones the thread pool; a long lane call
-does not silence the worker (pings, acks and cancels keep flowing); the lane is serial; a cancelled lane
-call stops, queued or running; every lane call gets exactly one outcome, also when a method raises
-``SystemExit``; a closing worker finishes its queued lane calls within the grace.
+What must hold: offline-LM executions take the lane and real-LM ones the thread pool, with the LM
+configured when they were read; a long lane call does not silence the worker (pings, acks and cancels
+keep flowing); the lane is serial; a cancelled lane call stops, queued or running, and one that ignores
+its cancellation does not hold up the calls behind it; every lane call gets exactly one outcome, after
+its ack, also when a method raises ``SystemExit`` and when a relieved thread drains the lane; a closing
+worker finishes its queued lane calls within the grace and writes the results it holds.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,10 +24,10 @@ import pytest
 import trio
 
 import dspex_trio
-from bridge_child import _programs
+from bridge_child import _programs, wire
 from bridge_child._context import CallContext
 from bridge_child.wire import Call
-from dspex_trio import CallTimeout, DspexError, Worker, WorkerError, WorkerState, open_worker
+from dspex_trio import CallTimeout, DspexError, ProtocolError, Worker, WorkerError, WorkerState, open_worker
 from tests.helpers import wait_until
 
 RELIEF_BOUND_S = 1.0
@@ -287,3 +295,217 @@ async def test_closing_finishes_the_queued_lane_calls_within_the_grace() -> None
             await wait_executing(worker, 1)
     assert len(results) == 4 and all(isinstance(n, int) and n > 0 for n in results)
     assert worker.state is WorkerState.STOPPED
+
+
+# -- raw frames: ordering and shutdown (found in review) -------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+F_SETPIPE_SZ = 1031
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridge_child", "--diagnostics"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def test_a_lane_result_never_precedes_its_ack_while_a_relieved_runner_drains() -> None:
+    """A relieved thread draining the lane must not run (and answer) a call whose ack the new reader
+    has not written yet. The sleep only aims the burst at the moment the long call ends; if it misses,
+    the test passes without having provoked the race (it cannot fail spuriously)."""
+    n_echo = 8000
+    proc = _spawn()
+    try:
+        try:  # room for one large read, so the reader dispatches many frames before it flushes
+            fcntl.fcntl(proc.stdin.fileno(), F_SETPIPE_SZ, 1 << 20)  # type: ignore[union-attr]
+        except OSError:
+            pass
+        conn = wire.Connection(wire.Role.PARENT, check_states=False)
+        frames: list[Any] = []
+        done = threading.Event()
+
+        def read() -> None:
+            terminals = 0
+            while terminals < 2 + n_echo:
+                data = os.read(proc.stdout.fileno(), 1 << 20)  # type: ignore[union-attr]
+                if not data:
+                    break
+                conn.receive_data(data)
+                while (m := conn.next_event()) is not wire.NEED_DATA:
+                    frames.append(m)
+                    terminals += isinstance(m, wire.Result | wire.Error)
+            done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        stdin = proc.stdin.fileno()  # type: ignore[union-attr]
+        # a long lane call: the standby relieves the reader; the relieved thread will drain the lane
+        _write(stdin, wire.encode_frame(wire.Call(1, "cpu", {"seconds": 0.15, "lane": True})))
+        time.sleep(0.11)  # relieved by now (25-50 ms); the call ends at ~0.15 s
+        # one read for the new reader: a quick lane call, then many inline calls to dispatch before
+        # its flush; the long call ends meanwhile and its thread drains the lane
+        chunk = [wire.encode_frame(wire.Call(2, "raise", {"lane": True, "message": "x"}))]
+        chunk += [wire.encode_frame(wire.Call(i, "echo", {"value": i})) for i in range(3, 3 + n_echo)]
+        _write(stdin, b"".join(chunk))
+        assert done.wait(15), "not every call was answered"
+    finally:
+        proc.kill()
+        proc.wait()
+    first: dict[int, Any] = {}
+    for m in frames:
+        if not isinstance(m, wire.Hello):
+            first.setdefault(m.id, m)
+    out_of_order = {i: type(m).__name__ for i, m in first.items() if not isinstance(m, wire.Ack)}
+    assert out_of_order == {}, f"terminal frame before the ack: {out_of_order}"
+
+
+async def test_the_parent_keeps_a_worker_whose_relieved_runner_drains_the_lane() -> None:
+    """The same race through the real parent: lane and inline calls arrive while a relieved runner
+    starts draining the lane. Up to 8 short cycles (a long lane call, relieved, then a burst)."""
+    failures: list[str] = []
+    with trio.fail_after(60):
+        async with open_worker(diagnostics=True) as worker:
+
+            async def one(method: str, params: Any) -> None:
+                try:
+                    await worker.call(method, params)
+                except ProtocolError as exc:
+                    failures.append(str(exc))
+                except DspexError:
+                    pass  # the raise diagnostic's own error, or calls cut off with the worker
+
+            def alive() -> bool:
+                return worker.state in (WorkerState.READY, WorkerState.BUSY)
+
+            for _cycle in range(8):
+                reliefs = (await worker.call("stats"))["reliefs"]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(one, "cpu", {"seconds": 0.1, "lane": True})
+
+                    async def relieved(before: int = reliefs) -> bool:
+                        return not alive() or (await worker.call("stats"))["reliefs"] != before
+
+                    await wait_until(relieved, 5.0, "the long lane call was never relieved")
+                    end = trio.current_time() + 0.12
+                    while alive() and trio.current_time() < end:
+                        for i in range(30):
+                            nursery.start_soon(one, "echo", {"value": i})
+                            nursery.start_soon(one, "raise", {"lane": True, "message": "x"})
+                        await trio.sleep(0.003)
+                if failures or not alive():
+                    break
+    assert failures == [], failures[0]
+    assert worker.state is not WorkerState.FAILED
+
+
+def test_a_finished_lane_call_gets_its_result_when_the_shutdown_grace_ends() -> None:
+    proc = _spawn()
+    try:
+        conn = wire.Connection(wire.Role.PARENT, check_states=False)
+        _write(
+            proc.stdin.fileno(),  # type: ignore[union-attr]
+            b"".join(
+                wire.encode_frame(m)
+                for m in (
+                    wire.Call(1, "raise", {"lane": True, "message": "done"}),  # finishes at once
+                    wire.Call(2, "cpu", {"seconds": 1.0, "lane": True}),  # still running at the end
+                    wire.Shutdown(0.005),
+                )
+            ),
+        )
+        frames: list[Any] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            data = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            if not data:
+                break
+            conn.receive_data(data)
+            while (m := conn.next_event()) is not wire.NEED_DATA:
+                frames.append(m)
+        assert proc.wait(5) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    terminals = [m for m in frames if isinstance(m, wire.Result | wire.Error)]
+    # call 1 finished long before the grace ended (as it does in the pool, lane: false)
+    assert [m.id for m in terminals] == [1], f"frames: {frames}"
+
+
+def _read_frames_until(
+    proc: subprocess.Popen[bytes], conn: wire.Connection, done: Any, seconds: float
+) -> list[Any]:
+    frames: list[Any] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not done(frames):
+        data = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+        if not data:
+            break
+        conn.receive_data(data)
+        while (m := conn.next_event()) is not wire.NEED_DATA:
+            frames.append(m)
+    return frames
+
+
+def test_an_execute_runs_with_the_lm_configured_when_it_was_read() -> None:
+    """``execute`` then ``configure_lm`` (a real LM, unreachable) in one write: the execute was read
+    first, so it runs with the offline LM; the next execute uses the new LM (and fails to reach it)."""
+    program = {"id": "p", "version": 1, "spec": {"signature": "question -> answer", "module": "predict"}}
+    real = {"model": "openai/nowhere", "api_base": "http://127.0.0.1:9/v1", "api_key": "k", "num_retries": 0}
+    proc = _spawn()
+    try:
+        conn = wire.Connection(wire.Role.PARENT, check_states=False)
+        _write(
+            proc.stdin.fileno(),  # type: ignore[union-attr]
+            b"".join(
+                wire.encode_frame(m)
+                for m in (
+                    wire.Call(1, "execute", {"program": program, "inputs": {"question": "q"}}),
+                    wire.Call(2, "configure_lm", {"lm": real}),
+                    wire.Call(3, "execute", {"program": program, "inputs": {"question": "q"}}),
+                )
+            ),
+        )
+
+        def three_terminals(frames: list[Any]) -> bool:
+            return sum(isinstance(m, wire.Result | wire.Error) for m in frames) == 3
+
+        frames = _read_frames_until(proc, conn, three_terminals, 60)
+    finally:
+        proc.kill()
+        proc.wait()
+    terminals = {m.id: m for m in frames if isinstance(m, wire.Result | wire.Error)}
+    assert isinstance(terminals[1], wire.Result), terminals[1]
+    assert terminals[1].value["outputs"]["answer"]
+    assert isinstance(terminals[2], wire.Result)
+    assert isinstance(terminals[3], wire.Error) and terminals[3].code == wire.ErrorCode.PROGRAM_ERROR
+
+
+async def test_a_lane_call_ignoring_its_cancellation_does_not_hold_up_the_lane(worker: Worker) -> None:
+    with trio.fail_after(30):
+        with pytest.raises(CallTimeout):
+            await worker.call("cpu", {"seconds": 4.0, "lane": True, "ignore_cancel": True}, timeout=0.3)
+        start = trio.current_time()
+        # the stuck call still runs; calls behind it leave the lane for the thread pool
+        results = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+
+                async def one() -> None:
+                    results.append(await worker.call("cpu", {"seconds": 0.01, "lane": True}))
+
+                nursery.start_soon(one)
+        assert trio.current_time() - start < 2.5
+        assert len(results) == 3 and all(n > 0 for n in results)
+        snapshot = await stats(worker)
+        assert snapshot["lane_spilled"] >= 1
+        assert len(snapshot["executing"]) == 1  # the stuck one, abandoned, still running
