@@ -28,6 +28,7 @@ from bridge_child import _programs, wire
 from bridge_child._context import CallContext
 from bridge_child.wire import Call
 from dspex_trio import CallTimeout, DspexError, ProtocolError, Worker, WorkerError, WorkerState, open_worker
+from tests.dspex_trio.test_worker import stats, wait_executing
 from tests.helpers import wait_until
 
 RELIEF_BOUND_S = 1.0
@@ -38,22 +39,6 @@ RELIEF_BOUND_S = 1.0
 async def worker() -> AsyncIterator[Worker]:
     async with open_worker(diagnostics=True) as w:
         yield w
-
-
-async def stats(worker: Worker) -> dict[str, Any]:
-    result: dict[str, Any] = await worker.call("stats")
-    return result
-
-
-async def wait_executing(worker: Worker, count: int) -> list[int]:
-    seen: list[int] = []
-
-    async def executing() -> bool:
-        seen[:] = (await stats(worker))["executing"]
-        return len(seen) == count
-
-    await wait_until(executing, 10.0, lambda: f"expected {count} executing calls, saw {seen}")
-    return list(seen)
 
 
 # -- which calls take the lane ---------------------------------------------------------------------
