@@ -7,8 +7,9 @@ and the work itself (DSPy calls) is blocking code that must run in threads eithe
 
 Threads:
 - the *reader* reads frames from stdin, acks each call before any work on it, answers pings and
-  cancels (at once when idle, within ~2 ms while it runs lane calls), runs the few *inline* methods (cheap, non-blocking) itself, runs the calls of the
-  *CPU lane* itself (one at a time, see below), and hands the rest to
+  cancels (at once when idle; while it runs lane calls, within ~3 ms plus the lane call running),
+  runs the few *inline* methods (cheap, non-blocking) itself, runs the calls of the *CPU lane*
+  itself (one at a time, see below), and hands the rest to
 - a ``ThreadPoolExecutor`` of ``capacity`` threads (calls beyond it are acked and wait their turn);
 - a *relief* thread, on standby: when a lane call has kept the reader busy for ``RELIEF_AFTER_S`` it
   becomes the reader, so pings, cancels and acks keep flowing during a long CPU-bound call; the relieved
@@ -55,7 +56,7 @@ EXIT_PROTOCOL_ERROR: Final = 3
 """Exit code when the parent sent something the protocol does not allow."""
 EXIT_STARTUP_FAILURE: Final = 4
 """Exit code for a worker told to fail at start (diagnostics) or unable to start."""
-MAX_RESULT_HOLD_S: Final = 0.002
+MAX_RESULT_HOLD_S: Final = 0.003
 """Seconds the reader may hold finished lane results to write them with later ones: while the lane has
 calls queued, its results go out together (one write, one wake-up of the parent) unless the oldest has
 waited this long; they also go out with any ack or pong, and whenever the reader is about to block."""
