@@ -344,9 +344,7 @@ class Worker:
             for ctx in list(self.contexts.values()):
                 ctx.cancelled.set()
                 ctx.finished = True
-            if self._held:  # lane calls that finished: their acks are out, their results go too
-                self._write(b"".join(self._held))
-                self._held.clear()
+            self._write_held()  # lane calls that finished: their acks are out, their results go too
             _kill_own_group_but_self()
             _exit_now(0)
 
@@ -495,9 +493,14 @@ class Worker:
         long lane call does not hold back the results of the short ones before it for long."""
         with self.lock:
             if self._held and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S:
-                data = b"".join(self._held)
-                self._held.clear()
-                self._write(data)
+                self._write_held()
+
+    def _write_held(self) -> None:
+        """(``lock`` held) Write the held lane results now."""
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._write(data)
 
     def _reader_in_lane_call(self) -> bool:
         """(``_roles`` held) The reader is inside a lane call, so nobody reads stdin."""
