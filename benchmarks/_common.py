@@ -76,6 +76,19 @@ def summarize_latencies(ns: list[int]) -> dict[str, float]:
     return {"median": statistics.median(ns) / 1000, "p99": percentile(ns, 99) / 1000}
 
 
+def summarize_run(latencies: list[float], errors: list[str], elapsed: float) -> dict[str, Any]:
+    """A closed-loop run: completed calls per second over ``elapsed``, failures (the first one named),
+    latency p50 and p99 (nearest rank) in ms of ``latencies`` in seconds."""
+    return {
+        "rate": len(latencies) / elapsed,
+        "calls": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
+        "p99_ms": percentile(latencies, 99) * 1000 if latencies else None,
+    }
+
+
 def run_one(fn: Callable[..., Any], how: str, *args: Any, time_limit: float) -> Any:
     """Run one implementation to completion in this process, bounded by ``time_limit`` seconds.
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchmarks._common import percentile
+from benchmarks._common import summarize_run
 
 COT = {"signature": "question -> answer", "module": "chain_of_thought"}
 MAX_CALLS = 200_000
@@ -89,14 +88,7 @@ async def drive(
         for _ in range(concurrency):
             nursery.start_soon(caller)
     elapsed = time.perf_counter() - t0
-    return {
-        "rate": len(latencies) / elapsed,
-        "calls": len(latencies),
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
-        "p99_ms": percentile(latencies, 99) * 1000 if latencies else None,
-    }
+    return summarize_run(latencies, errors, elapsed)
 
 
 async def pool_cpu_rate(seconds: float, concurrency: int) -> dict[str, Any]:

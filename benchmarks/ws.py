@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from typing import Any
 
-from benchmarks._common import percentile
+from benchmarks._common import summarize_run
 from benchmarks.dspy_exec import COT, drive
 
 
@@ -73,14 +72,7 @@ async def client_main(url: str, clients: int, seconds: float, program: str) -> d
             t0[0] = time.perf_counter()
             start.set()
     elapsed = time.perf_counter() - t0[0]
-    return {
-        "rate": len(latencies) / elapsed,
-        "calls": len(latencies),
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
-        "p99_ms": percentile(latencies, 99) * 1000 if latencies else None,
-    }
+    return summarize_run(latencies, errors, elapsed)
 
 
 async def _measure(clients_list: list[int], seconds: float, time_limit: float) -> dict[str, Any]:
