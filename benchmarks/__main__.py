@@ -122,10 +122,28 @@ def plan(
                 "concurrency": [1, 16, 64, 256],
             }
             steps.append(("dspy", "benchmarks.dspy_exec", spec, 25.0 if q else 60.0))
+    if want("programs"):
+        for r in range(rounds or (1 if q else 2)):
+            spec = {
+                "implementations": _common.rotate(pick(["cpu", "cold"]), r),
+                "seconds": 2.0 if q else 5.0,
+                "callers": 16,
+                "workers": 16,
+                "time_limit": 120.0,
+            }
+            steps.append(("programs", "benchmarks.programs", spec, 25.0 if q else 45.0))
     if want("websocket"):
-        for _ in range(rounds or (1 if q else 2)):
-            spec = {"clients": [1, 16, 64], "seconds": 2.0 if q else 5.0, "time_limit": 150.0}
-            steps.append(("websocket", "benchmarks.ws", spec, 20.0 if q else 45.0))
+        from benchmarks.ws import IMPLEMENTATIONS as WS
+
+        for r in range(rounds or (1 if q else 2)):
+            spec = {
+                "clients": [1, 16, 64],
+                "seconds": 2.0 if q else 5.0,
+                "implementations": _common.rotate(pick(list(WS)), r),
+                "pin": True,
+                "time_limit": 600.0,
+            }
+            steps.append(("websocket", "benchmarks.ws", spec, 70.0 if q else 150.0))
     return steps
 
 
@@ -148,6 +166,10 @@ def measure(family: str, spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import dspy_exec
 
         result = dspy_exec.measure(spec)
+    elif family == "programs":
+        from benchmarks import programs
+
+        result = programs.measure(spec)
     elif family == "websocket":
         from benchmarks import ws
 
@@ -170,7 +192,11 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "6_dspy_cpu": ("2x_in_process_1_thread", "same"),
     "6_dspy_io": ("ideal", "same"),
     "7_websocket": ("in_process", "same"),
+    "7_websocket_cost": ("bare_forwarder", "same"),
+    "7_websocket_client": ("websockets_submit", "same"),
     "8_dspex_way": ("dspex_way", "same"),
+    "9_programs_cpu": ("2x_in_process_1_thread", "same"),
+    "9_programs_cold": ("import_dspy_numpy", 1),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)
@@ -265,6 +291,28 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         "I/O-bound at 256 >= 80% of the ideal",
     ),
     (
+        "9a",
+        "9_programs_cpu",
+        "pool_2w",
+        "executions_per_s",
+        None,
+        ">=",
+        0.7,
+        ("2x_in_process_1_thread", None),
+        "registered 3-predictor module: pool >= 70% of 2x single-thread",
+    ),
+    (
+        "9b",
+        "9_programs_cold",
+        "zygote",
+        "seconds_to_ready",
+        16,
+        "<=",
+        1.5,
+        ("import_dspy_numpy", 1),
+        "16 workers with a numpy program module <= 1.5x `import dspy, numpy`",
+    ),
+    (
         "7a",
         "7_websocket",
         "websocket",
@@ -296,6 +344,34 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         0.6,
         ("in_process", 64),
         "websocket >= 60% of in-process, 64 clients",
+    ),
+    *(
+        (
+            f"7{tid}",
+            "7_websocket_cost",
+            "websocket",
+            "executions_per_s",
+            k,
+            ">=",
+            0.9,
+            ("bare_forwarder", k),
+            f"websocket >= 0.9x the bare forwarder, {k} client{'s' if k > 1 else ''}",
+        )
+        for tid, k in (("d", 1), ("e", 16), ("f", 64))
+    ),
+    *(
+        (
+            f"7{tid}",
+            "7_websocket_client",
+            "remote",
+            "executions_per_s",
+            k,
+            ">=",
+            0.909,
+            ("websockets_submit", k),
+            f"remote client overhead <= 10% of the raw websockets client, {k} client{'s' if k > 1 else ''}",
+        )
+        for tid, k in (("g", 1), ("h", 16), ("i", 64))
     ),
 ]
 
@@ -603,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed or not measured")
     parser.add_argument(
-        "--only", metavar="F[,F]", help="families: noop, cold_start, recovery, memory, dspy, websocket"
+        "--only",
+        metavar="F[,F]",
+        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket",
     )
     parser.add_argument("--impl", metavar="NAME[,NAME]", help="only these implementations (where they apply)")
     parser.add_argument(

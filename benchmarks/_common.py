@@ -34,13 +34,19 @@ TAG_ENV = "DSPEX_BENCH_TAG"
 """Set in the environment of every process a benchmark starts (leftover check)."""
 MEASURED_FILES = (
     "dspex_trio/_worker.py",
+    "dspex_trio/_dispatch.py",
+    "dspex_trio/_retry.py",
     "dspex_trio/_pool.py",
     "dspex_trio/_launcher.py",
+    "dspex_trio/_pool_launcher.py",
     "dspex_trio/_zygote.py",
     "dspex_trio/_websocket.py",
+    "dspex_trio/_ws_api.py",
     "bridge_child/_server.py",
+    "bridge_child/_lane.py",
     "bridge_child/_zygote.py",
     "bridge_child/_programs.py",
+    "bridge_child/spec.py",
     "bridge_child/wire.py",
 )
 """Digested into the results, so two runs can tell whether they measured the same code."""

@@ -141,10 +141,12 @@ async def run_load(
                 except DspexError as exc:
                     outcome = "failed"
                     errors[type(exc).__name__] += 1
-                    if idempotent:
+                    if idempotent and exc.attempts < 2:  # failed without its retry elsewhere
                         counts["idempotent_failed"] += 1
                         if len(samples) < 5:
                             samples.append(f"idempotent {kind} {index}: {exc!r}"[:300])
+                    elif idempotent:  # its retry, on another worker, was killed too
+                        counts["idempotent_failed_twice"] += 1
                 except Exception as exc:
                     outcome = "untyped"
                     errors[type(exc).__name__] += 1
@@ -180,6 +182,7 @@ async def run_load(
         "untyped": counts["untyped"],
         "hangs": counts["hang"],
         "idempotent_failed": counts["idempotent_failed"],
+        "idempotent_failed_twice": counts["idempotent_failed_twice"],
         "by_kind": {
             k: v for k, v in sorted(counts.items()) if k.split("/")[0] in ("echo", "sleep", "execute")
         },
@@ -248,7 +251,7 @@ async def run_storm(
             elif new is WorkerState.FAILED:
                 failures.append(time.monotonic())
 
-        pool.transition_hooks.append(kill_when_ready)
+        pool._transition_hooks.append(kill_when_ready)
         start = time.monotonic()
         for worker in pool.workers():
             os.kill(worker.pid, signal.SIGKILL)
@@ -257,7 +260,7 @@ async def run_storm(
             opened_at = time.monotonic()
         counted = len([t for t in failures if opened_at is None or t <= opened_at])
         reason = pool.statistics().circuit_reason
-        pool.transition_hooks.remove(kill_when_ready)
+        pool._transition_hooks.remove(kill_when_ready)
     return {
         "how": how,
         "circuit_open": opened_at is not None,

@@ -76,7 +76,7 @@ COLD_START = {
 def measure_cold_start(spec: dict[str, Any]) -> dict[str, Any]:
     import trio
 
-    import dspex_trio
+    from dspex_trio._launcher import SubprocessLauncher
 
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
@@ -92,7 +92,7 @@ def measure_cold_start(spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     launcher: Any = name
                     if name == "subprocess_preload":
-                        launcher = dspex_trio.SubprocessLauncher(extra_args=("--preload",))
+                        launcher = SubprocessLauncher(extra_args=("--preload",))
 
                     async def run(n: int = n, launcher: Any = launcher) -> float:
                         with trio.fail_after(spec["time_limit"]):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from bridge_child import wire
 from bridge_child._context import CallContext, MethodError, invalid_params
+
+if TYPE_CHECKING:
+    from bridge_child._server import Worker
 
 MAX_CACHED_PROGRAMS: Final = 4096
 """Materialised programs kept per worker (least recently used dropped first)."""
@@ -56,6 +59,19 @@ class ProgramCache:
                 self._entries.popitem(last=False)
         return program_id, program
 
+    def uses_tools(self, ref: Any) -> bool:
+        """Whether the program a call names (``params["program"]``) calls registered tools (a ``react``
+        program), as far as its spec, or the cached program, says. Cheap: for the CPU lane's check."""
+        if not isinstance(ref, dict):
+            return False
+        spec = ref.get("spec")
+        if isinstance(spec, dict):
+            return "tools" in spec
+        with self._lock:
+            entry = self._entries.get(ref.get("id"))  # type: ignore[arg-type]
+        program = entry[1] if entry is not None and entry[0] == ref.get("version") else None
+        return bool(getattr(getattr(program, "spec", None), "options", {}).get("tools"))
+
     def forget(self, program_id: str) -> bool:
         with self._lock:
             return self._entries.pop(program_id, None) is not None
@@ -69,3 +85,11 @@ class ProgramCache:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {pid: version for pid, (version, _program) in self._entries.items()}
+
+
+def program_cache(worker: Worker) -> ProgramCache:
+    """The worker's program cache (made on first use)."""
+    cache = worker.state.get("programs")
+    if cache is None:
+        cache = worker.state["programs"] = ProgramCache()
+    return cache

@@ -1,13 +1,22 @@
-"""What a method sees of its call: params, cancellation, deadline, and a way to stream events."""
+"""A worker method and what it sees of its call: params, cancellation, deadline, a way to stream events.
+
+A method is ``func(worker, ctx) -> value`` (plain data), described by a :class:`Method` (how the worker
+runs it); it fails its call by raising :class:`MethodError`.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from bridge_child import wire
+
+if TYPE_CHECKING:
+    from bridge_child._server import Worker
 
 
 class MethodError(Exception):
@@ -90,3 +99,18 @@ class CallContext:
         if not isinstance(value, kind):
             raise invalid_params(f"{self.method}: param {name!r} has the wrong type ({type(value).__name__})")
         return value
+
+
+@attrs.frozen
+class Method:
+    """One method of the worker's registry and how the worker runs it."""
+
+    func: Callable[[Worker, CallContext], Any]
+    inline: bool = False
+    """Run by the reader thread itself (cheap, non-blocking)."""
+    flush_first: bool = False
+    """Inline only: write the ack before running (for methods that never return)."""
+    diagnostic: bool = False
+    lane: Callable[[Worker, CallContext], bool] | None = None
+    """Says whether a call is CPU-bound: such calls run one at a time on the worker's CPU lane (the
+    reader thread, relieved when a call runs long), not in the thread pool. See ``_lane``."""

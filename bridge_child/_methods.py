@@ -1,8 +1,9 @@
-"""The worker's methods: the core ones, and diagnostics that exist only when enabled.
+"""The worker's methods: the core ones, diagnostics that exist only when enabled, and the registry that
+adds the DSPy methods of ``_programs``.
 
-A method is ``func(worker, ctx) -> value`` (plain data). *Inline* methods are cheap and never block:
-the reader thread runs them itself, so their ack and result leave in one write. The others run in
-the worker's thread pool.
+A method is ``func(worker, ctx) -> value`` (plain data), described by a ``_context.Method``. *Inline*
+methods are cheap and never block: the reader thread runs them itself, so their ack and result leave in
+one write. The others run in the worker's thread pool (or on its CPU lane, see ``_lane``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import attrs
-
 from bridge_child import _programs, wire
-from bridge_child._cache import ProgramCache
-from bridge_child._context import CallContext, MethodError, invalid_params
+from bridge_child._cache import program_cache
+from bridge_child._context import CallContext, Method, MethodError, invalid_params
 
 if TYPE_CHECKING:
     from bridge_child._server import Worker
@@ -29,19 +27,6 @@ MAX_SPEW_BYTES: Final = 256 * 1024 * 1024
 """Largest ``spew_*`` / ``garbage`` request, in bytes."""
 SPEW_CHUNK_BYTES: Final = 64 * 1024
 MAX_SLEEP_SECONDS: Final = 24 * 3600.0
-
-
-@attrs.frozen
-class Method:
-    func: Callable[[Worker, CallContext], Any]
-    inline: bool = False
-    """Run by the reader thread itself (cheap, non-blocking)."""
-    flush_first: bool = False
-    """Inline only: write the ack before running (for methods that never return)."""
-    diagnostic: bool = False
-    lane: Callable[[Worker, CallContext], bool] | None = None
-    """Says whether a call is CPU-bound: such calls run one at a time on the worker's CPU lane (the
-    reader thread, relieved when a call runs long), not in the thread pool. See ``_server``."""
 
 
 # -- core -------------------------------------------------------------------------------------------
@@ -70,13 +55,6 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         "cached_programs": program_cache(worker).snapshot(),
         **counters,
     }
-
-
-def program_cache(worker: Worker) -> ProgramCache:
-    cache = worker.state.get("programs")
-    if cache is None:
-        cache = worker.state["programs"] = ProgramCache()
-    return cache
 
 
 def reset(worker: Worker, ctx: CallContext) -> Any:

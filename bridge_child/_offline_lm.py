@@ -2,14 +2,12 @@
 
 A custom lm15 engine (DSPy 3.4's extension point: ``dspy.LM(model, engine=E(), async_engine=AE())``)
 that answers any DSPy adapter request from the request itself. It reads the output fields and their
-types from the system message DSPy's ChatAdapter writes (``1. `answer` (str): ...``), derives each value
+types from the system message DSPy's ChatAdapter writes (``1. `answer` (str): ...``, read by
+``spec.prompt_output_fields``; types by the safe parser, an unknown one read as ``str``), derives each value
 from a stable hash of the field name and the last user message (the formatted inputs), and replies in
 ChatAdapter's format ``[[ ## field ## ]]\\nvalue\\n\\n...[[ ## completed ## ]]`` (or as a JSON object when
 the prompt has no ChatAdapter markers, as with ``JSONAdapter``). So the same inputs always give the same
-outputs, and every value has its declared type:
-
-- ``str``: a short sentence naming the field; ``int``: 0..99; ``float``: within [0, 1]; ``bool``;
-- ``list[T]``: three items; ``dict``: a small object; ``Literal[...]``: one of its values.
+outputs, and every value has its declared type (``spec.fake_value``, which the mock backend uses too).
 
 Streaming sends the reply word by word, so ``dspy.streamify`` listeners yield several chunks per field.
 Usage is reported as whitespace word counts. Importing this module does not import dspy.
@@ -17,69 +15,64 @@ Usage is reported as whitespace word counts. Importing this module does not impo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
-from bridge_child._signatures import STR, InvalidSignature, TypeSpec, parse_type
+from bridge_child.spec import (
+    STR,
+    InvalidSignature,
+    TypeSpec,
+    digest,
+    fake_value,
+    parse_type,
+    prompt_output_fields,
+)
 
 MODEL: Final = "offline/dspex-deterministic"
 """The model string of the offline LM (its provider prefix is never routed: the engine is custom)."""
 
-_OUTPUT_SECTION_RE: Final = re.compile(
-    r"Your output fields are:\n(.*?)(?:\nAll interactions will be structured|\Z)", re.DOTALL
-)
-_FIELD_LINE_RE: Final = re.compile(r"^\d+\. `([A-Za-z_][A-Za-z0-9_]*)` \((.*?)\):", re.MULTILINE)
 _CHAT_MARKER: Final = "[[ ## completed ## ]]"
-_WORDS: Final = (
-    "amber", "brisk", "cobalt", "delta", "ember", "fable", "granite", "harbor", "ivory", "juniper",
-    "kelp", "lumen", "maple", "nimbus", "onyx", "prairie", "quartz", "raven", "sierra", "tundra",
-)  # fmt: skip
 
 
-def _digest(*parts: str) -> int:
-    return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big")
+_SCHEMA_NOTE: Final = "# note: the value you produce must adhere to the JSON schema: "
+"""How ChatAdapter's system message gives the JSON schema of a structured output field."""
+
+
+def _schema_note(system: str, name: str) -> str | None:
+    """The JSON schema ChatAdapter's system message gives for output field ``name`` (its
+    ``[[ ## name ## ]]`` block's note), as JSON text; None if there is none."""
+    block = system.find(f"[[ ## {name} ## ]]\n{{{name}}}")
+    if block < 0:
+        return None
+    line_end = system.find("\n", block + len(name) * 2 + 12)
+    if line_end < 0:
+        line_end = len(system)
+    note = system.find(_SCHEMA_NOTE, block, line_end)
+    if note < 0:
+        return None
+    text = system[note + len(_SCHEMA_NOTE) : line_end]
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    return text
 
 
 def output_fields(system: str) -> list[tuple[str, TypeSpec]]:
-    """The output fields (name, type) listed in a DSPy adapter's system message."""
-    match = _OUTPUT_SECTION_RE.search(system)
-    if match is None:
-        return []
+    """The output fields (name, type) listed in a DSPy adapter's system message. A type the safe parser
+    does not model (a pydantic model, ``dict[str, Any]``, ``Optional[int]``) is read from the JSON
+    schema the prompt gives for it (``json``), else answered as text."""
     fields: list[tuple[str, TypeSpec]] = []
-    for name, annotation in _FIELD_LINE_RE.findall(match.group(1)):
+    for name, annotation in prompt_output_fields(system):
         try:
-            type_ = parse_type(annotation)
+            type_ = parse_type(annotation) if annotation is not None else STR
         except InvalidSignature:
-            type_ = STR  # a type we do not model: answer text, let the adapter decide
+            schema = _schema_note(system, name)
+            type_ = TypeSpec("json", schema=schema) if schema is not None else STR
         fields.append((name, type_))
     return fields
-
-
-def fake_value(name: str, type_: TypeSpec, seed_text: str, salt: str = "") -> Any:
-    """A deterministic value of ``type_`` for field ``name``, derived from ``seed_text``."""
-    h = _digest(name, salt, seed_text)
-    kind = type_.kind
-    if kind == "str":
-        words = " ".join(_WORDS[(h >> (5 * i)) % len(_WORDS)] for i in range(4))
-        return f"The {name.replace('_', ' ')} is {words}."
-    if kind == "int":
-        return h % 100
-    if kind == "float":
-        return round((h % 1001) / 1000, 3)
-    if kind == "bool":
-        return h % 2 == 0
-    if kind == "literal":
-        return type_.values[h % len(type_.values)]
-    if kind == "list":
-        assert type_.item is not None
-        return [fake_value(name, type_.item, seed_text, f"{salt}/{i}") for i in range(3)]
-    if kind == "dict":
-        item = type_.item or STR
-        return {"key": fake_value(name, item, seed_text, f"{salt}/key")}
-    return ""  # pragma: no cover
 
 
 def _request_texts(request: Any) -> tuple[str, list[str]]:
@@ -101,7 +94,7 @@ def reply_text(request: Any) -> tuple[str, int]:
     fields = output_fields(system)
     prompt_words = len(system.split()) + sum(len(m.split()) for m in user_texts)
     if not fields:
-        return f"Offline answer {_digest(seed) % 10_000}.", prompt_words
+        return f"Offline answer {digest(seed) % 10_000}.", prompt_words
     values = {name: fake_value(name, type_, seed) for name, type_ in fields}
     if _CHAT_MARKER not in system:  # JSONAdapter and friends: a JSON object
         return json.dumps(values), prompt_words

@@ -8,13 +8,17 @@ The host owns every program spec and LM configuration; a worker only caches what
   are built lazily, one per distinct configuration, and kept in ``worker.state["lms"]``.
 - ``validate_program {"spec": {...}}``: parse and build a spec, and describe it (nothing is cached).
 - ``execute {"program": ref, "inputs": {...}, "lm": optional}``: run a program, optionally streamed
-  (``flags & STREAM``: one ``{"field", "chunk"}`` event per chunk of each ``str`` output field).
-- ``get_state``, ``list_cached``, ``forget``, ``worker_lm``.
+  (``flags & STREAM``: its chunk and status events, ``bridge_child._streaming``); the result is every
+  declared output as JSON by its declared type, then the entries the program ``include``s.
+- ``get_state`` (DSPy's JSON state, as ``program.save("p.json")`` writes it), ``available`` (what the
+  program modules registered), ``list_cached``, ``forget``, ``worker_lm``.
 
-A spec is ``{"signature": str | {"inputs", "outputs", "instructions"}, "module": "predict" |
-"chain_of_thought", "instructions": str?, "state": dump_state() dict?}``. Signatures are parsed without
-``eval`` (``bridge_child._signatures``); state is sanitised before ``load_state`` (no LM, no arbitrary
-attributes). Every call runs under its own ``dspy.context(lm=...)``: ``dspy.configure`` is never called.
+Specs, signatures, inputs and LM configurations are parsed and checked by the program-spec layer
+(:mod:`bridge_child.spec`, no DSPy); ``bridge_child._builtins`` builds what they describe with DSPy, from
+the operator's registered programs, tools and metrics (:mod:`bridge_child.registry`, loaded when the
+worker started). A state is checked against the program's predictors before ``load_state`` (plain JSON,
+no LM, no arbitrary attributes). Every call runs under its own ``dspy.context(lm=...)``:
+``dspy.configure`` is never called.
 """
 
 from __future__ import annotations
@@ -28,34 +32,37 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from bridge_child import wire
-from bridge_child._context import CallContext, MethodError, invalid_params
-from bridge_child._signatures import STR, FieldSpec, InvalidSignature, SignatureSpec, parse_signature
+from bridge_child._builtins import build_module
+from bridge_child._cache import program_cache
+from bridge_child._context import CallContext, Method, MethodError
+from bridge_child._lmrules import redact, secrets_of
+from bridge_child._streaming import run_streamed
+from bridge_child._tools import ExecutionStopped, running
+from bridge_child.registry import (
+    ProgramInterface,
+    describe_interface,
+    describe_registry,
+    program_interface,
+)
+from bridge_child.registry import current as current_registry
+from bridge_child.spec import (
+    OFFLINE,
+    FieldSpec,
+    InvalidState,
+    ProgramSpec,
+    SpecError,
+    check_inputs,
+    check_lm_config,
+    check_state,
+    describe_lm,
+    parse_spec,
+)
 
 if TYPE_CHECKING:
-    from bridge_child._methods import Method
     from bridge_child._server import Worker
 
-OFFLINE: Final = "offline"
-"""The model name of the embedded deterministic LM (the default)."""
-MODULES: Final = {
-    "predict": "predict",
-    "chain_of_thought": "chain_of_thought",
-    "chainofthought": "chain_of_thought",
-    "cot": "chain_of_thought",
-}
-SPEC_KEYS: Final = frozenset({"signature", "module", "instructions", "state", "name", "description"})
-LM_KEYS: Final = {
-    "model": (str,),
-    "api_base": (str, type(None)),
-    "api_key": (str, type(None)),
-    "num_retries": (int,),
-    "timeout": (int, float, type(None)),
-    "temperature": (int, float, type(None)),
-    "max_tokens": (int, type(None)),
-}
 MAX_CACHED_LMS: Final = 64
 MAX_ERROR_MESSAGE_CHARS: Final = 8192
-MAX_DEMOS: Final = 1000
 
 _lm_lock = threading.Lock()
 _import_lock = threading.Lock()
@@ -70,6 +77,9 @@ def preload() -> None:
     os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
     import dspy
 
+    from bridge_child import _lmguard
+
+    _lmguard.install()
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     for name in (
         "anyio._backends._trio",
@@ -96,39 +106,7 @@ def _import_dspy() -> Any:
     return dspy
 
 
-# -- LM configuration -------------------------------------------------------------------------------
-
-
-def check_lm_config(raw: Any, where: str = "lm") -> dict[str, Any]:
-    """A validated LM configuration (``{"model": ...}`` plus client settings). Never echoes the key."""
-    if isinstance(raw, str):
-        raw = {"model": raw}
-    if not isinstance(raw, dict):
-        raise invalid_params(f"{where} must be an object {{'model': ..., ...}}")
-    unknown = sorted(set(raw) - set(LM_KEYS))
-    if unknown:
-        raise invalid_params(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(LM_KEYS)}"
-        )
-    for key, kinds in LM_KEYS.items():
-        if key in raw and (not isinstance(raw[key], kinds) or isinstance(raw[key], bool)):
-            raise invalid_params(f"{where}: {key!r} has the wrong type ({type(raw[key]).__name__})")
-    model = raw.get("model")
-    if not model:
-        raise invalid_params(f"{where}: 'model' is required")
-    if model != OFFLINE and "/" not in model:
-        raise invalid_params(
-            f"{where}: model must be 'offline' or 'provider/name', e.g. 'openai/gpt-4o-mini'"
-        )
-    return {k: v for k, v in raw.items() if v is not None}
-
-
-def describe_lm(config: dict[str, Any] | None) -> dict[str, Any]:
-    """What an LM configuration is, without its key."""
-    config = config or {"model": OFFLINE}
-    out = {k: v for k, v in config.items() if k != "api_key"}
-    out["has_api_key"] = "api_key" in config
-    return out
+# -- LM configuration (checked by ``spec.check_lm_config``) ----------------------------------------
 
 
 def _lm_key(config: dict[str, Any]) -> str:
@@ -162,6 +140,10 @@ def _build_lm(config: dict[str, Any]) -> Any:
         client_settings = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
         return offline_lm(**client_settings)
     try:
+        if config.get("hermetic") or config.get("public_only"):
+            from bridge_child._lmguard import guarded_lm
+
+            return guarded_lm(dspy, config)
         return dspy.LM(config["model"], engine="lm15", cache=False, **settings)
     except Exception as exc:
         raise MethodError(
@@ -171,10 +153,24 @@ def _build_lm(config: dict[str, Any]) -> Any:
         ) from exc
 
 
+NO_KEY_ERROR: Final = "LMNotConfiguredError"
+"""DSPy's error for an LM that has no key (its message tells a Python user to edit ``dspy.LM(...)``)."""
+
+
+def no_key_message(model: str) -> str:
+    """Where an LM's key comes from, for every kind of user (the worker cannot know which one asked)."""
+    return (
+        f"the LM {model!r} has no API key. Give it with the LM configuration: in Python "
+        "configure_lm(..., api_key=...) (or open_pool(worker_env=['OPENAI_API_KEY']) to let workers read "
+        "the variable); with dspex-trio serve or run: --lm-api-key-file PATH, DSPEX_LM_API_KEY or "
+        "OPENAI_API_KEY; over the websocket: lm/configure with your api_key, or lm/select a server LM"
+    )
+
+
 def _redact(message: str, config: dict[str, Any] | None) -> str:
-    key = (config or {}).get("api_key")
-    if key and len(key) >= 4:
-        message = message.replace(key, "***")
+    """``message`` without the configuration's key, its base's password, secret-named environment
+    values or bearer tokens (``bridge_child._lmrules``), cut to ``MAX_ERROR_MESSAGE_CHARS``."""
+    message = redact(message, secrets_of(config))
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[:MAX_ERROR_MESSAGE_CHARS] + "... (truncated)"
     return message
@@ -199,142 +195,74 @@ def worker_lm(worker: Worker, ctx: CallContext) -> Any:
 
 
 @dataclass(frozen=True)
-class ProgramSpec:
-    signature: SignatureSpec
-    module: str
-    state: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
 class Program:
-    """A materialised program: the dspy module, and its fields as the spec declared them."""
+    """A materialised program: the dspy module, its spec, and its interface (inputs, outputs, predictors)."""
 
     spec: ProgramSpec
     module: Any
-    inputs: tuple[FieldSpec, ...]
-    outputs: tuple[FieldSpec, ...]
-    """Every output field the module produces (``reasoning`` first for chain_of_thought)."""
+    interface: ProgramInterface
+
+    @property
+    def inputs(self) -> tuple[FieldSpec, ...]:
+        return self.interface.inputs
+
+    @property
+    def outputs(self) -> tuple[FieldSpec, ...]:
+        """Every output field the program returns (for a built-in, ``ProgramSpec.outputs``:
+        ``reasoning`` first for chain_of_thought)."""
+        return self.interface.outputs
 
     def describe(self) -> dict[str, Any]:
-        predictors = self.module.predictors()
-        instructions = predictors[0].signature.instructions if predictors else None
         return {
             "module": self.spec.module,
-            "inputs": [f.describe() for f in self.inputs],
-            "outputs": [f.describe() for f in self.outputs],
-            "instructions": instructions,
+            **describe_interface(self.interface),
+            **({"include": list(self.spec.include)} if self.spec.include else {}),
+            **({"options": self.spec.options} if self.spec.options else {}),
         }
 
 
-def parse_spec(spec: Any) -> ProgramSpec:
-    if not isinstance(spec, dict):
-        raise InvalidSignature(f"a program spec must be an object, not {type(spec).__name__}")
-    unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown:
-        raise InvalidSignature(
-            f"unknown key(s) in program spec: {', '.join(map(str, unknown))}; known: {', '.join(sorted(SPEC_KEYS))}"
-        )
-    if "signature" not in spec:
-        raise InvalidSignature("a program spec needs a 'signature'")
-    instructions = spec.get("instructions")
-    signature = parse_signature(spec["signature"], instructions)
-    module_name = spec.get("module", "predict")
-    if not isinstance(module_name, str) or module_name.lower().replace("-", "_") not in MODULES:
-        raise InvalidSignature(f"unknown module {module_name!r}; use 'predict' or 'chain_of_thought'")
-    module = MODULES[module_name.lower().replace("-", "_")]
-    state = spec.get("state")
-    if state is not None and not isinstance(state, dict):
-        raise InvalidSignature("a program's 'state' must be an object (as dump_state() returns)")
-    return ProgramSpec(signature, module, state or None)
+def _interface(parsed: ProgramSpec, module: Any) -> ProgramInterface:
+    """A registered program's interface is read from its module; a built-in's comes from its spec (its
+    predictors from the module); best_of_n/refine over a registered program take that program's."""
+    found = program_interface(module)
+    if parsed.registered:
+        return found
+    if parsed.signature is None:  # best_of_n / refine over a registered program
+        base = program_interface(module.module)
+        return ProgramInterface(base.inputs, base.outputs, found.predictors, python_types=base.python_types)
+    return ProgramInterface(parsed.inputs, parsed.outputs, found.predictors, flat=found.flat)
 
 
 def materialize(spec: dict[str, Any]) -> Program:
     """Build the dspy module a spec describes (the cache's ``materialize``)."""
-    from bridge_child._signatures import build_signature
-
-    parsed = parse_spec(spec)
-    dspy = _import_dspy()
-    signature = build_signature(parsed.signature)
-    outputs = parsed.signature.outputs
-    if parsed.module == "chain_of_thought":
-        module = dspy.ChainOfThought(signature)
-        if not any(f.name == "reasoning" for f in outputs):
-            outputs = (FieldSpec("reasoning", STR), *outputs)
-        else:  # ChainOfThought keeps a declared reasoning field, moved first
-            outputs = (
-                *(f for f in outputs if f.name == "reasoning"),
-                *(f for f in outputs if f.name != "reasoning"),
-            )
-    else:
-        module = dspy.Predict(signature)
+    registry = current_registry()
+    parsed = parse_spec(spec, registry.names())
+    _import_dspy()
+    module = build_module(parsed, registry)
+    interface = _interface(parsed, module)
     if parsed.state is not None:
-        _load_state(module, parsed.state, parsed.module)
-    return Program(parsed, module, parsed.signature.inputs, outputs)
+        _load_state(module, parsed.state, interface)
+        interface = _interface(parsed, module)  # the state may change instructions
+    return Program(parsed, module, interface)
 
 
-def _invalid_state(message: str) -> MethodError:
-    return MethodError(wire.ErrorCode.INVALID_PARAMS, message, type="InvalidState")
-
-
-def _sanitize_predictor_state(state: Any, where: str) -> dict[str, Any]:
-    """Only demos and signature text (instructions, prefixes, descriptions); never an LM."""
-    if not isinstance(state, dict):
-        raise _invalid_state(f"state of {where} must be an object")
-    unknown = sorted(set(state) - {"demos", "signature", "traces", "train", "lm"})
-    if unknown:
-        raise _invalid_state(f"state of {where}: unsupported key(s) {', '.join(map(str, unknown))}")
-    if state.get("lm") is not None:
-        raise _invalid_state(f"state of {where}: 'lm' must be null (LMs are configured with configure_lm)")
-    demos = state.get("demos", [])
-    if not isinstance(demos, list) or len(demos) > MAX_DEMOS:
-        raise _invalid_state(f"state of {where}: demos must be a list of at most {MAX_DEMOS} objects")
-    for demo in demos:
-        if not isinstance(demo, dict) or not all(isinstance(k, str) for k in demo):
-            raise _invalid_state(f"state of {where}: each demo must be an object with string keys")
-    signature = state.get("signature")
-    if not isinstance(signature, dict):
-        raise _invalid_state(f"state of {where}: 'signature' must be an object")
-    instructions = signature.get("instructions")
-    fields = signature.get("fields", [])
-    if not isinstance(instructions, str) or not isinstance(fields, list):
-        raise _invalid_state(f"state of {where}: signature needs 'instructions' (str) and 'fields' (list)")
-    clean_fields = []
-    for f in fields:
-        if not (
-            isinstance(f, dict) and isinstance(f.get("prefix"), str) and isinstance(f.get("description"), str)
-        ):
-            raise _invalid_state(f"state of {where}: each signature field needs 'prefix' and 'description'")
-        clean_fields.append({"prefix": f["prefix"], "description": f["description"]})
-    return {
-        "traces": [],
-        "train": [],
-        "demos": demos,
-        "signature": {"instructions": instructions, "fields": clean_fields},
-        "lm": None,
-    }
-
-
-def _load_state(module: Any, state: dict[str, Any], kind: str) -> None:
-    if kind == "predict":
-        clean: dict[str, Any] = _sanitize_predictor_state(state, "predict")
-    else:
-        names = [name for name, _ in module.named_predictors()]
-        unknown = sorted(set(state) - set(names))
-        if unknown or not set(names) <= set(state):
-            raise _invalid_state(
-                f"state must have exactly the predictor key(s) {names} (as dump_state() gives)"
-            )
-        clean = {name: _sanitize_predictor_state(state[name], name) for name in names}
+def _load_state(module: Any, state: dict[str, Any], interface: ProgramInterface) -> None:
+    """Load DSPy's JSON state into ``module``: checked against its predictors first, LM dropped."""
+    clean = check_state(state, interface.predictors, flat=interface.flat)
     try:
         module.load_state(clean)
     except Exception as exc:
-        raise _invalid_state(f"cannot load state: {type(exc).__name__}: {exc}") from exc
+        raise InvalidState(f"cannot load the state: {type(exc).__name__}: {exc}") from exc
 
 
-def program_cache(worker: Worker) -> Any:
-    from bridge_child._methods import program_cache as cache
+def dump_state(module: Any) -> dict[str, Any]:
+    """The module's state in DSPy's JSON format, with the ``metadata`` ``save()`` writes (so the file
+    loads with ``program.load("p.json")``)."""
+    from dspy.utils.saving import get_dependency_versions
 
-    return cache(worker)
+    state = plain(module.dump_state())
+    state["metadata"] = {"dependency_versions": get_dependency_versions()}
+    return state
 
 
 def resolve(worker: Worker, ctx: CallContext) -> Program:
@@ -349,7 +277,16 @@ def validate_program(worker: Worker, ctx: CallContext) -> Any:
 
 
 def get_state(worker: Worker, ctx: CallContext) -> Any:
-    return plain(resolve(worker, ctx).module.dump_state())
+    return dump_state(resolve(worker, ctx).module)
+
+
+def available(worker: Worker, ctx: CallContext) -> Any:
+    """What the operator's program modules registered (``program/available``), described once per worker."""
+    described = worker.state.get("available")
+    if described is None:
+        _import_dspy()
+        described = worker.state["available"] = describe_registry(current_registry())
+    return described
 
 
 def list_cached(worker: Worker, ctx: CallContext) -> Any:
@@ -363,25 +300,9 @@ def forget(worker: Worker, ctx: CallContext) -> Any:
 # -- execute ----------------------------------------------------------------------------------------
 
 
-def check_inputs(program: Program, inputs: dict[str, Any]) -> None:
-    names = [f.name for f in program.inputs]
-    missing = [n for n in names if n not in inputs]
-    if missing:
-        raise invalid_params(f"execute: missing input field(s) {', '.join(map(repr, missing))}")
-    unknown = sorted(set(inputs) - set(names))
-    if unknown:
-        raise invalid_params(
-            f"execute: unknown input field(s) {', '.join(map(repr, unknown))}; inputs are {', '.join(names)}"
-        )
-    for f in program.inputs:
-        if not f.type.accepts(inputs[f.name]):
-            raise invalid_params(
-                f"execute: input {f.name!r} must be {f.type.render()}, not {type(inputs[f.name]).__name__}"
-            )
-
-
 def plain(value: Any) -> Any:
-    """JSON-shaped data (what the wire carries) from whatever DSPy returned."""
+    """JSON-shaped data (what the wire carries) from whatever DSPy returned (pydantic models as their
+    JSON objects, predictions and examples as theirs)."""
     if value is None or isinstance(value, str | bool | int):
         return value
     if isinstance(value, float):
@@ -390,9 +311,15 @@ def plain(value: Any) -> Any:
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [plain(v) for v in value]
-    dump = getattr(value, "model_dump", None) or getattr(value, "toDict", None)
-    if callable(dump):
-        return plain(dump())
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):
+        try:
+            return plain(model_dump(mode="json"))
+        except Exception:  # a model that cannot be dumped as JSON: its repr, like any other object
+            return str(value)
+    to_dict = getattr(value, "toDict", None)
+    if callable(to_dict):
+        return plain(to_dict())
     return str(value)
 
 
@@ -401,6 +328,63 @@ def _output_value(f: FieldSpec, value: Any) -> Any:
     if f.type.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+_adapters: dict[Any, Any] = {}
+
+
+def _validator(annotation: Any) -> Any:
+    """pydantic's ``TypeAdapter`` for ``annotation`` (built once per type: building one costs ~1 ms)."""
+    adapter = _adapters.get(annotation)
+    if adapter is None:
+        import pydantic
+
+        adapter = _adapters[annotation] = pydantic.TypeAdapter(annotation)
+    return adapter
+
+
+def _arguments(program: Program, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The module's keyword arguments from checked JSON inputs: a ``History`` from its list of turns, a
+    pydantic model (or any other declared Python type) validated from its JSON."""
+    kwargs = dict(inputs)
+    python_types = program.interface.python_types
+    for f in program.inputs:
+        if f.name not in kwargs:
+            continue
+        if f.type.kind == "history":
+            import dspy
+
+            kwargs[f.name] = dspy.History(messages=kwargs[f.name])
+        elif f.name in python_types:
+            try:
+                kwargs[f.name] = _validator(python_types[f.name]).validate_python(kwargs[f.name])
+            except Exception as exc:
+                first = str(exc).splitlines()
+                raise SpecError(
+                    f"execute: input {f.name!r} is not a valid {f.type.render()}: "
+                    f"{' '.join(first[:3])[:MAX_ERROR_MESSAGE_CHARS]}"
+                ) from None
+    return kwargs
+
+
+def _outputs(program: Program, prediction: Any) -> dict[str, Any]:
+    """Every declared output of the prediction, as JSON by its declared type, then the ``include``d
+    entries (a prediction's other fields, or its public attributes) that the program asked for."""
+    get = getattr(prediction, "get", None)
+    if not callable(get):
+        raise MethodError(
+            wire.ErrorCode.PROGRAM_ERROR,
+            f"the program returned a {type(prediction).__name__}, not a dspy.Prediction",
+            type="InvalidPrediction",
+        )
+    outputs = {f.name: _output_value(f, get(f.name)) for f in program.outputs}
+    for name in program.spec.include:
+        value = get(name)
+        if value is None and not name.startswith("_"):
+            attribute = getattr(prediction, name, None)
+            value = None if callable(attribute) else attribute
+        outputs[name] = plain(value)
+    return outputs
 
 
 def _usage(prediction: Any) -> dict[str, Any] | None:
@@ -420,7 +404,8 @@ def _usage(prediction: Any) -> dict[str, Any] | None:
 def execute(worker: Worker, ctx: CallContext) -> Any:
     program = resolve(worker, ctx)
     inputs = ctx.param("inputs", dict)
-    check_inputs(program, inputs)
+    check_inputs(program.inputs, inputs)
+    kwargs = _arguments(program, inputs)
     raw_lm = ctx.param("lm", (dict, str), None)
     lm_config: dict[str, Any] | None
     if raw_lm is not None:
@@ -431,83 +416,59 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
         lm_config = worker.state.get("lm_config")
     lm = lm_for(worker, lm_config)
     dspy = _import_dspy()
-    try:
-        with dspy.context(lm=lm, adapter=dspy.ChatAdapter(), track_usage=True, disable_history=True):
-            prediction = _run_streamed(ctx, program, inputs) if ctx.stream else program.module(**inputs)
-    except MethodError:
-        raise
-    except Exception as exc:
-        message = str(exc) or type(exc).__name__
-        raise MethodError(
-            wire.ErrorCode.PROGRAM_ERROR,
-            _redact(message, lm_config),
-            type=type(exc).__name__,
-        ) from exc
-    if prediction is None:  # cancelled while streaming: the terminal frame was already sent
+    from bridge_child._lmguard import current_call
+
+    settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
+    with current_call(ctx) as call, running(ctx):
+        try:
+            with dspy.context(**settings):
+                prediction = (
+                    run_streamed(ctx, program.module, kwargs, plain)
+                    if ctx.stream
+                    else program.module(**kwargs)
+                )
+        except MethodError:
+            raise
+        except ExecutionStopped as exc:  # a tool outlived the execution's cancel or deadline
+            code = wire.ErrorCode.TIMEOUT if exc.reason == "deadline" else wire.ErrorCode.CANCELLED
+            raise MethodError(code, str(exc), type="ExecutionStopped") from None
+        except Exception as exc:
+            cause = call.refusal or exc  # a guard's refusal is named as itself, not LMUnexpectedError
+            message = str(cause) or type(cause).__name__
+            if (
+                type(cause).__name__ == NO_KEY_ERROR
+            ):  # DSPy's text speaks of dspy.LM(...): say where a key goes
+                message = no_key_message((lm_config or {}).get("model", ""))
+            raise MethodError(
+                wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
+            ) from exc
+    if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
-    outputs = {f.name: _output_value(f, prediction.get(f.name)) for f in program.outputs}
-    return {"outputs": outputs, "usage": _usage(prediction)}
+    return {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
 
 
 def on_cpu_lane(worker: Worker, ctx: CallContext) -> bool:
     """An execution is CPU-bound when its LM is the in-process offline LM (no I/O to wait on): it runs
-    on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool.
+    on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool, and so
+    do those of ``react`` programs, whose tools may wait on anything.
     Called when the call is read: the worker's LM configuration then is the one the call runs with."""
     params = ctx.params if isinstance(ctx.params, dict) else {}
     ctx.captured = {"worker_lm": worker.state.get("lm_config")}
     config = params.get("lm") or ctx.captured["worker_lm"] or OFFLINE
-    return (config if isinstance(config, str) else config.get("model")) == OFFLINE
+    if (config if isinstance(config, str) else config.get("model")) != OFFLINE:
+        return False
+    return not program_cache(worker).uses_tools(params.get("program"))
 
 
-def _run_streamed(ctx: CallContext, program: Program, inputs: dict[str, Any]) -> Any:
-    """Run under ``dspy.streamify`` in this thread's own asyncio loop, emitting chunks as they come."""
-    import asyncio
-
-    dspy = _import_dspy()
-    from dspy.streaming import StreamListener, StreamResponse
-
-    listeners = [StreamListener(signature_field_name=f.name) for f in program.outputs if f.type.kind == "str"]
-    streamed = dspy.streamify(program.module, stream_listeners=listeners, is_async_program=True)
-
-    async def consume() -> Any:
-        final = None
-        stream = streamed(**inputs)
-        try:
-            async for item in stream:
-                if ctx.cancelled.is_set():
-                    return None
-                if isinstance(item, StreamResponse):
-                    if item.chunk:
-                        ctx.emit({"field": item.signature_field_name, "chunk": item.chunk})
-                elif isinstance(item, dspy.Prediction):
-                    final = item
-        finally:
-            await stream.aclose()
-        return final
-
-    return asyncio.run(consume())
-
-
-def methods() -> dict[str, Method]:
-    """The DSPy methods (programs, LMs), for the worker's registry."""
-    from bridge_child._methods import Method
-
-    return {
-        "configure_lm": Method(configure_lm, inline=True),
-        "worker_lm": Method(worker_lm, inline=True),
-        "validate_lm": Method(validate_lm, inline=True),
-        "validate_program": Method(validate_program),
-        "execute": Method(execute, lane=on_cpu_lane),
-        "get_state": Method(get_state),
-        "list_cached": Method(list_cached, inline=True),
-        "forget": Method(forget, inline=True),
-    }
-
-
-def __getattr__(name: str) -> Any:
-    """``METHODS`` is built on first access: ``_methods`` (which defines ``Method``) imports this module
-    before it defines ``Method``, so the table cannot be built at import time (PEP 562)."""
-    if name == "METHODS":
-        table = globals()["METHODS"] = methods()
-        return table
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+METHODS: Final = {
+    "configure_lm": Method(configure_lm, inline=True),
+    "worker_lm": Method(worker_lm, inline=True),
+    "validate_lm": Method(validate_lm, inline=True),
+    "validate_program": Method(validate_program),
+    "execute": Method(execute, lane=on_cpu_lane),
+    "get_state": Method(get_state),
+    "available": Method(available),
+    "list_cached": Method(list_cached, inline=True),
+    "forget": Method(forget, inline=True),
+}
+"""The DSPy methods (programs, LMs), for the worker's registry (``_methods.build_registry``)."""

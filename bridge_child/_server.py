@@ -1,5 +1,5 @@
-"""The worker loop: a blocking reader thread that acks every call and runs the CPU-bound ones itself,
-and a thread pool that runs the rest.
+"""The worker: a blocking reader thread that acks every call and runs the CPU-bound ones itself (the CPU
+lane, ``_lane``), and a thread pool that runs the rest.
 
 Why not a Trio event loop in the child: see docs/worker.md. In short, a blocking reader answers a no-op
 call in one ``os.read`` + one ``os.write`` with no event-loop hop, ~50 µs faster per round trip here,
@@ -9,31 +9,19 @@ Threads:
 - the *reader* reads frames from stdin, acks each call before any work on it, answers pings and
   cancels (at once when idle; while it runs lane calls, within ~3 ms plus the lane call running),
   runs the few *inline* methods (cheap, non-blocking) itself, runs the calls of the *CPU lane*
-  itself (one at a time, see below), and hands the rest to
+  itself (one at a time, see ``_lane``), and hands the rest to
 - a ``ThreadPoolExecutor`` of ``capacity`` threads (calls beyond it are acked and wait their turn);
 - a *relief* thread, on standby: when a lane call has kept the reader busy for ``RELIEF_AFTER_S`` it
-  becomes the reader, so pings, cancels and acks keep flowing during a long CPU-bound call; the relieved
-  thread finishes the lane's queue and goes on standby in turn (the two threads swap roles);
+  becomes the reader (``_lane``);
 - a watchdog thread blocked in ``poll()`` for a hang-up on stdin: when the parent is gone the worker
   exits, even if the reader is stuck (the ``hang`` diagnostic) or every thread is busy.
 All frame writes go through one lock, which also guards the connection's state and each call's
 "finished" flag, so every call gets exactly one terminal frame.
-
-The CPU lane. CPU-bound calls (a method's ``lane`` predicate says which: DSPy executions with the
-in-process offline LM) gain nothing from threads, since they hold the GIL, and lose a lot to them: on
-the 2-core VM this was measured on, handing a ~450 µs execution to a pool thread made it cost ~700 µs of
-CPU (thread wake-ups, GIL hand-offs and cold caches), while the reader running it right after reading
-it, with no hand-off at all, keeps it near the in-process cost. So lane calls are queued in arrival
-order (once their acks are written) and run by the reader between reads; while the lane has work the
-reader reads (without blocking) only when its held results are due (``MAX_RESULT_HOLD_S``), and writes
-them with the acks of what it read. A lane call that was cancelled but goes on does not hold up the
-calls behind it: they move to the thread pool. Figures in docs/worker.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import select
 import signal
@@ -45,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
 
 from bridge_child import __version__, wire
-from bridge_child._context import CallContext, MethodError
-from bridge_child._methods import Method, build_registry
+from bridge_child._context import CallContext, Method, MethodError
+from bridge_child._lane import MAX_RESULT_HOLD_S, CpuLane, Job
+from bridge_child._methods import build_registry
 
 READ_CHUNK_BYTES: Final = 256 * 1024
 """Most bytes taken from stdin per read."""
@@ -56,15 +45,6 @@ EXIT_PROTOCOL_ERROR: Final = 3
 """Exit code when the parent sent something the protocol does not allow."""
 EXIT_STARTUP_FAILURE: Final = 4
 """Exit code for a worker told to fail at start (diagnostics) or unable to start."""
-MAX_RESULT_HOLD_S: Final = 0.003
-"""Seconds the reader may hold finished lane results to write them with later ones: while the lane has
-calls queued, its results go out together (one write, one wake-up of the parent) unless the oldest has
-waited this long; they also go out with any ack or pong, and whenever the reader is about to block."""
-RELIEF_AFTER_S: Final = 0.025
-"""Seconds a CPU-lane call may keep the reader before the standby thread takes over reading (pings,
-cancels and acks are answered within about twice this while a long CPU-bound call runs)."""
-STANDBY_PARK_AFTER_S: Final = 1.0
-"""Seconds without lane work after which the standby thread stops checking and sleeps until woken."""
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -148,6 +128,7 @@ class Worker:
             "completed": 0,
             "failed": 0,
             "cancelled": 0,
+            "timed_out": 0,
             "discarded": 0,
             "lane_calls": 0,
             "lane_spilled": 0,
@@ -158,28 +139,14 @@ class Worker:
         self._held: list[bytes] = []
         """Lane results held by the reader (see ``MAX_RESULT_HOLD_S``); guarded by ``lock``."""
         self._held_since = 0.0
-        self._jobs: list[tuple[CallContext, Method]] = []
+        self._jobs: list[Job] = []
         """Calls for the thread pool, read and acked by the reader and submitted after its flush."""
-        self._lane_new: list[tuple[CallContext, Method]] = []
+        self._lane_new: list[Job] = []
         """Lane calls read and acked by the reader, moved onto the lane after its flush (so no thread
         can run one, and write its result, before its ack is written)."""
         self._poller = select.poll()
         self._poller.register(read_fd, select.POLLIN)
-        # The CPU lane and the two threads' roles, all guarded by ``_roles``:
-        self._roles = threading.Condition(threading.Lock())
-        self._lane: collections.deque[tuple[CallContext, Method]] = collections.deque()
-        """Lane calls waiting, in arrival order (bounded by the calls the parent may have in flight)."""
-        self._reader: int | None = None
-        """``threading.get_ident()`` of the thread that reads stdin (exactly one does)."""
-        self._runner: int | None = None
-        """The thread running lane calls, if any (at most one: the lane is serial)."""
-        self._lane_busy = False
-        """True while the runner is inside a lane call."""
-        self._lane_ctx: CallContext | None = None
-        """The lane call running now, if any."""
-        self._lane_seq = 0
-        """Lane calls started: the standby sees whether the runner made progress."""
-        self._standby_parked = False
+        self.lane = CpuLane(self)
         self.state: dict[str, Any] = {}
         """Per-worker state owned by method modules (program cache, LM configuration)."""
 
@@ -220,7 +187,7 @@ class Worker:
             ctx.seq += 1
             self._write(frame)
 
-    def _terminal(
+    def terminal(
         self, ctx: CallContext, message: wire.Result | wire.Error, *, batch: bool, hold: bool = False
     ) -> bool:
         """Send the one terminal frame of ``ctx`` (now, with the reader's batch, or ``hold``: with the
@@ -240,6 +207,8 @@ class Worker:
                 self.counters["completed"] += 1
             elif message.code == wire.ErrorCode.CANCELLED:
                 self.counters["cancelled"] += 1
+            elif message.code == wire.ErrorCode.TIMEOUT:  # stopped at the deadline the call carried
+                self.counters["timed_out"] += 1
             else:
                 self.counters["failed"] += 1
             if hold:
@@ -253,7 +222,7 @@ class Worker:
             return True
 
     # -- running calls --------------------------------------------------------------------------------
-    def _outcome(self, ctx: CallContext, method: Method) -> wire.Result | wire.Error | None:
+    def outcome(self, ctx: CallContext, method: Method) -> wire.Result | wire.Error | None:
         """Run the method; its terminal message, or None when the call was cancelled before it started.
 
         Every exception becomes an error, ``BaseException`` included: a ``SystemExit`` raised by a
@@ -274,10 +243,10 @@ class Worker:
                 self.executing.discard(ctx.id)
         return wire.Result(ctx.id, value)
 
-    def _run(self, ctx: CallContext, method: Method, *, batch: bool) -> None:
-        outcome = self._outcome(ctx, method)
+    def run(self, ctx: CallContext, method: Method, *, batch: bool) -> None:
+        outcome = self.outcome(ctx, method)
         if outcome is not None:
-            self._terminal(ctx, outcome, batch=batch)
+            self.terminal(ctx, outcome, batch=batch)
 
     def _on_lane(self, ctx: CallContext, method: Method) -> bool:
         if method.lane is None:
@@ -309,7 +278,7 @@ class Worker:
         if method.inline:
             if method.flush_first:
                 self.flush()
-            self._run(ctx, method, batch=True)
+            self.run(ctx, method, batch=True)
         elif self._on_lane(ctx, method):
             self.counters["lane_calls"] += 1
             self._lane_new.append((ctx, method))  # queued on the lane once its ack is written
@@ -321,9 +290,7 @@ class Worker:
         if ctx is None:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
-        self._terminal(
-            ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True
-        )
+        self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
 
     def _on_shutdown(self, grace: float) -> None:
         if self.draining:
@@ -374,22 +341,11 @@ class Worker:
         start_watchdog(self.read_fd)
         self._queue(self.hello())
         self.flush()
-        self._reader = threading.get_ident()
-        threading.Thread(target=self._take_turns, name="bridge-relief", daemon=True).start()
-        self._take_turns()
-        raise AssertionError("unreachable")  # pragma: no cover
+        self.lane.reader = threading.get_ident()
+        threading.Thread(target=self.lane.take_turns, name="bridge-relief", daemon=True).start()
+        self.lane.take_turns()
 
-    def _take_turns(self) -> None:
-        """The loop of both the main and the relief thread: read (and run lane calls) while this
-        thread is the reader; once relieved, finish the lane's queue; then stand by."""
-        me = threading.get_ident()
-        while True:
-            if self._reader == me:
-                self._read_and_run(me)
-            self._drain_lane(me)
-            self._stand_by(me)
-
-    def _read_once(self, *, block: bool) -> None:
+    def read_once(self, *, block: bool) -> None:
         """Read what stdin has (waiting for it only if ``block``), dispatch it, write the replies (with
         any held lane results) and submit the pool's calls."""
         if block:
@@ -411,88 +367,20 @@ class Worker:
                     _exit_now(EXIT_PROTOCOL_ERROR)
         self.flush()
         jobs, self._jobs = self._jobs, []
-        if self._lane_new or self._lane_ctx is not None:
-            with self._roles:
-                self._lane.extend(self._lane_new)
-                self._lane_new.clear()
-                jobs.extend(self._spill_lane())
+        if self._lane_new or self.lane.current is not None:
+            jobs.extend(self.lane.admit(self._lane_new))
         for ctx, method in jobs:
-            self.executor.submit(self._run, ctx, method, batch=False)
+            self.executor.submit(self.run, ctx, method, batch=False)
 
-    def _spill_lane(self) -> list[tuple[CallContext, Method]]:
-        """(``_roles`` held) The lane's queue, taken off the lane when its runner is stuck in a call
-        that was cancelled (it ran past the relief, so another thread reads): a call that ignores its
-        cancellation must not hold up the calls behind it. They run in the thread pool instead."""
-        running = self._lane_ctx
-        if running is None or not running.cancelled.is_set() or self._runner == self._reader:
-            return []
-        spilled = list(self._lane)
-        self._lane.clear()
-        with self.lock:
-            self.counters["lane_spilled"] += len(spilled)
-        return spilled
+    def held_due(self) -> bool:
+        """Lane results are held, and the oldest has waited ``MAX_RESULT_HOLD_S``."""
+        return bool(self._held) and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S
 
-    def _read_and_run(self, me: int) -> None:
-        """The reader's loop; returns when this thread was relieved (its lane call done).
-
-        While the lane has calls the reader reads stdin only once its held results are due (see
-        ``MAX_RESULT_HOLD_S``): the acks of the calls read then go out in the same write as those
-        results, one wake-up of the parent for both."""
-        while True:
-            with self._roles:
-                can_run = self._runner is None and bool(self._lane)
-            if not can_run:
-                self._read_once(block=True)
-            elif self._held and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S:
-                self._read_once(block=False)
-            with self._roles:
-                if self._runner is not None or not self._lane:
-                    continue
-                ctx, method = self._lane.popleft()
-                self._start_lane_call(me, ctx)
-            outcome = self._outcome(ctx, method)
-            with self._roles:
-                self._lane_busy = False
-                self._lane_ctx = None
-                relieved = self._reader != me
-                if not relieved:
-                    self._runner = None
-            if outcome is not None:  # held by the reader; written now if another thread reads
-                self._terminal(ctx, outcome, batch=False, hold=not relieved)
-            if relieved:
-                return
-
-    def _start_lane_call(self, me: int, ctx: CallContext) -> None:
-        """(``_roles`` held) This thread runs the lane call ``ctx``."""
-        self._runner = me
-        self._lane_busy = True
-        self._lane_ctx = ctx
-        self._lane_seq += 1
-        if self._standby_parked:
-            self._standby_parked = False
-            self._roles.notify()
-
-    def _drain_lane(self, me: int) -> None:
-        """A relieved runner runs the lane's queue to the end, then lets the reader run it again."""
-        while True:
-            with self._roles:
-                if self._runner != me:
-                    return
-                if not self._lane:
-                    self._runner = None
-                    return
-                ctx, method = self._lane.popleft()
-                self._start_lane_call(me, ctx)
-            self._run(ctx, method, batch=False)
-            with self._roles:
-                self._lane_busy = False
-                self._lane_ctx = None
-
-    def _write_held_if_due(self) -> None:
+    def write_held_if_due(self) -> None:
         """Standby, while the reader runs a lane call: write the results it holds if they are due, so a
         long lane call does not hold back the results of the short ones before it for long."""
         with self.lock:
-            if self._held and time.monotonic() - self._held_since >= MAX_RESULT_HOLD_S:
+            if self.held_due():
                 self._write_held()
 
     def _write_held(self) -> None:
@@ -502,38 +390,9 @@ class Worker:
             self._held.clear()
             self._write(data)
 
-    def _reader_in_lane_call(self) -> bool:
-        """(``_roles`` held) The reader is inside a lane call, so nobody reads stdin."""
-        return self._lane_busy and self._runner == self._reader
-
-    def _stand_by(self, me: int) -> None:
-        """Wait until the reader has been inside one lane call for ``RELIEF_AFTER_S``, then take over
-        reading. Sleeps without waking once the lane has been idle for ``STANDBY_PARK_AFTER_S``."""
-        idle_since: float | None = None
-        with self._roles:
-            while True:
-                if self._reader_in_lane_call():
-                    idle_since = None
-                    seq = self._lane_seq
-                    self._roles.wait(RELIEF_AFTER_S)
-                    if self._reader_in_lane_call() and self._lane_seq == seq:
-                        self._reader = me
-                        with self.lock:
-                            self.counters["reliefs"] += 1
-                        return  # the new reader writes what is held before it blocks
-                    if self._reader_in_lane_call():
-                        self._write_held_if_due()
-                    continue
-                now = time.monotonic()
-                if idle_since is None:
-                    idle_since = now
-                if now - idle_since < STANDBY_PARK_AFTER_S:
-                    self._roles.wait(RELIEF_AFTER_S)
-                    continue
-                self._standby_parked = True
-                while self._standby_parked:
-                    self._roles.wait()
-                idle_since = None
+    def count(self, counter: str, n: int) -> None:
+        with self.lock:
+            self.counters[counter] += n
 
 
 def start_watchdog(read_fd: int) -> None:
@@ -574,6 +433,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES)
     parser.add_argument("--preload", action="store_true", help="import dspy before the hello")
     parser.add_argument(
+        "--programs", default="", help="program modules to import before the hello, comma-separated"
+    )
+    parser.add_argument(
         "--fail-at-start",
         type=int,
         default=None,
@@ -606,6 +468,15 @@ def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
         from bridge_child import _programs
 
         _programs.preload()
+    if args.programs:  # forked by the zygote: already imported there, this only makes them current
+        from bridge_child import _programs, registry
+
+        _programs._import_dspy()  # as the zygote's preload does (nothing to do in a forked worker)
+        try:
+            registry.activate([name for name in args.programs.split(",") if name])
+        except (registry.RegistryError, ValueError) as exc:
+            print(f"{registry.FAILED_PREFIX}{exc}", file=sys.stderr)
+            _exit_now(registry.EXIT_PROGRAMS)
     worker = Worker(
         read_fd,
         write_fd,

@@ -5,20 +5,23 @@ parsed by a tiny tokenizer and recursive-descent parser that knows only an allow
 
 - ``str``, ``int``, ``float``, ``bool``, ``dict``, ``dict[str, T]`` (``T`` a scalar);
 - ``list[T]`` where ``T`` is a scalar or a ``Literal``;
-- ``Literal[...]`` of string, integer and boolean literals.
+- ``Literal[...]`` of string, integer and boolean literals;
+- ``History`` (or ``dspy.History``), for an input: a chat's earlier turns, sent as a JSON list of objects.
 
 Everything else (names such as ``MyClass``, calls such as ``__import__('os')``, attributes, nesting
-such as ``list[list[str]]``) is refused with :class:`InvalidSignature`. The dspy ``Signature`` class
-is then built with :func:`dspy.make_signature` from real Python types.
+such as ``list[list[str]]``) is refused with :class:`InvalidSignature`. The worker then builds the dspy
+``Signature`` class with :func:`dspy.make_signature` from real Python types (``bridge_child._programs``).
 
 Two forms are accepted: a string ``"question, context: list[str] -> answer, confidence: float"``, and a
 structured object ``{"inputs": [{"name", "type", "desc"}], "outputs": [...], "instructions": "..."}``.
 
-Importing this module does not import dspy.
+This module is the signature part of the program-spec layer: import its names from
+:mod:`bridge_child.spec`. It imports neither dspy nor trio.
 """
 
 from __future__ import annotations
 
+import json
 import keyword
 import re
 from dataclasses import dataclass
@@ -37,10 +40,12 @@ MAX_DESC_CHARS: Final = 4096
 MAX_INSTRUCTIONS_CHARS: Final = 64 * 1024
 
 SCALARS: Final = ("str", "int", "float", "bool")
+HISTORY_NAMES: Final = ("History", "dspy.History")
+"""How a signature names ``dspy.History`` (an input only)."""
 _NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _TOKEN_RE: Final = re.compile(
     r"""\s*(?:
-        (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+        (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)
       | (?P<string>'[^'\\\n]*'|"[^"\\\n]*")
       | (?P<int>-?[0-9]{1,18})
       | (?P<punct>[\[\],])
@@ -49,11 +54,19 @@ _TOKEN_RE: Final = re.compile(
 )
 
 
-class InvalidSignature(MethodError):
+class SpecError(MethodError):
+    """Something the program-spec layer refuses (a spec, a signature, inputs, an LM configuration). A
+    worker method that raises it fails its call with ``invalid_params``; ``type`` names the kind."""
+
+    def __init__(self, message: str, *, type: str = "InvalidParams") -> None:
+        super().__init__(wire.ErrorCode.INVALID_PARAMS, message, type=type)
+
+
+class InvalidSignature(SpecError):
     """The signature (or program spec) is refused; fails the call with ``invalid_params``."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(wire.ErrorCode.INVALID_PARAMS, message, type="InvalidSignature")
+        super().__init__(message, type="InvalidSignature")
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -63,15 +76,25 @@ LiteralValue = str | int | bool
 
 @dataclass(frozen=True)
 class TypeSpec:
-    """One allowed type: a scalar, ``dict``, ``list[item]`` or ``Literal[values]``."""
+    """One allowed type: a scalar, ``dict``, ``list[item]``, ``Literal[values]``, ``History`` (a chat's
+    earlier turns), or ``json``: any JSON value, described by a JSON schema (a type a registered
+    program declares in Python, e.g. a pydantic model, that the safe parser does not model)."""
 
-    kind: Literal["str", "int", "float", "bool", "dict", "list", "literal"]
+    kind: Literal["str", "int", "float", "bool", "dict", "list", "literal", "history", "json"]
     item: TypeSpec | None = None
     """The item type of a list, or the value type of a ``dict[str, T]``."""
     values: tuple[LiteralValue, ...] = ()
+    label: str | None = None
+    """``json`` only: how the type is shown (the Python type's name, e.g. ``Answer``)."""
+    schema: str | None = None
+    """``json`` only: the JSON schema of the values, as JSON text (None: any JSON value)."""
 
     def render(self) -> str:
-        """The annotation as text (what :func:`parse_type` reads back)."""
+        """The annotation as text (what :func:`parse_type` reads back, ``json`` types excepted)."""
+        if self.kind == "history":
+            return "History"
+        if self.kind == "json":
+            return self.label or "json"
         if self.kind == "list":
             assert self.item is not None
             return f"list[{self.item.render()}]"
@@ -82,7 +105,14 @@ class TypeSpec:
         return self.kind
 
     def to_python(self) -> Any:
-        """The real Python type for dspy (``typing.Literal`` built from the parsed values)."""
+        """The real Python type for dspy (``typing.Literal`` built from the parsed values; ``History``
+        imports dspy)."""
+        if self.kind == "history":
+            import dspy
+
+            return dspy.History
+        if self.kind == "json":
+            return Any
         if self.kind == "list":
             assert self.item is not None
             return list[self.item.to_python()]  # type: ignore[misc]
@@ -112,7 +142,11 @@ class TypeSpec:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 return False
             return self.item is None or all(self.item.accepts(v) for v in value.values())
-        return False  # pragma: no cover
+        if kind == "history":  # the turns: one object (field name -> value) each
+            return isinstance(value, list) and all(
+                isinstance(turn, dict) and all(isinstance(k, str) for k in turn) for turn in value
+            )
+        return kind == "json"  # any JSON: checked by the program's own types (pydantic) where it runs
 
 
 STR: Final = TypeSpec("str")
@@ -123,9 +157,16 @@ class FieldSpec:
     name: str
     type: TypeSpec = STR
     desc: str | None = None
+    optional: bool = False
+    """An input that may be left out (a registered program's parameter with a default)."""
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type.render(), "desc": self.desc}
+        out: dict[str, Any] = {"name": self.name, "type": self.type.render(), "desc": self.desc}
+        if self.type.schema is not None:
+            out["schema"] = json.loads(self.type.schema)
+        if self.optional:
+            out["optional"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -179,8 +220,8 @@ class _TypeParser:
     def fail(self, why: str) -> InvalidSignature:
         return InvalidSignature(
             f"unsupported type annotation {self.text!r}: {why}. Allowed: str, int, float, bool, dict, "
-            "dict[str, T], list[T] (T one of str, int, float, bool, Literal[...]), and Literal[...] of "
-            "string, integer or boolean values"
+            "dict[str, T], list[T] (T one of str, int, float, bool, Literal[...]), Literal[...] of "
+            "string, integer or boolean values, and History (inputs only)"
         )
 
     def peek(self) -> tuple[str, str] | None:
@@ -211,6 +252,10 @@ class _TypeParser:
         if kind != "name":
             raise self.fail(f"expected a type name, found {name!r}")
         subscripted = self.peek() == ("punct", "[")
+        if name in HISTORY_NAMES and top:
+            if subscripted:
+                raise self.fail("History takes no parameters")
+            return TypeSpec("history")
         if name in SCALARS:
             if subscripted:
                 raise self.fail(f"{name} takes no parameters")
@@ -355,6 +400,9 @@ def _parse_field_list(text: str) -> list[FieldSpec]:
 def _check_fields(inputs: list[FieldSpec], outputs: list[FieldSpec]) -> None:
     if not outputs:
         raise InvalidSignature("a signature needs at least one output field")
+    history = [f.name for f in outputs if f.type.kind == "history"]
+    if history:
+        raise InvalidSignature(f"output field {history[0]!r}: History is a type for inputs only")
     if len(inputs) + len(outputs) > MAX_FIELDS:
         raise InvalidSignature(f"more than {MAX_FIELDS} fields")
     seen: set[str] = set()
@@ -437,23 +485,3 @@ def parse_signature(signature: Any, instructions: str | None = None) -> Signatur
     if isinstance(signature, dict):
         return parse_signature_object(signature, instructions)
     raise InvalidSignature(f"a signature must be a string or an object, not {type(signature).__name__}")
-
-
-def build_signature(spec: SignatureSpec) -> Any:
-    """The dspy ``Signature`` class for ``spec`` (imports dspy)."""
-    import dspy
-
-    reserved = [f.name for f in (*spec.inputs, *spec.outputs) if hasattr(dspy.Signature, f.name)]
-    if reserved:
-        raise InvalidSignature(f"field name {reserved[0]!r} is reserved by dspy.Signature; rename it")
-    fields: dict[str, Any] = {}
-    for f in spec.inputs:
-        field = dspy.InputField(desc=f.desc) if f.desc else dspy.InputField()
-        fields[f.name] = (f.type.to_python(), field)
-    for f in spec.outputs:
-        field = dspy.OutputField(desc=f.desc) if f.desc else dspy.OutputField()
-        fields[f.name] = (f.type.to_python(), field)
-    try:
-        return dspy.make_signature(fields, spec.instructions)
-    except Exception as exc:  # pydantic may still refuse a name
-        raise InvalidSignature(f"dspy refused the signature: {exc}") from exc

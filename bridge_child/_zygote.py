@@ -2,7 +2,7 @@
 
 Run by the runtime (``dspex_trio._zygote.open_zygote``), never by hand::
 
-    python -m bridge_child._zygote --control-fd N
+    python -m bridge_child._zygote --control-fd N [--programs myapp.programs,other.module]
 
 ``N`` is the template's end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair (one datagram per message,
 so no framing; file descriptors ride along as ``SCM_RIGHTS``). Messages are JSON objects:
@@ -11,7 +11,11 @@ parent -> template
     ``{"op": "spawn", "id": I, "argv": [...]}`` with exactly three fds: the worker's stdin (read end), its
     frame stream (write end) and its stderr (write end). ``argv`` is ``WorkerSpec.argv()``.
 template -> parent
-    ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S}`` once, when it can fork;
+    ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S, "programs": [...]}`` once, when it can
+    fork (it imported dspy and the operator's program modules);
+    ``{"op": "failed", "module": M, "message": E}`` instead, when a program module cannot be used (it
+    does not import, or registers something invalid, or starts a thread: see
+    ``bridge_child.registry``), then it exits with ``registry.EXIT_PROGRAMS``;
     ``{"op": "spawned", "id": I, "pid": P}`` or ``{"op": "error", "id": I, "message": M}``, one per spawn;
     ``{"op": "exit", "pid": P, "code": C, "signal": S}`` when a forked worker has exited and been reaped
     (the workers are the template's children, not the runtime's: this is how it learns exit statuses).
@@ -270,8 +274,10 @@ def _reseed() -> None:
         numpy_random.seed()
 
 
-def _preload() -> dict[str, Any]:
-    from bridge_child import _programs
+def _preload(programs: list[str]) -> dict[str, Any]:
+    """Import dspy, trio, the worker and the operator's program modules (``RegistryError`` if one cannot
+    be used: a thread it starts is refused here, since the template forks)."""
+    from bridge_child import _programs, registry
     from bridge_child._server import library_versions
 
     started = time.perf_counter()
@@ -280,11 +286,12 @@ def _preload() -> dict[str, Any]:
 
     import bridge_child._server  # noqa: F401
 
+    registry.activate(programs, single_threaded=True)
     preload_s = time.perf_counter() - started
     # Move everything imported so far out of the collector's reach: a child's collections then never
     # write to these objects' GC headers, so their pages stay shared with the template (copy-on-write).
     gc.freeze()
-    return {"versions": library_versions(), "preload_s": round(preload_s, 4)}
+    return {"versions": library_versions(), "preload_s": round(preload_s, 4), "programs": programs}
 
 
 @contextlib.contextmanager
@@ -327,12 +334,27 @@ def main(argv: list[str]) -> NoReturn:
     os.dup2(2, 1)
     parser = argparse.ArgumentParser(prog="python -m bridge_child._zygote", description=__doc__)
     parser.add_argument("--control-fd", type=int, required=True, help="the template's end of the socket")
+    parser.add_argument("--programs", default="", help="program modules to import, comma-separated")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=args.control_fd)
     control.set_inheritable(False)
+    programs = [name for name in args.programs.split(",") if name]
     with _exit_on_eof(control):  # the preload takes ~1 s: a parent dying meanwhile must not wait for it
-        info = _preload()
+        try:
+            info = _preload(programs)
+        except Exception as exc:
+            from bridge_child.registry import EXIT_PROGRAMS, RegistryError
+
+            if not isinstance(exc, RegistryError | ValueError):
+                raise
+            _log(str(exc))
+            report = {"op": "failed", "module": getattr(exc, "module", None), "message": str(exc)}
+            try:
+                control.send(json.dumps(report)[:MAX_MESSAGE_BYTES].encode())
+            except OSError:
+                pass
+            os._exit(EXIT_PROGRAMS)
     threads = threading.active_count()
     if threads != 1:
         _log(f"preloading started {threads - 1} thread(s): cannot fork safely")

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, get_args
 
 import msgspec
 
 __all__ = [
+    "CALL_KINDS",
     "CALL_TRANSITIONS",
+    "CHILD_KINDS",
+    "CONNECTION_TRANSITIONS",
     "DEFAULT_MAX_FRAME_BYTES",
     "FLAG_IDEMPOTENT",
     "FLAG_STREAM",
@@ -34,6 +37,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "NEED_DATA",
+    "PARENT_KINDS",
     "PROTOCOL_VERSION",
     "Ack",
     "Call",
@@ -41,6 +45,7 @@ __all__ = [
     "Cancel",
     "ChildMessage",
     "Connection",
+    "ConnectionState",
     "Error",
     "ErrorCode",
     "Event",
@@ -225,23 +230,68 @@ NEED_DATA: Final = _NeedData()
 """``next_event()`` returns this when the buffer holds no complete frame."""
 
 
-# -- the per-call state table (the only place call states change) -----------------------------------
+# -- the conversation's rules: two tables, role-neutral --------------------------------------------
+# Both ends apply the same rules to every frame, to what they send and to what they receive alike
+# (``Connection._apply``); only the error differs: ``LocalProtocolError`` for a frame we send,
+# ``RemoteProtocolError`` for one we received. Who sends which kind is ``ParentMessage`` /
+# ``ChildMessage``: each side decodes only the other's kinds and sends only its own.
+
+PARENT_KINDS: Final[tuple[type, ...]] = get_args(ParentMessage)
+"""The kinds the parent sends (and the child receives)."""
+CHILD_KINDS: Final[tuple[type, ...]] = get_args(ChildMessage)
+"""The kinds the child sends (and the parent receives)."""
+CALL_KINDS: Final = frozenset({Call, Ack, Event, Result, Error})
+"""The kinds that belong to one call (by ``id``) and move it through ``CALL_TRANSITIONS``."""
 
 
-class CallState(enum.Enum):
+class ConnectionState(enum.StrEnum):
+    AWAITING_HELLO = "awaiting hello"
+    """The child has not sent its hello yet: only the parent's frames may flow."""
+    OPEN = "open"
+    """The hello was sent: every kind may flow, but no second hello."""
+
+
+CONNECTION_TRANSITIONS: Final[dict[tuple[ConnectionState, type], ConnectionState]] = {
+    (ConnectionState.AWAITING_HELLO, Hello): ConnectionState.OPEN,
+    # The parent need not wait for the hello: it may send calls (and pings, ...) at once.
+    (ConnectionState.AWAITING_HELLO, Call): ConnectionState.AWAITING_HELLO,
+    (ConnectionState.AWAITING_HELLO, Cancel): ConnectionState.AWAITING_HELLO,
+    (ConnectionState.AWAITING_HELLO, Ping): ConnectionState.AWAITING_HELLO,
+    (ConnectionState.AWAITING_HELLO, Shutdown): ConnectionState.AWAITING_HELLO,
+    (ConnectionState.OPEN, Call): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Cancel): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Ping): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Shutdown): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Ack): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Event): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Result): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Error): ConnectionState.OPEN,
+    (ConnectionState.OPEN, Pong): ConnectionState.OPEN,
+}
+"""(connection state, frame kind) -> next state: the hello comes first, and once. Anything else is a
+protocol violation."""
+
+
+class CallState(enum.StrEnum):
     AWAITING_ACK = "awaiting ack"
+    """Sent; neither acked nor rejected yet."""
     RUNNING = "running"
+    """Acked: events may come, then exactly one terminal frame."""
     DONE = "done"
+    """Finished (or never sent): the id is free for a new call."""
 
 
 CALL_TRANSITIONS: Final[dict[tuple[CallState, type], CallState]] = {
+    (CallState.DONE, Call): CallState.AWAITING_ACK,
     (CallState.AWAITING_ACK, Ack): CallState.RUNNING,
     (CallState.AWAITING_ACK, Error): CallState.DONE,  # rejected before any work
-    (CallState.RUNNING, Event): CallState.RUNNING,
+    (CallState.RUNNING, Event): CallState.RUNNING,  # with the next seq: 0, 1, 2, ...
     (CallState.RUNNING, Result): CallState.DONE,
     (CallState.RUNNING, Error): CallState.DONE,
 }
-"""(state, child frame kind) -> next state. Anything else is a protocol violation."""
+"""(call state, frame kind) -> next state, for the frames in ``CALL_KINDS``. Anything else is a protocol
+violation. ``cancel``, ``ping``, ``pong`` and ``shutdown`` are outside any call: a ``cancel`` may name an
+id that already finished (it crossed the reply)."""
 
 
 class Role(enum.Enum):
@@ -255,6 +305,10 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODERS: Final[dict[Role, msgspec.msgpack.Decoder[Any]]] = {
     Role.PARENT: msgspec.msgpack.Decoder(ChildMessage),
     Role.CHILD: msgspec.msgpack.Decoder(ParentMessage),
+}
+_SENDS: Final[dict[Role, frozenset[type]]] = {
+    Role.PARENT: frozenset(PARENT_KINDS),
+    Role.CHILD: frozenset(CHILD_KINDS),
 }
 
 
@@ -309,11 +363,12 @@ class Connection:
     ``RemoteProtocolError`` for anything malformed, after which the connection is unusable.
     ``send(message)`` validates the message against our own state and returns the bytes to write.
 
-    The parent's side tracks every call through ``CALL_TRANSITIONS``. A call the parent *abandoned*
-    (``abandon(id)``: timeout or cancellation) stays tracked until its terminal frame; frames for it are
-    checked like any other, then dropped and counted in ``late_frames``: ``next_event()`` never returns
-    them, so a late reply cannot reach a caller. A frame for an id the parent never sent is a protocol
-    error.
+    Both ends track the conversation through the same two tables, ``CONNECTION_TRANSITIONS`` (the hello
+    first, once) and ``CALL_TRANSITIONS`` (every call by id), applied alike to what they send and what
+    they receive. A call the parent *abandoned* (``abandon(id)``: timeout or cancellation) stays tracked
+    until its terminal frame: frames for it are checked like any other, then dropped and counted in
+    ``late_frames``: ``next_event()`` never returns them, so a late reply cannot reach a caller. A frame
+    for an id that is not pending (never sent, or finished) is a protocol error.
     """
 
     def __init__(
@@ -323,20 +378,27 @@ class Connection:
         self.max_frame_bytes = max_frame_bytes
         self._check_states = check_states
         self._decoder = _DECODERS[role]
+        self._sends = _SENDS[role]
         self._buffer = bytearray()
         self._offset = 0
         self._eof = False
         self._broken: ProtocolError | None = None
-        self._hello_seen = role is Role.CHILD  # the child receives no hello
-        self._hello_sent = role is Role.PARENT
+        self._state = ConnectionState.AWAITING_HELLO
         self._calls: dict[int, CallState] = {}
+        """Pending calls (not ``DONE``), by id."""
         self._next_seq: dict[int, int] = {}
         self._abandoned: set[int] = set()
         self.late_frames = 0
         """Frames received for abandoned calls, dropped (a late reply never reaches a caller)."""
         self.hello: Hello | None = None
+        """The worker's hello (received by the parent, sent by the child), once it went by."""
 
     # -- inspection ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> ConnectionState:
+        """Whether the child's hello went by (``CONNECTION_TRANSITIONS``)."""
+        return self._state
+
     def call_state(self, call_id: int) -> CallState:
         """The state of a call; DONE for ids that are finished or unknown."""
         return self._calls.get(call_id, CallState.DONE)
@@ -414,49 +476,18 @@ class Connection:
         return message
 
     def _accept(self, message: Message) -> bool:
-        """Apply a received message to the state; False if it is a late frame to drop."""
-        if self.role is Role.CHILD:
-            if isinstance(message, Call):
-                if message.id in self._calls:
-                    raise RemoteProtocolError(f"call id {message.id} is already pending")
-                self._calls[message.id] = CallState.AWAITING_ACK
+        """Apply a received message (the decoder let through only the peer's kinds); False if it is a
+        late frame of an abandoned call, to drop."""
+        call_state = self._apply(message, RemoteProtocolError)
+        if call_state is None or not self._abandoned:
             return True
-        # parent side
-        if not self._hello_seen:
-            if not isinstance(message, Hello):
-                raise RemoteProtocolError(f"expected hello first, got {type(message).__name__}")
-            if message.version != PROTOCOL_VERSION:
-                raise RemoteProtocolError(f"worker speaks protocol {message.version}, not {PROTOCOL_VERSION}")
-            self._hello_seen = True
-            self.hello = message
+        call_id: int = message.id  # type: ignore[union-attr]
+        if call_id not in self._abandoned:
             return True
-        if isinstance(message, Hello):
-            raise RemoteProtocolError("second hello")
-        if isinstance(message, Pong):
-            return True
-        call_id = message.id  # type: ignore[union-attr]
-        state = self._calls.get(call_id)
-        if state is None:
-            raise RemoteProtocolError(f"{type(message).__name__} for call {call_id}, which was never sent")
-        next_state = CALL_TRANSITIONS.get((state, type(message)))
-        if next_state is None:
-            raise RemoteProtocolError(f"{type(message).__name__} for call {call_id} in state {state.value}")
-        if isinstance(message, Event):
-            expected = self._next_seq.get(call_id, 0)
-            if message.seq != expected:
-                raise RemoteProtocolError(f"event seq {message.seq} for call {call_id}, expected {expected}")
-            self._next_seq[call_id] = expected + 1
-        if next_state is CallState.DONE:
-            del self._calls[call_id]
-            self._next_seq.pop(call_id, None)
-        else:
-            self._calls[call_id] = next_state
-        if call_id in self._abandoned:
-            if next_state is CallState.DONE:
-                self._abandoned.discard(call_id)
-            self.late_frames += 1
-            return False
-        return True
+        if call_state is CallState.DONE:
+            self._abandoned.discard(call_id)
+        self.late_frames += 1
+        return False
 
     # -- sending ------------------------------------------------------------------------------------
     def send(self, message: Message) -> bytes:
@@ -473,41 +504,61 @@ class Connection:
                 f"{self.max_frame_bytes} bytes"
             )
         if self._check_states:
-            self._apply_send(message)
+            if type(message) not in self._sends:
+                raise LocalProtocolError(f"the {self.role.value} cannot send {type(message).__name__}")
+            self._apply(message, LocalProtocolError)
         return frame
 
-    def _apply_send(self, message: Message) -> None:
-        if self.role is Role.PARENT:
-            if isinstance(message, Call):
-                if message.id in self._calls:
-                    raise LocalProtocolError(f"call id {message.id} is still pending")
-                self._calls[message.id] = CallState.AWAITING_ACK
-            elif not isinstance(message, Cancel | Ping | Shutdown):
-                raise LocalProtocolError(f"the parent cannot send {type(message).__name__}")
-            return
-        # child side
-        if not self._hello_sent:
-            if not isinstance(message, Hello):
-                raise LocalProtocolError(f"the first frame must be hello, not {type(message).__name__}")
-            self._hello_sent = True
-            return
-        if isinstance(message, Hello):
-            raise LocalProtocolError("hello was already sent")
-        if isinstance(message, Pong):
-            return
-        if not isinstance(message, Ack | Event | Result | Error):
-            raise LocalProtocolError(f"the child cannot send {type(message).__name__}")
-        state = self._calls.get(message.id)
-        if state is None:
-            raise LocalProtocolError(f"{type(message).__name__} for call {message.id}, which is not pending")
-        next_state = CALL_TRANSITIONS.get((state, type(message)))
-        if next_state is None:
-            raise LocalProtocolError(f"{type(message).__name__} for call {message.id} in state {state.value}")
-        if next_state is CallState.DONE:
-            del self._calls[message.id]
-        else:
-            self._calls[message.id] = next_state
+    # -- the rules, for both directions -------------------------------------------------------------
+    def _apply(self, message: Message, error: type[ProtocolError]) -> CallState | None:
+        """Apply one frame, sent or received, to the conversation: the connection's table, then the
+        call's table and the order of its events. Returns the call's new state for a frame in
+        ``CALL_KINDS``, else None.
 
+        Raises:
+            error: the frame breaks a rule; nothing is changed.
+        """
+        kind = type(message)
+        state = self._state
+        next_state = CONNECTION_TRANSITIONS.get((state, kind))
+        if next_state is None:
+            if state is ConnectionState.AWAITING_HELLO:
+                raise error(f"the child's first frame must be hello, not {kind.__name__}")
+            raise error(f"a second {kind.__name__.lower()}")
+        if kind not in CALL_KINDS:
+            # Only the hello changes the connection's state (the table maps every other kind to the
+            # state it found). Not writing it for the others matters in the child, whose reader thread
+            # applies received frames while its hello may be sent.
+            if kind is Hello:
+                if message.version != PROTOCOL_VERSION:  # type: ignore[union-attr]
+                    raise error(f"worker speaks protocol {message.version}, not {PROTOCOL_VERSION}")  # type: ignore[union-attr]
+                self.hello = message  # type: ignore[assignment]
+                self._state = next_state
+            return None
+        call_id: int = message.id  # type: ignore[union-attr]
+        call_state = self._calls.get(call_id, CallState.DONE)
+        next_call_state = CALL_TRANSITIONS.get((call_state, kind))
+        if next_call_state is None:
+            if kind is Call:
+                raise error(f"call id {call_id} is already pending")
+            if call_state is CallState.DONE:
+                raise error(
+                    f"{kind.__name__} for call {call_id}, which is not pending (never sent, or finished)"
+                )
+            raise error(f"{kind.__name__} for call {call_id} in state {call_state.value}")
+        if kind is Event:
+            expected = self._next_seq.get(call_id, 0)
+            if message.seq != expected:  # type: ignore[union-attr]
+                raise error(f"event seq {message.seq} for call {call_id}, expected {expected}")  # type: ignore[union-attr]
+            self._next_seq[call_id] = expected + 1
+        if next_call_state is CallState.DONE:
+            del self._calls[call_id]
+            self._next_seq.pop(call_id, None)
+        else:
+            self._calls[call_id] = next_call_state
+        return next_call_state
+
+    # -- the parent's bookkeeping -------------------------------------------------------------------
     def abandon(self, call_id: int) -> bool:
         """Parent side: the caller gave up on ``call_id``; its later frames are dropped and counted.
 

@@ -10,7 +10,9 @@ young worker failing, i.e. its restart budget) and asks it whether a probe may s
 - ``half-open``: probes run one at a time; ``half_open_probes`` successful ones close it (and reset the
   timeout and the window); a failed probe (or any failure) opens it again with a doubled timeout.
 
-Every change goes through :func:`next_state` and is reported to ``on_change(old, new, reason)``.
+Every change goes through ``CircuitBreaker._move(input)``, which consults ``TRANSITIONS`` (with the
+runtime's one table lookup, ``dspex_trio._states.next_state``) and reports it to
+``on_change(old, new, reason)``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import collections
 import enum
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import attrs
+
+from dspex_trio._states import next_state
+from dspex_trio._validators import at_least
 
 
 class CircuitState(enum.StrEnum):
@@ -33,7 +38,7 @@ class CircuitState(enum.StrEnum):
     """Probes run; calls are still refused until enough probes succeeded."""
 
 
-class BreakerInput(enum.Enum):
+class BreakerInput(enum.StrEnum):
     TRIP = "failure threshold reached"
     RESET_TIMEOUT = "reset timeout elapsed"
     PROBES_PASSED = "probes passed"
@@ -51,21 +56,6 @@ TRANSITIONS: Final[dict[tuple[CircuitState, BreakerInput], CircuitState]] = {
 
 class InvalidBreakerTransition(AssertionError):
     """An input not allowed in the breaker's current state: a bug in the breaker or its owner."""
-
-
-def next_state(state: CircuitState, event: BreakerInput) -> CircuitState:
-    try:
-        return TRANSITIONS[state, event]
-    except KeyError:
-        raise InvalidBreakerTransition(f"circuit {state}: {event.value!r} is not allowed") from None
-
-
-def _at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not value >= minimum:
-            raise ValueError(f"{attribute.name} must be >= {minimum}, not {value!r}")
-
-    return check
 
 
 ChangeCallback = Callable[[CircuitState, CircuitState, str], None]
@@ -94,14 +84,14 @@ class CircuitBreaker:
 
     clock: Callable[[], float]
     """Monotonic seconds (``trio.current_time`` in the pool; anything in tests)."""
-    failure_threshold: int = attrs.field(default=6, validator=_at_least(1))
+    failure_threshold: int = attrs.field(default=6, validator=at_least(1))
     """Failures within ``window`` that trip it open."""
-    window: float = attrs.field(default=10.0, validator=_at_least(0))
+    window: float = attrs.field(default=10.0, validator=at_least(0))
     """Sliding window for counting failures, in seconds."""
-    reset_timeout: float = attrs.field(default=0.5, validator=_at_least(0))
+    reset_timeout: float = attrs.field(default=0.5, validator=at_least(0))
     """Open -> half-open after this long; doubles after each failed probe."""
-    reset_timeout_max: float = attrs.field(default=30.0, validator=_at_least(0))
-    half_open_probes: int = attrs.field(default=1, validator=_at_least(1))
+    reset_timeout_max: float = attrs.field(default=30.0, validator=at_least(0))
+    half_open_probes: int = attrs.field(default=1, validator=at_least(1))
     """Successful probes needed to close it again."""
     on_change: ChangeCallback | None = None
     trip_label: str = "failure threshold reached"
@@ -223,7 +213,7 @@ class CircuitBreaker:
 
     def _move(self, event: BreakerInput, reason: str) -> None:
         old = self._state
-        self._state = next_state(old, event)
+        self._state = next_state(TRANSITIONS, old, event, InvalidBreakerTransition)
         self._reason = reason
         if self.on_change is not None:
             self.on_change(old, self._state, reason)

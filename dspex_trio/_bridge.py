@@ -5,45 +5,55 @@ pool's. A worker that dies is replaced on the next call; one that cannot start o
 from __future__ import annotations
 
 import collections
-import functools
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
+import attrs
 import trio
 
-from dspex_trio._backend import BackendStatistics
 from dspex_trio._breaker import CircuitBreaker, CircuitState
+from dspex_trio._dispatch import Dispatch
 from dspex_trio._errors import (
-    CacheMiss,
     PoolUnavailable,
-    ProtocolError,
     WorkerClosed,
-    WorkerCrashed,
     WorkerStartFailed,
 )
 from dspex_trio._events import EventBus, Subscription
-from dspex_trio._launcher import Launcher, SubprocessLauncher, WorkerSpec
-from dspex_trio._pool import HealthSnapshot, WorkerHealth, worker_state_data
-from dspex_trio._programs_host import ProgramHost, program_events
-from dspex_trio._retry import RetryPolicy
-from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec
+from dspex_trio._health import HealthSnapshot, WorkerHealth, worker_state_data
+from dspex_trio._launcher import Launcher, WorkerSpec, default_launcher
+from dspex_trio._options import WorkerOptions, options_from
+from dspex_trio._programs_host import ProgramHost, ProgramKey, program_module_error
+from dspex_trio._retry import RandomSource, RetryPolicy
+from dspex_trio._sessions import DEFAULT_SESSION_TTL_S
 from dspex_trio._states import TERMINAL, WorkerState
+from dspex_trio._statistics import BackendStatistics
 from dspex_trio._util import open_service_nursery
-from dspex_trio._worker import Worker, WorkerOptions, next_worker_id, start_worker
+from dspex_trio._worker import Worker, next_worker_id, start_worker
 
 BRIDGE_RESTART_BACKOFF_S: Final = 0.5
 """After the bridge's worker failed to start: wait before trying again, doubling up to the max, in s."""
 BRIDGE_RESTART_BACKOFF_MAX_S: Final = 30.0
 
 
+@attrs.define(eq=False)
+class _Tenure:
+    """One worker's time as the bridge's worker."""
+
+    worker: Worker
+    programs: set[ProgramKey] = attrs.Factory(set)
+    """(program id, version) the worker holds in its cache, as far as the bridge knows."""
+
+
 class BridgeBackend(ProgramHost):
     """One worker process, no pool, with host-side sessions. Made by :func:`open_backend` ("bridge").
 
-    A worker that died is replaced on the next call (never-acked and idempotent calls are re-sent once
-    it is back, after a backoff). A worker that cannot start opens the bridge's breaker: calls get
-    ``PoolUnavailable`` until a later start succeeds (tried after 0.5 s, doubling up to 30 s).
+    Calls and streams run through the pool's dispatch loop (``dspex_trio._dispatch.Dispatch``), with one
+    worker: a worker that died is replaced on the next attempt, and "another worker" for an idempotent
+    retry is that replacement (never-acked calls are re-sent, idempotent ones once, after a backoff). A
+    worker that cannot start opens the bridge's breaker: calls get ``PoolUnavailable`` until a later start
+    succeeds (tried after 0.5 s, doubling up to 30 s).
     """
 
     name = "bridge"
@@ -66,7 +76,7 @@ class BridgeBackend(ProgramHost):
         self.options = options
         self.diagnostics = diagnostics
         self.retry = retry
-        self._rng = random.Random()
+        self._rng: RandomSource = random.Random()
         self.events = EventBus(backend=self.name)
         self.breaker = CircuitBreaker(
             clock=trio.current_time,
@@ -77,11 +87,16 @@ class BridgeBackend(ProgramHost):
             on_change=self._on_circuit,
             trip_label="the bridge's worker cannot start",
         )
-        self.worker: Worker | None = None
-        self._held: set[tuple[str, int]] = set()
+        self._tenure: _Tenure | None = None
         self._lock = trio.Lock()
         self._closing = False
         self._counts = collections.Counter[str]()
+        self._backoff_seconds = 0.0
+
+    @property
+    def worker(self) -> Worker | None:
+        """The bridge's worker (None before the first start)."""
+        return None if self._tenure is None else self._tenure.worker
 
     # -- the worker -----------------------------------------------------------------------------------
     def _on_circuit(self, old: CircuitState, new: CircuitState, reason: str) -> None:
@@ -90,12 +105,11 @@ class BridgeBackend(ProgramHost):
     def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
         self.events.publish("worker_state", worker_state_data(worker, old, new, reason))
 
-    async def _start(self) -> Worker:
+    async def _start(self) -> _Tenure:
         """Start a worker (replacing a dead one). Raises ``WorkerStartFailed``."""
         old = self.worker
         if old is not None:
-            self.worker = None
-            self._held.clear()
+            self._tenure = None
             self._counts["restarts"] += 1
             with trio.CancelScope(shield=True):
                 await old.aclose(grace=0.0)
@@ -104,6 +118,7 @@ class BridgeBackend(ProgramHost):
             diagnostics=self.diagnostics,
             capacity=self.options.capacity,
             max_frame_bytes=self.options.max_frame_bytes,
+            programs=self.options.programs,
         )
         worker = await start_worker(
             self._nursery,
@@ -114,20 +129,22 @@ class BridgeBackend(ProgramHost):
         )
         if self.lm is not None:
             await worker.call("configure_lm", {"lm": self.lm}, timeout=self.options.ack_timeout * 2)
-        self.worker = worker
-        return worker
+        self._tenure = _Tenure(worker)
+        return self._tenure
 
-    async def _ensure(self) -> Worker:
-        """The live worker, started (again) if needed. Raises ``PoolUnavailable`` if it cannot start."""
+    async def _checkout(self, dispatch: Dispatch) -> _Tenure:
+        """The live worker for ``dispatch``'s next attempt, started (again) if needed. Raises
+        ``PoolUnavailable`` if it cannot start."""
         if self._closing:
             raise WorkerClosed("the bridge is closing")
-        worker = self.worker
-        if worker is not None and worker.accepting:
-            return worker
+        tenure = self._tenure
+        if tenure is not None and tenure.worker.accepting:
+            return tenure
         async with self._lock:
+            tenure = self._tenure
+            if tenure is not None and tenure.worker.accepting:
+                return tenure
             worker = self.worker
-            if worker is not None and worker.accepting:
-                return worker
             if worker is not None and worker.state not in TERMINAL and not worker.accepting:
                 await worker.wait_idle()  # draining: let it go
             probing = False
@@ -138,7 +155,7 @@ class BridgeBackend(ProgramHost):
                     raise PoolUnavailable(f"the bridge is unavailable: {reason}", reason=reason)
                 probing = True
             try:
-                worker = await self._start()
+                tenure = await self._start()
             except WorkerStartFailed as exc:
                 reason = str(exc).splitlines()[0]
                 if probing:
@@ -149,7 +166,13 @@ class BridgeBackend(ProgramHost):
                 raise PoolUnavailable(f"the bridge is unavailable: {reason}", reason=reason) from exc
             if probing:
                 self.breaker.probe_succeeded()
-            return worker
+            return tenure
+
+    def _end_attempt(self, tenure: _Tenure) -> None:
+        """Nothing to release: the bridge has no admission queue."""
+
+    def _record_latency(self, method: str, seconds: float) -> None:
+        """The bridge keeps no latency figures."""
 
     async def _aclose(self) -> None:
         self._closing = True
@@ -167,70 +190,24 @@ class BridgeBackend(ProgramHost):
         timeout: float | None = None,
         idempotent: bool = False,
     ) -> Any:
-        """Run ``method(params)`` in the bridge's worker; programs in ``params`` resolve in ``session``."""
+        """Run ``method(params)`` in the bridge's worker; programs in ``params`` resolve in ``session``.
+        Errors and retries are those of ``Pool.call`` (there is no queue: no ``Overloaded``)."""
         program = self._resolve(params, session)
-        deadline = trio.current_time() + timeout if timeout is not None else None
-        self._counts["calls"] += 1
-        attempts = 1
-        send_spec = False
-        try:
-            while True:
-                worker = await self._ensure()
-                call_params = self._wire_params(params, program, self._held, send_spec=send_spec)
-                remaining = None if deadline is None else max(1e-3, deadline - trio.current_time())
-                try:
-                    result = await worker.call(method, call_params, timeout=remaining, idempotent=idempotent)
-                except CacheMiss:
-                    if send_spec:
-                        raise
-                    send_spec = True
-                    continue
-                except (WorkerCrashed, ProtocolError) as exc:
-                    if (exc.started and not idempotent) or not self.retry.allows(attempts):
-                        raise
-                    self._counts["retried"] += 1
-                    delay = self.retry.delay(attempts, self._rng)
-                    await trio.sleep(
-                        delay if deadline is None else min(delay, deadline - trio.current_time())
-                    )
-                    attempts += 1
-                    continue
-                if program is not None:
-                    self._held.add((program.id, program.version))
-                self._counts["completed"] += 1
-                return result
-        except BaseException:
-            self._counts["failed"] += 1
-            raise
+        dispatch = Dispatch(self, method, params, program=program, timeout=timeout, idempotent=idempotent)
+        return await dispatch.result()
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         program: str,
         inputs: dict[str, Any],
         *,
         session: str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    ) -> Dispatch:
+        """Run a program streamed, as ``Pool.stream`` does."""
         spec = self.sessions.program(session, program)
-        worker = await self._ensure()
-        params = {**self._execute_params(program, inputs, session), "program": spec.wire_ref(with_spec=True)}
-        self._counts["calls"] += 1
-        async with worker.stream("execute", params, timeout=timeout) as events:
-            yield program_events(
-                events,
-                self.name,
-                on_completed=functools.partial(self._streamed, spec),
-                on_failed=self._stream_failed,
-            )
-
-    def _streamed(self, spec: ProgramSpec) -> None:
-        """A streamed execution completed."""
-        self._held.add((spec.id, spec.version))
-        self._counts["completed"] += 1
-
-    def _stream_failed(self) -> None:
-        self._counts["failed"] += 1
+        params = self._execute_params(program, inputs, session)
+        return Dispatch(self, "execute", params, program=spec, timeout=timeout, stream=True)
 
     async def _apply_default_lm(self) -> None:
         if self.worker is not None and self.worker.accepting:
@@ -264,7 +241,7 @@ class BridgeBackend(ProgramHost):
             failed=self._counts["failed"],
             unavailable=self._counts["unavailable"],
             restarts=self._counts["restarts"],
-            retried=self._counts["retried"],
+            retried=self._counts["redispatched"] + self._counts["retried"],
             sessions=len(self.sessions),
             circuit=self.breaker.state,
         )
@@ -279,15 +256,17 @@ async def open_bridge(
     clock: Callable[[], float] | None = None,
     session_ttl: float = DEFAULT_SESSION_TTL_S,
     retry: RetryPolicy | None = None,
-    **options: Any,
+    options: WorkerOptions | None = None,
+    **option_fields: Any,
 ) -> AsyncIterator[BridgeBackend]:
     """Start the bridge's worker (``WorkerStartFailed`` if it cannot start) and serve until the block
-    ends; then its teardown ladder runs. ``options`` are the fields of :class:`WorkerOptions`."""
-    worker_options = WorkerOptions.from_kwargs(options)
+    ends; then its teardown ladder runs. ``options`` is a :class:`WorkerOptions`; or pass its fields as
+    keywords (``option_fields``), not both (``TypeError``)."""
+    worker_options = options_from(WorkerOptions, options, option_fields)
     async with open_service_nursery() as nursery:
         bridge = BridgeBackend(
             nursery=nursery,
-            launcher=launcher or SubprocessLauncher(),
+            launcher=default_launcher(launcher, worker_options.worker_env),
             options=worker_options,
             diagnostics=diagnostics,
             lm=lm,
@@ -296,7 +275,10 @@ async def open_bridge(
             retry=retry or RetryPolicy(),
         )
         try:
-            await bridge._start()
+            try:
+                await bridge._start()
+            except WorkerStartFailed as exc:
+                raise program_module_error(exc) or exc from exc.__cause__
             yield bridge
         finally:
             with trio.CancelScope(shield=True):

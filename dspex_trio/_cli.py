@@ -1,37 +1,101 @@
-"""The ``dspex-trio`` command line (also ``python -m dspex_trio``)."""
+"""The ``dspex-trio`` command line (also ``python -m dspex_trio``).
+
+Commands: ``serve`` (a pool behind the websocket endpoint), ``run`` (one program, on a pool of its own or
+on a running server with ``--url``), ``status`` (a server's live health), ``demo``, and ``fake-lm`` (a
+test LM server).
+
+One error path for every command (:func:`main`): an expected failure (a port in use, a bad setting, a
+missing key, a server out of reach) is one line on stderr naming the cause and the fix, exit 1; Ctrl-C
+is exit 130; ``-v`` adds the full traceback. An unexpected error is one line too, asking for ``-v``.
+The settings of ``serve`` are in ``_cli_settings.py``, the websocket client side (``status``, ``run
+--url``) in ``_cli_client.py``, ``run`` in ``_cli_run.py``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import json
 import logging
-import math
 import os
+import platform
 import signal
+import socket
+import ssl
 import sys
 import time
-import tomllib
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final
 
-import attrs
-import cattrs
 import trio
-import trio_websocket
 
 import dspex_trio
-from dspex_trio._websocket import SUBPROTOCOL, is_loopback
+from dspex_trio._cli_client import client_token, status
+from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
+from dspex_trio._cli_settings import (
+    DRAIN_GRACE_S,
+    KEY_VARIABLES,
+    SETTING_NAMES,
+    CliError,
+    Secrets,
+    ServeSettings,
+    SettingsError,
+    missing_key_warnings,
+    resolve_secrets,
+    resolve_settings,
+    server_ssl_context,
+)
+from dspex_trio._handshake import SUBPROTOCOL, is_loopback
 
-DRAIN_GRACE_S: Final = 10.0
-"""On SIGTERM or a first Ctrl-C, seconds running executions get to finish before they are cancelled."""
-ENV_PREFIX: Final = "DSPEX_"
+__all__ = ["CliError", "ServeSettings", "SettingsError", "main", "resolve_secrets", "resolve_settings"]
+
+logger = logging.getLogger("dspex_trio.cli")
+
+SHUTDOWN_TIMEOUT_S: Final = 10.0
+"""After the drain: bound on ending the remaining executions and closing every connection, in s."""
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+"""argparse's own exit status for a command line it cannot parse."""
+EXIT_INTERRUPTED: Final = 130
+"""Ctrl-C (128 + SIGINT), the shell's convention."""
+_GLOBAL_OPTIONS_WITH_VALUE: Final = frozenset({"--log-format"})
+
+
+def _version() -> str:
+    def version_of(distribution: str) -> str:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    ours = getattr(dspex_trio, "__version__", None) or version_of("dspex-trio")
+    return (
+        f"dspex-trio {ours} (Python {platform.python_version()}, trio {version_of('trio')}, "
+        f"dspy {version_of('dspy')})"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspex-trio", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="dspex-trio",
+        description="Serve and run DSPy programs from a supervised pool of worker processes.",
+        epilog="Errors are one line; -v shows the traceback. Settings and variables: docs/configuration.md",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log at INFO (-vv: DEBUG, except trio-websocket's frames; -vvv: those too)",
+    )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON objects"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="start a pool, run calls through it, print its statistics")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--calls", type=int, default=2000, help="concurrent no-op calls to run")
@@ -40,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a pool over websockets (JSON-RPC 2.0, subprotocol dspex.v1)",
         description="Serve a pool over websockets. Settings: defaults < --config file < DSPEX_* environment "
-        "< flags. The LM key comes from DSPEX_LM_API_KEY or OPENAI_API_KEY.",
+        f"< flags. The key of --lm: --lm-api-key-file, else {' or '.join(KEY_VARIABLES)}. SIGTERM or "
+        "Ctrl-C drains (--drain-grace), a second one stops at once.",
     )
-    serve.add_argument("--config", metavar="FILE", help="TOML file with any of: " + ", ".join(_SETTING_NAMES))
+    serve.add_argument("--config", metavar="FILE", help="TOML file with any of: " + ", ".join(SETTING_NAMES))
     serve.add_argument(
         "--host", default=None, help="address to bind (default 127.0.0.1; others need a token)"
     )
@@ -50,40 +115,145 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
     serve.add_argument("--lm", default=None, help="'offline' (default: the embedded LM) or provider/model")
     serve.add_argument("--lm-base-url", default=None, help="base URL of an OpenAI-compatible endpoint")
-    serve.add_argument("--token", default=None, help="bearer token clients must send (needed off loopback)")
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="bearer token clients must send (needed off loopback); 'auto' makes one and prints it. A value "
+        "given here is visible in the process list: prefer --token-file or DSPEX_TOKEN",
+    )
+    serve.add_argument("--token-file", default=None, metavar="PATH", help="read the client token from PATH")
+    serve.add_argument(
+        "--admin-token-file",
+        default=None,
+        metavar="PATH",
+        help="read the admin token from PATH: connections with it may also change the default LM",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) allowed besides loopback pages (repeatable)",
+    )
+    serve.add_argument(
+        "--client-lm",
+        choices=["off", "allowlist", "any"],
+        default=None,
+        help="what LMs clients may configure: off (default: only the server's LMs, by name), allowlist "
+        "(bases given with --allow-lm-base, with their own key), any (any public base)",
+    )
+    serve.add_argument(
+        "--allow-lm-base",
+        dest="allow_lm_bases",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="an LM base URL prefix clients may use (repeatable; may be a private address)",
+    )
+    serve.add_argument(
+        "--worker-env",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="pass this environment variable to the workers (repeatable; by default they get an allow-list)",
+    )
+    serve.add_argument(
+        "--programs",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="a program module to serve (repeatable; an importable module exposing PROGRAMS, TOOLS, METRICS)",
+    )
+    serve.add_argument(
+        "--lm-api-key-file",
+        default=None,
+        metavar="PATH",
+        help=f"read the key of --lm from PATH (default: {', then '.join(KEY_VARIABLES)})",
+    )
     serve.add_argument(
         "--diagnostics", action=argparse.BooleanOptionalAction, default=None, help="enable diagnostic methods"
     )
     serve.add_argument("--drain-grace", type=float, default=None, help=f"seconds (default {DRAIN_GRACE_S:g})")
+    serve.add_argument(
+        "--certfile",
+        default=None,
+        metavar="PATH",
+        help="serve wss:// (TLS): PEM file of the server's certificate chain (and its key, unless --keyfile)",
+    )
+    serve.add_argument(
+        "--keyfile", default=None, metavar="PATH", help="PEM file of the certificate's private key"
+    )
 
     run = commands.add_parser(
         "run",
         help="create and run one program from the shell, streaming to the terminal",
-        description='Example: dspex-trio run "question -> answer" --input question="What is DSPy?"',
+        description="Run one program. Without --url it starts a pool of its own (one worker, a few "
+        "seconds; the embedded offline LM answers with deterministic placeholder text unless --lm names "
+        "another); with --url it runs on that server. "
+        'Example: dspex-trio run "question -> answer" --input question="What is DSPy?"',
     )
     run.add_argument("signature", help='a DSPy signature, e.g. "question -> answer, confidence: float"')
     run.add_argument(
-        "--input", "-i", action="append", default=[], metavar="NAME=VALUE", help="an input (a string)"
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input, as text (repeatable)",
     )
-    run.add_argument("--inputs-json", metavar="JSON", help="inputs as a JSON object (for typed inputs)")
+    run.add_argument(
+        "--inputs-json", metavar="JSON", help="inputs as a JSON object, for typed ones: '{\"n\": 3}'"
+    )
     run.add_argument("--module", default="predict", choices=["predict", "chain_of_thought"])
     run.add_argument("--instructions", default=None)
-    run.add_argument("--lm", default=None, help="'offline' (default) or provider/model (DSPEX_LM)")
+    run.add_argument(
+        "--lm",
+        default=None,
+        help="'offline' (default) or provider/model (DSPEX_LM); with --url, the name of one of the "
+        "server's LMs, or provider/model if the server lets clients configure LMs",
+    )
     run.add_argument("--lm-base-url", default=None, help="OpenAI-compatible base URL (DSPEX_LM_BASE_URL)")
+    run.add_argument(
+        "--lm-api-key-file",
+        default=None,
+        metavar="PATH",
+        help=f"read the LM's key from PATH (default without --url: {', then '.join(KEY_VARIABLES)}; "
+        "with --url only this file's key is sent)",
+    )
     run.add_argument("--timeout", type=float, default=None, help="seconds")
     run.add_argument("--json", action="store_true", help="print the outputs as one JSON object at the end")
-
-    status = commands.add_parser("status", help="connect to a server and show its live health")
-    status.add_argument("--url", default=None, help="default ws://DSPEX_HOST:DSPEX_PORT (127.0.0.1:8765)")
-    status.add_argument("--token", default=None, help="bearer token (default DSPEX_TOKEN)")
-    status.add_argument("--once", action="store_true", help="print the snapshot and exit")
-    status.add_argument("--json", action="store_true", help="print raw JSON messages")
-    status.add_argument("--timeout", type=float, default=10.0, help="seconds to connect and get the snapshot")
-
-    fake = commands.add_parser(
-        "fake-lm", help="serve a small OpenAI-compatible LM for tests and benchmarks", add_help=False
+    run.add_argument(
+        "--url", default=None, help="run on the server at this ws:// URL instead of a pool of its own"
     )
-    fake.add_argument("rest", nargs=argparse.REMAINDER)
+    run.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="with --url: the server's token (default DSPEX_TOKEN)",
+    )
+
+    status_ = commands.add_parser(
+        "status", help="connect to a server and show its live health (Ctrl-C stops)"
+    )
+    status_.add_argument("--url", default=None, help="default ws://DSPEX_HOST:DSPEX_PORT (127.0.0.1:8765)")
+    status_.add_argument(
+        "--token", default=None, help="bearer token (visible in the process list: prefer --token-file)"
+    )
+    status_.add_argument(
+        "--token-file", default=None, metavar="PATH", help="read the token from PATH (default DSPEX_TOKEN)"
+    )
+    status_.add_argument("--once", action="store_true", help="print the snapshot and exit")
+    status_.add_argument("--json", action="store_true", help="print raw JSON messages")
+    status_.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to connect and get the snapshot"
+    )
+
+    commands.add_parser(
+        "fake-lm",
+        help="serve a small OpenAI-compatible LM for tests (dspex-trio fake-lm --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -116,339 +286,328 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- settings: defaults < file < environment < flags ---------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    workers: int = 2
-    lm: str | None = None
-    """None or "offline": the embedded offline LM."""
-    lm_base_url: str | None = None
-    token: str | None = attrs.field(default=None, repr=False)
-    diagnostics: bool = False
-    drain_grace: float = DRAIN_GRACE_S
-
-
-attrs.resolve_types(ServeSettings)
-_SETTING_NAMES: Final = tuple(a.name for a in attrs.fields(ServeSettings))
-_settings_converter = cattrs.Converter(forbid_extra_keys=True)
-
-
-class SettingsError(ValueError):
-    """A setting (from the file, the environment or a flag) is invalid."""
-
-
-def _parse_env_value(name: str, raw: str) -> Any:
-    field_type = attrs.fields_dict(ServeSettings)[name].type
-    if field_type is int:
-        return int(raw)
-    if field_type is float:
-        return float(raw)
-    if field_type is bool:
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.strip().lower() in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"expected a boolean (1/0, true/false), not {raw!r}")
-    return raw
-
-
-def resolve_settings(
-    *, file: str | None, environ: Mapping[str, str], flags: Mapping[str, Any]
-) -> ServeSettings:
-    """Merge the settings: defaults < TOML ``file`` < ``DSPEX_*`` environment < ``flags`` (None: unset).
-
-    Raises:
-        SettingsError: an unreadable file, an unknown key, or a value of the wrong type.
-    """
-    merged: dict[str, Any] = {}
-    if file is not None:
-        try:
-            with open(file, "rb") as f:
-                table = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SettingsError(f"config file {file}: {exc}") from None
-        table = {key.replace("-", "_"): value for key, value in table.items()}
-        unknown = sorted(set(table) - set(_SETTING_NAMES))
-        if unknown:
-            raise SettingsError(
-                f"config file {file}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_SETTING_NAMES)}"
-            )
-        merged.update(table)
-    for name in _SETTING_NAMES:
-        raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is not None:
-            try:
-                merged[name] = _parse_env_value(name, raw)
-            except ValueError as exc:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()}: {exc}") from None
-    merged.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        settings = _settings_converter.structure(merged, ServeSettings)
-    except Exception as exc:
-        details = (
-            "; ".join(cattrs.transform_error(exc)) if isinstance(exc, cattrs.BaseValidationError) else exc
-        )
-        raise SettingsError(f"invalid settings: {details}") from None
-    if not 0 <= settings.port <= 65535:
-        raise SettingsError(f"invalid settings: port must be 0-65535, not {settings.port}")
-    if settings.workers < 1:
-        raise SettingsError(f"invalid settings: workers must be >= 1, not {settings.workers}")
-    if not (settings.drain_grace >= 0 and math.isfinite(settings.drain_grace)):
-        raise SettingsError(f"invalid settings: drain_grace must be >= 0 s, not {settings.drain_grace}")
-    return settings
-
-
-def _lm_key(environ: Mapping[str, str]) -> str | None:
-    return environ.get("DSPEX_LM_API_KEY") or environ.get("OPENAI_API_KEY") or None
-
-
-async def _configure_lm(pool: dspex_trio.Pool, lm: str | None, base_url: str | None) -> None:
-    if lm is None or lm == "offline":
-        if base_url is not None:
-            raise SettingsError("--lm-base-url needs --lm provider/model")
-        return
-    await pool.configure_lm(lm, api_base=base_url, api_key=_lm_key(os.environ))
-
-
 # -- serve -------------------------------------------------------------------------------------------------
 
 
-async def _serve(settings: ServeSettings) -> int:
-    if settings.token is None and not is_loopback(settings.host):
-        raise SettingsError(
-            f"refusing to serve on {settings.host!r} without a token: set --token (or DSPEX_TOKEN), "
-            "or bind 127.0.0.1"
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    """The one line for a listening socket that could not be opened."""
+    if isinstance(exc, socket.gaierror):
+        return (
+            f"cannot listen on {host!r}: {exc.strerror or exc}: give an address of this machine with --host"
         )
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with dspex_trio.open_pool(workers=settings.workers, diagnostics=settings.diagnostics) as pool:
-            await _configure_lm(pool, settings.lm, settings.lm_base_url)
-            async with trio.open_nursery() as nursery:
-                server = await nursery.start(
-                    partial(
-                        dspex_trio.serve_websocket, pool, settings.host, settings.port, token=settings.token
-                    )
-                )
-                print(f"dspex-trio serving {server.url} (subprotocol {SUBPROTOCOL})", flush=True)
-                first = await signals.__anext__()
-                print(
-                    f"{signal.Signals(first).name}: draining (up to {settings.drain_grace:g} s; "
-                    "Ctrl-C again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                interrupted = False
-                async with trio.open_nursery() as draining:
-
-                    async def second_signal() -> None:
-                        nonlocal interrupted
-                        await signals.__anext__()
-                        interrupted = True
-                        draining.cancel_scope.cancel()
-
-                    draining.start_soon(second_signal)
-                    with trio.move_on_after(settings.drain_grace):
-                        await server.drain()
-                    draining.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
-    print("dspex-trio stopped" + (" (interrupted)" if interrupted else ""), file=sys.stderr, flush=True)
-    return 130 if interrupted else 0
-
-
-# -- run ---------------------------------------------------------------------------------------------------
-
-
-def _inputs(args: argparse.Namespace) -> dict[str, Any]:
-    inputs: dict[str, Any] = {}
-    if args.inputs_json is not None:
-        loaded = json.loads(args.inputs_json)
-        if not isinstance(loaded, dict):
-            raise SettingsError("--inputs-json must be a JSON object")
-        inputs.update(loaded)
-    for item in args.input:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SettingsError(f"--input takes NAME=VALUE, not {item!r}")
-        inputs[name.strip()] = value
-    return inputs
-
-
-async def _run(args: argparse.Namespace) -> int:
-    inputs = _inputs(args)
-    lm = args.lm or os.environ.get("DSPEX_LM")
-    base_url = args.lm_base_url or os.environ.get("DSPEX_LM_BASE_URL")
-    out = sys.stdout
-    async with dspex_trio.open_pool(workers=1) as pool:
-        await _configure_lm(pool, lm, base_url)
-        program = await pool.create_program(
-            args.signature, module=args.module, instructions=args.instructions, session="cli"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use (another dspex-trio serve?): stop that server, "
+            "or choose another port with --port (0 picks a free one)"
         )
-        field: str | None = None
-        streamed: set[str] = set()
-        outputs: dict[str, Any] = {}
-        async with pool.stream(program, inputs, session="cli", timeout=args.timeout) as events:
-            async for event in events:
-                if event["event"] == "chunk" and not args.json:
-                    if event["field"] != field:
-                        out.write(("\n" if field is not None else "") + f"{event['field']}: ")
-                        field = event["field"]
-                        streamed.add(field)
-                    out.write(str(event["chunk"]))
-                    out.flush()
-                elif event["event"] == "completed":
-                    outputs = event["outputs"]
-        if args.json:
-            print(json.dumps(outputs, ensure_ascii=False))
-            return 0
-        if field is not None:
-            out.write("\n")
-        for name, value in outputs.items():
-            if name not in streamed:
-                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-                out.write(f"{name}: {text}\n")
-        out.flush()
-    return 0
-
-
-# -- status ------------------------------------------------------------------------------------------------
-
-
-def _describe_snapshot(snapshot: Mapping[str, Any]) -> str:
-    lines = [
-        f"pool: {len(snapshot['workers'])}/{snapshot['size']} workers, circuit {snapshot['circuit']}"
-        + (f" ({snapshot['circuit_reason']})" if snapshot.get("circuit_reason") else "")
-        + f", launcher {snapshot['launcher']}, restarts {snapshot['restarts']}"
-    ]
-    for w in snapshot["workers"]:
-        lines.append(
-            f"  {w['worker_id']:<8} pid {w['pid']:<8} {w['state']:<9} in flight {w['in_flight']:<4}"
-            f" last heard {w['last_heartbeat_age']:.2f} s ago" + (" (retiring)" if w["retiring"] else "")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: it is not an address of this machine: choose one with --host"
+    if exc.errno == errno.EACCES:
+        return (
+            f"not allowed to listen on port {port} (below 1024 needs privileges): choose another with --port"
         )
-    return "\n".join(lines)
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-def _describe_event(event: str, data: Mapping[str, Any]) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(data.get("time", time.time())))
-    if event == "worker_state":
-        return f"{stamp} worker {data['worker_id']} (pid {data['pid']}): {data['from']} -> {data['to']}" + (
-            f" ({data['reason']})" if data.get("reason") else ""
-        )
-    if event == "circuit":
-        return f"{stamp} circuit {data['from']} -> {data['to']}" + (
-            f" ({data['reason']})" if data.get("reason") else ""
-        )
-    if event == "lagged":
-        return f"{stamp} missed {data.get('missed')} events; resyncing"
-    if event == "snapshot":
-        return _describe_snapshot(data)
-    return f"{stamp} {event} {json.dumps(dict(data))}"
-
-
-async def _status(args: argparse.Namespace, nursery: trio.Nursery) -> int:
-    url = args.url
-    if url is None:
-        host = os.environ.get("DSPEX_HOST", "127.0.0.1")
-        port = os.environ.get("DSPEX_PORT", "8765")
-        url = f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
-    token = args.token or os.environ.get("DSPEX_TOKEN")
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind the server's socket first: a port in use fails here, before any worker starts."""
     try:
-        with trio.fail_after(args.timeout):
-            connection = await trio_websocket.connect_websocket_url(
-                nursery, url, subprotocols=[SUBPROTOCOL], extra_headers=headers
-            )
-    except trio_websocket.ConnectionRejected as exc:
-        print(f"error: {url} refused the connection (HTTP {exc.status_code})", file=sys.stderr)
-        return 1
-    except (OSError, trio_websocket.HandshakeError, trio.TooSlowError) as exc:
-        print(f"error: cannot connect to {url}: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
-    async with connection:
-        await connection.send_message(
-            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health/subscribe", "params": {}})
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise CliError(_bind_failure(host, port, exc)) from exc
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | None = None) -> int:
+    """Bind, start the pool, serve until a signal, drain, shut down. Signals by phase: while starting,
+    stop at once; while serving, drain (up to ``drain_grace``); while draining, skip the rest of the grace
+    (running executions get their terminal ``cancelled`` event); while shutting down, stop at once."""
+    if keys.token is None and not is_loopback(settings.host):
+        raise SettingsError(
+            f"refusing to serve on {settings.host!r} without a token: set --token-file, DSPEX_TOKEN or "
+            "--token auto, or bind 127.0.0.1"
+        )
+    options = dspex_trio.WebsocketOptions(
+        allowed_origins=settings.allowed_origins,
+        client_lm=settings.client_lm,  # type: ignore[arg-type]  # checked by resolve_settings
+        allow_lm_bases=settings.allow_lm_bases,
+    )
+    grace = settings.drain_grace
+    phase = "starting"  # -> serving -> draining -> shutting down
+    interrupted = False
+    drain_requested = trio.Event()
+    draining = trio.CancelScope()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        listeners = await _listen(settings.host, settings.port)
+        logger.info(
+            "bound %s:%d; starting %d worker(s)",
+            settings.host,
+            listeners[0].socket.getsockname()[1],
+            settings.workers,
         )
         try:
-            while True:
-                message = json.loads(await connection.get_message())
-                if args.json:
-                    print(json.dumps(message), flush=True)
-                if message.get("id") == 1:
-                    if "error" in message:
-                        print(f"error: {message['error']['message']}", file=sys.stderr)
-                        return 1
-                    if not args.json:
-                        print(_describe_snapshot(message["result"]["snapshot"]), flush=True)
-                    if args.once:
-                        return 0
-                elif message.get("method") == "health/event" and not args.json:
-                    params = message["params"]
-                    print(_describe_event(params["event"], params["data"]), flush=True)
-        except trio_websocket.ConnectionClosed as exc:
-            print(f"connection closed: {exc.reason}", file=sys.stderr)
-            return 1
+            async with trio.open_nursery() as everything:
+
+                async def on_signals() -> None:
+                    nonlocal interrupted, phase
+                    async for signum in signals:
+                        name = _signal_name(signum)
+                        if phase == "serving":
+                            again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+                            _say(f"{name}: draining (up to {grace:g} s; {again} stops at once)")
+                            phase = "draining"  # now: a signal right after this one skips the grace
+                            drain_requested.set()
+                        elif phase == "draining":
+                            interrupted = True
+                            _say(f"{name} again: cancelling the running executions")
+                            draining.cancel()
+                        else:
+                            interrupted = interrupted or phase == "shutting down" or signum == signal.SIGINT
+                            _say(f"{name}: stopping at once")
+                            everything.cancel_scope.cancel()
+                            return
+
+                everything.start_soon(on_signals)
+                async with dspex_trio.open_pool(
+                    workers=settings.workers,
+                    diagnostics=settings.diagnostics,
+                    worker_env=settings.worker_env,
+                    programs=settings.programs,
+                ) as pool:
+                    await _configure_default_lm(pool, settings, keys.lm_key)
+                    async with trio.open_nursery() as nursery:
+                        server = await nursery.start(
+                            partial(
+                                dspex_trio.serve_websocket,
+                                pool,
+                                settings.host,
+                                settings.port,
+                                token=keys.token,
+                                admin_token=keys.admin_token,
+                                lms=keys.lms,
+                                options=options,
+                                listeners=listeners,
+                                ssl_context=tls,
+                            )
+                        )
+                        phase = "serving"
+                        print(f"dspex-trio serving {server.url} (subprotocol {SUBPROTOCOL})", flush=True)
+                        if keys.generated:
+                            print(f"token (send 'Authorization: Bearer <token>'): {keys.token}", flush=True)
+                        await drain_requested.wait()
+                        with draining, trio.move_on_after(grace):
+                            await server.drain()
+                        # what still runs ends with its terminal `cancelled` event; then every connection closes
+                        phase = "shutting down"
+                        with trio.move_on_after(SHUTDOWN_TIMEOUT_S):
+                            await server.shutdown()
+                        nursery.cancel_scope.cancel()
+                everything.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+    _say("dspex-trio stopped" + (" (interrupted)" if interrupted else ""))
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
-def _find(
-    exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
-) -> BaseException | None:
-    """The first exception of ``kind`` in ``exc`` (itself, or nested in exception groups)."""
-    if isinstance(exc, kind):
-        return exc
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def _configure_default_lm(
+    pool: dspex_trio.Pool, settings: ServeSettings, key: str | None = None
+) -> None:
+    if settings.lm in (None, "offline"):
+        if settings.lm_base_url is not None:
+            raise SettingsError("--lm-base-url needs --lm provider/model")
+        return
+    try:
+        await pool.configure_lm(settings.lm, api_base=settings.lm_base_url, api_key=key)
+    except dspex_trio.InvalidParams as exc:
+        raise SettingsError(f"--lm {settings.lm}: {exc}") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    flags = {name: getattr(args, name, None) for name in SETTING_NAMES}
+    settings = resolve_settings(file=args.config, environ=os.environ, flags=flags)
+    keys = resolve_secrets(settings, os.environ)
+    tls = server_ssl_context(settings)
+    if args.token is not None and args.token != "auto":
+        _warn("serve", "--token puts the token in the process list; prefer --token-file or DSPEX_TOKEN")
+    for line in missing_key_warnings(settings, keys):
+        _warn("serve", line)
+    return trio.run(_serve, settings, keys, tls)
+
+
+def _warn(command: str, text: str) -> None:
+    _say(f"dspex-trio {command}: warning: {text}")
+
+
+# -- run, status, demo -------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    inputs, text_inputs = parse_inputs(args.input, args.inputs_json)
+    request = RunRequest(
+        signature=args.signature,
+        inputs=inputs,
+        text_inputs=text_inputs,
+        module=args.module,
+        instructions=args.instructions,
+        lm=args.lm or (None if args.url else os.environ.get("DSPEX_LM")),
+        lm_base_url=args.lm_base_url or (None if args.url else os.environ.get("DSPEX_LM_BASE_URL")),
+        lm_key_file=args.lm_api_key_file,
+        timeout=args.timeout,
+        url=args.url,
+        token_file=args.token_file,
+        json=args.json,
+    )
+    return trio.run(run_remote if request.url is not None else run_local, request)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    token = client_token(args.token, args.token_file, os.environ)
+    return trio.run(
+        partial(status, args.url, token, once=args.once, raw_json=args.json, timeout=args.timeout)
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return trio.run(_demo, args)
+
+
+_COMMANDS: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
+    "serve": _cmd_serve,
+    "run": _cmd_run,
+    "status": _cmd_status,
+    "demo": _cmd_demo,
+}
+
+
+# -- logging -----------------------------------------------------------------------------------------------
+
+
+class _TextFormatter(logging.Formatter):
+    """``2025-01-31 12:00:00,123 INFO websocket: ...``: the ``dspex_trio.`` prefix of our loggers dropped."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(source)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.source = record.name.removeprefix("dspex_trio.")
+        return super().format(record)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, and
+    ``exception`` (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _configure_logging(verbose: int, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)], handlers=[handler]
+    )
+    if verbose == 2:  # trio-websocket logs every frame at DEBUG
+        logging.getLogger("trio-websocket").setLevel(logging.INFO)
+
+
+# -- the one error path ------------------------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc`` (itself, or inside nested exception groups), ``trio.Cancelled`` left out."""
     if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [] if isinstance(exc, trio.Cancelled) else [exc]
+
+
+def _one_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def explain(exc: BaseException) -> str:
+    """The one line for a failure: expected ones say the cause and the fix; others ask for ``-v``."""
+    if isinstance(exc, CliError):
+        return _one_line(str(exc))
+    if isinstance(exc, dspex_trio.ProgramModuleError):  # it names the module and what is wrong
+        return _one_line(str(exc))
+    if isinstance(exc, dspex_trio.WorkerStartFailed):
+        return f"the workers could not start: {_one_line(str(exc))} (-v shows their output)"
+    if isinstance(exc, dspex_trio.DspexError):
+        return f"{type(exc).__name__}: {_one_line(str(exc))}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or _one_line(str(exc))}{where}"
+    detail = _one_line(str(exc))
+    return f"unexpected {type(exc).__name__}{': ' + detail if detail else ''} (-v shows the traceback)"
+
+
+def _main_cause(leaves: Sequence[BaseException]) -> BaseException:
+    for kind in (CliError, dspex_trio.DspexError, OSError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
+def _report(command: str, exc: BaseException, verbose: int) -> int:
+    """Print the failure of ``command`` (the traceback first at ``-v``); the exit status."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    leaves = _leaves(exc) or [exc]
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        _say(f"dspex-trio {command}: interrupted")
+        return EXIT_INTERRUPTED
+    _say(f"dspex-trio {command}: error: {explain(_main_cause(leaves))}")
+    return EXIT_ERROR
+
+
+def _split_fake_lm(argv: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """``[global options] fake-lm REST``: (the arguments up to ``fake-lm``, REST), else None."""
+    expects_value = False
+    for i, arg in enumerate(argv):
+        if expects_value:
+            expects_value = False
+        elif arg == "fake-lm":
+            return list(argv[: i + 1]), list(argv[i + 1 :])
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            expects_value = True
+        elif not arg.startswith("-"):
+            return None
     return None
 
 
-async def _status_main(args: argparse.Namespace) -> int:
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                return await _status(args, nursery)
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        rejected = _find(group, trio_websocket.ConnectionRejected)
-        if isinstance(rejected, trio_websocket.ConnectionRejected):
-            print(f"error: the server refused the connection (HTTP {rejected.status_code})", file=sys.stderr)
-            return 1
-        failed = _find(group, (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed))
-        if failed is not None:
-            print(f"error: {failed or type(failed).__name__}", file=sys.stderr)
-            return 1
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fake-lm"]:
-        from dspex_trio._fake_lm import main as fake_lm_main
-
-        return fake_lm_main(argv[1:])
-    args = _parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    fake_lm = _split_fake_lm(argv)
+    args = _parser().parse_args(fake_lm[0] if fake_lm is not None else argv)
+    _configure_logging(args.verbose, args.log_format)
     try:
-        if args.command == "demo":
-            return trio.run(_demo, args)
-        if args.command == "serve":
-            flags = {name: getattr(args, name, None) for name in _SETTING_NAMES}
-            settings = resolve_settings(file=args.config, environ=os.environ, flags=flags)
-            return trio.run(_serve, settings)
-        if args.command == "run":
-            return trio.run(_run, args)
-        if args.command == "status":
-            return trio.run(_status_main, args)
-    except KeyboardInterrupt:
-        return 130
-    except (SettingsError, ValueError, dspex_trio.DspexError) as exc:
-        print(f"dspex-trio {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    return 2
+        if fake_lm is not None:
+            from dspex_trio.testing._fake_lm import main as fake_lm_main
+
+            return fake_lm_main(fake_lm[1])
+        return _COMMANDS[args.command](args)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the one error path: every failure ends here
+        return _report(args.command, exc, args.verbose)

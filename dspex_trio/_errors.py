@@ -13,6 +13,10 @@ from bridge_child import wire
 class DspexError(Exception):
     """Base of every error dspex-trio raises."""
 
+    attempts: int = 1
+    """How many times the call that ended in this error was sent to a worker (re-dispatches and the
+    idempotent retry included)."""
+
 
 class WorkerCrashed(DspexError):
     """The worker died (or was killed) with the call pending.
@@ -73,6 +77,23 @@ class ProgramNotFound(DspexError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SessionNotFound(DspexError, KeyError):
+    """No such session (over the websocket: no session with that server-minted id, or it expired)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LimitExceeded(DspexError, ValueError):
+    """A bound set by the operator was reached (sessions, programs, bytes). ``limit`` names it and
+    ``max`` is its value; nothing was changed."""
+
+    def __init__(self, message: str, *, limit: str, max: int | float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.max = max
+
+
 class ProgramError(DspexError):
     """The program itself failed (LM errors included). ``error_type`` names the original exception type."""
 
@@ -80,6 +101,11 @@ class ProgramError(DspexError):
         super().__init__(f"{error_type}: {message}" if error_type else message)
         self.error_type = error_type
         self.details = details
+
+
+class ProgramModuleError(DspexError, ValueError):
+    """An operator's program module cannot be used (it does not import, or registers something invalid):
+    the pool, bridge or mock does not start. The message names the module and what is wrong."""
 
 
 class WorkerError(DspexError):

@@ -146,7 +146,10 @@ class EventBus:
 
     @asynccontextmanager
     async def subscribe(self, *, buffer: int | None = None) -> AsyncIterator[Subscription]:
-        """Receive every event published while the block runs (bounded: see the module doc)."""
+        """Receive every event published while the block runs (bounded: see the module doc).
+
+        Entering is a checkpoint, taken once the subscription is in place: what is published meanwhile
+        is already buffered for it. Cancelled there, nothing is left subscribed."""
         if len(self._subscribers) >= MAX_SUBSCRIBERS:
             raise TooManySubscribers(f"the event bus already has {MAX_SUBSCRIBERS} subscribers")
         size = self.buffer if buffer is None else buffer
@@ -155,6 +158,7 @@ class EventBus:
         subscription = Subscription(size, backend=self.backend)
         self._subscribers.add(subscription)
         try:
+            await trio.lowlevel.checkpoint()
             yield subscription
         finally:
             self._subscribers.discard(subscription)

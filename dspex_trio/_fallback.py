@@ -1,6 +1,8 @@
 """The ``fallback`` backend: pool -> bridge (-> mock, only with ``allow_mock=True``: it returns fake
 answers). A backend that cannot start is skipped; a call refused with ``PoolUnavailable`` goes to the next
 one. Every answer says which backend served it, and every health event carries ``backend``.
+
+Also :func:`open_backend`, which opens any backend by its kind: the fallback holds the table of openers.
 """
 
 from __future__ import annotations
@@ -8,20 +10,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import attrs
 import trio
 
-from dspex_trio._backend import Backend, BackendKind, FallbackStatistics
-from dspex_trio._bridge import open_bridge
-from dspex_trio._errors import DspexError, PoolUnavailable, ProgramNotFound
+from dspex_trio._backend import BACKEND_KINDS, Backend, BackendKind
+from dspex_trio._bridge import BridgeBackend, open_bridge
+from dspex_trio._client import RemoteBackend, open_remote
+from dspex_trio._errors import DspexError, PoolUnavailable, ProgramModuleError, ProgramNotFound
 from dspex_trio._events import EventBus, Subscription
-from dspex_trio._mock import open_mock
-from dspex_trio._pool import HealthSnapshot, open_pool
-from dspex_trio._sessions import DEFAULT_SESSION
+from dspex_trio._health import HealthSnapshot
+from dspex_trio._mock import MockBackend, open_mock
+from dspex_trio._pool import Pool, open_pool
+from dspex_trio._sessions import DEFAULT_SESSION, MINTED_PREFIX, SessionStore
+from dspex_trio._statistics import FallbackStatistics
 from dspex_trio._util import open_service_nursery
 
 FORWARD_BUFFER: Final = 4096
@@ -31,7 +36,7 @@ _OPENERS: Final[dict[BackendKind, Callable[..., AbstractAsyncContextManager[Back
     "bridge": open_bridge,
     "mock": open_mock,
 }
-"""How the fallback opens each backend of its chain (as ``open_backend`` does)."""
+"""How :func:`open_backend` and the fallback open each backend."""
 
 T = TypeVar("T")
 
@@ -68,6 +73,9 @@ class FallbackBackend:
         self._programs: dict[tuple[str, str], _Program] = {}
         self._pending_lm: dict[str, list[tuple[str | None, dict[str, Any]]]] = {b.name: [] for b in chain}
         self._served = collections.Counter[str]()
+        self.sessions = SessionStore(clock=trio.current_time)
+        """The fallback's minted sessions (their programs live in ``_programs``, in the backends under
+        :meth:`_down` names)."""
         self._counts = collections.Counter[str]()
 
     # -- routing --------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ class FallbackBackend:
         pending = self._pending_lm[backend.name]
         while pending:
             session, config = pending[0]
-            await backend.configure_lm(session=session, **config)
+            await backend.configure_lm(session=self._down(session), **config)
             pending.pop(0)
 
     def _entry(self, session: str | None, program: str) -> _Program:
@@ -116,7 +124,9 @@ class FallbackBackend:
         """The program's id in ``backend``, creating it there on first use."""
         backend_id = entry.ids.get(backend.name)
         if backend_id is None:
-            backend_id = entry.ids[backend.name] = await backend.create_program(session=session, **entry.spec)
+            backend_id = entry.ids[backend.name] = await backend.create_program(
+                session=self._down(session), **entry.spec
+            )
         return backend_id
 
     async def _on_program(
@@ -138,23 +148,31 @@ class FallbackBackend:
     # -- the interface --------------------------------------------------------------------------------
     async def create_program(
         self,
-        signature: str | dict[str, Any],
+        signature: str | dict[str, Any] | None = None,
         *,
         module: str = "predict",
         instructions: str | None = None,
         session: str | None = None,
         state: dict[str, Any] | None = None,
+        include: list[str] | None = None,
+        **options: Any,
     ) -> str:
         spec: dict[str, Any] = {
             "signature": signature,
             "module": module,
             "instructions": instructions,
             "state": state,
+            "include": include,
+            **options,
         }
 
         async def create(backend: Backend) -> tuple[str, str, dict[str, Any]]:
-            backend_id = await backend.create_program(session=session, **spec)
-            return backend.name, backend_id, await backend.get_program(backend_id, session=session)
+            backend_id = await backend.create_program(session=self._down(session), **spec)
+            return (
+                backend.name,
+                backend_id,
+                await backend.get_program(backend_id, session=self._down(session)),
+            )
 
         name, backend_id, description = await self._route(create)
         program_id = f"p_{secrets.token_hex(6)}"
@@ -164,9 +182,61 @@ class FallbackBackend:
         )
         return program_id
 
+    async def available_programs(self) -> dict[str, Any]:
+        return await self._route(lambda backend: backend.available_programs())
+
+    async def get_state(self, program: str, *, session: str | None = None) -> dict[str, Any]:
+        async def run(backend: Backend, backend_id: str) -> dict[str, Any]:
+            return await backend.get_state(backend_id, session=self._down(session))
+
+        return await self._on_program(session, program, run)
+
+    async def load_state(self, program: str, state: dict[str, Any], *, session: str | None = None) -> None:
+        entry = self._entry(session, program)
+
+        async def run(backend: Backend, backend_id: str) -> None:
+            await backend.load_state(backend_id, state, session=self._down(session))
+
+        await self._on_program(session, program, run)
+        entry.spec["state"] = state  # backends that create it later get it too
+        for name in [n for n in entry.ids if n != self.last_backend]:
+            entry.ids.pop(name)  # the others rebuild it with the state on first use
+
     async def get_program(self, program: str, *, session: str | None = None) -> dict[str, Any]:
         await trio.lowlevel.checkpoint()
         return {**self._entry(session, program).description, "id": program}
+
+    def has_program(self, program: str, *, session: str | None = None) -> bool:
+        if session is not None and session.startswith(MINTED_PREFIX):
+            self.sessions.minted(session)  # SessionNotFound
+        return (session or DEFAULT_SESSION, program) in self._programs
+
+    async def open_session(self, *, max_programs: int | None = None, max_bytes: int | None = None) -> str:
+        await trio.lowlevel.checkpoint()
+        return self.sessions.open(max_programs=max_programs, max_bytes=max_bytes).id
+
+    async def end_session(self, session: str) -> bool:
+        down = "fallback-" + session if session.startswith(MINTED_PREFIX) else session
+        ended = self.sessions.end(session)
+        mine = [key for key in self._programs if key[0] == session]
+        for key in mine:
+            del self._programs[key]
+        for backend in self.chain:
+            with contextlib.suppress(DspexError):
+                await backend.end_session(down)
+        return ended or bool(mine)
+
+    def has_session(self, session: str) -> bool:
+        if session.startswith(MINTED_PREFIX):
+            return self.sessions.exists(session)
+        return any(key[0] == session for key in self._programs)
+
+    def _down(self, session: str | None) -> str | None:
+        """The session's name in the backends of the chain (a minted id is the fallback's own)."""
+        if session is not None and session.startswith(MINTED_PREFIX):
+            self.sessions.minted(session)  # SessionNotFound
+            return "fallback-" + session
+        return session
 
     async def list_programs(self, *, session: str | None = None) -> list[dict[str, Any]]:
         await trio.lowlevel.checkpoint()
@@ -180,7 +250,7 @@ class FallbackBackend:
             backend_id = entry.ids.get(backend.name)
             if backend_id is not None:
                 with contextlib.suppress(DspexError):
-                    await backend.delete_program(backend_id, session=session)
+                    await backend.delete_program(backend_id, session=self._down(session))
 
     async def execute(
         self,
@@ -193,7 +263,7 @@ class FallbackBackend:
     ) -> dict[str, Any]:
         async def run(backend: Backend, backend_id: str) -> dict[str, Any]:
             return await backend.execute(
-                backend_id, inputs, session=session, timeout=timeout, with_usage=with_usage
+                backend_id, inputs, session=self._down(session), timeout=timeout, with_usage=with_usage
             )
 
         return await self._on_program(session, program, run)
@@ -211,7 +281,7 @@ class FallbackBackend:
 
             async def open_on(backend: Backend, backend_id: str) -> AsyncIterator[dict[str, Any]]:
                 return await stack.enter_async_context(
-                    backend.stream(backend_id, inputs, session=session, timeout=timeout)
+                    backend.stream(backend_id, inputs, session=self._down(session), timeout=timeout)
                 )
 
             events = await self._on_program(session, program, open_on)
@@ -232,7 +302,7 @@ class FallbackBackend:
         for backend in self.chain:
             try:
                 await self._apply_pending_lm(backend)
-                await backend.configure_lm(session=session, **config)
+                await backend.configure_lm(session=self._down(session), **config)
                 configured += 1
             except PoolUnavailable:
                 self._pending_lm[backend.name].append((session, config))
@@ -256,7 +326,7 @@ class FallbackBackend:
                 return await backend.call(
                     method,
                     {**params, "program": backend_id},
-                    session=session,
+                    session=self._down(session),
                     timeout=timeout,
                     idempotent=idempotent,
                 )
@@ -264,7 +334,9 @@ class FallbackBackend:
             return await self._on_program(session, params["program"], on_program)
 
         async def run(backend: Backend) -> Any:
-            return await backend.call(method, params, session=session, timeout=timeout, idempotent=idempotent)
+            return await backend.call(
+                method, params, session=self._down(session), timeout=timeout, idempotent=idempotent
+            )
 
         return await self._route(run)
 
@@ -313,16 +385,18 @@ async def open_fallback(
     diagnostics: bool = False,
     pool_options: dict[str, Any] | None = None,
     bridge_options: dict[str, Any] | None = None,
+    programs: Sequence[str] = (),
 ) -> AsyncIterator[FallbackBackend]:
     """Open pool, bridge (and mock, with ``allow_mock``) and chain them; a backend that cannot start is
-    skipped (``statistics().skipped``). ``PoolUnavailable`` if none starts."""
+    skipped (``statistics().skipped``). ``PoolUnavailable`` if none starts; ``ProgramModuleError`` (no
+    fallback) if the operator's ``programs`` cannot be used."""
     kinds: list[BackendKind] = ["pool", "bridge"]
     if allow_mock:
         kinds.append("mock")
     options: dict[str, dict[str, Any]] = {
-        "pool": {"lm": lm, "diagnostics": diagnostics, **(pool_options or {})},
-        "bridge": {"lm": lm, "diagnostics": diagnostics, **(bridge_options or {})},
-        "mock": {},
+        "pool": {"lm": lm, "diagnostics": diagnostics, "programs": programs, **(pool_options or {})},
+        "bridge": {"lm": lm, "diagnostics": diagnostics, "programs": programs, **(bridge_options or {})},
+        "mock": {"programs": programs},
     }
     async with contextlib.AsyncExitStack() as stack:
         chain: list[Backend] = []
@@ -330,6 +404,8 @@ async def open_fallback(
         for kind in kinds:
             try:
                 chain.append(await stack.enter_async_context(_OPENERS[kind](**options[kind])))
+            except ProgramModuleError:
+                raise  # the operator's modules: the next backend would refuse them alike
             except (DspexError, OSError) as exc:
                 skipped[kind] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not chain:
@@ -348,3 +424,38 @@ async def open_fallback(
             finally:
                 nursery.cancel_scope.cancel()
                 fallback.events.close()
+
+
+def open_backend(kind: BackendKind | str, **options: Any) -> AbstractAsyncContextManager[Backend]:
+    """``async with open_backend(kind, **options) as backend``: one of the backends.
+
+    - ``"ws://host:port"`` / ``"wss://..."``: a :class:`~dspex_trio.RemoteBackend` on that server
+      (:func:`~dspex_trio.connect`: ``token``, ``ssl_context`` and the ``ClientOptions`` fields);
+    - ``"mock"``: :class:`~dspex_trio._mock.MockBackend` (options: ``clock``, ``session_ttl``, ``programs``);
+    - ``"bridge"``: :class:`~dspex_trio._bridge.BridgeBackend` (``lm``, ``diagnostics``, ``launcher``,
+      ``retry``, ``session_ttl``, and ``options=WorkerOptions(...)`` or its fields);
+    - ``"pool"``: :func:`~dspex_trio.open_pool` (its arguments);
+    - ``"fallback"``: :class:`FallbackBackend` (``allow_mock=False``, ``lm``, ``diagnostics``,
+      ``pool_options``, ``bridge_options``, ``programs``).
+
+    Every local kind takes ``programs``: the operator's program modules (``bridge_child.registry``); a
+    remote server serves its own.
+    """
+    if kind.startswith(("ws://", "wss://")):
+        return open_remote(kind, **options)
+    if kind == "fallback":
+        return open_fallback(**options)
+    opener = _OPENERS.get(cast(BackendKind, kind))
+    if opener is None:
+        raise ValueError(
+            f"backend kind must be one of {', '.join(BACKEND_KINDS)} or a ws:// URL, not {kind!r}"
+        )
+    return opener(**options)
+
+
+if TYPE_CHECKING:  # every backend satisfies the interface (checked by mypy)
+
+    def _conforms(
+        pool: Pool, mock: MockBackend, bridge: BridgeBackend, fallback: FallbackBackend, remote: RemoteBackend
+    ) -> list[Backend]:
+        return [pool, mock, bridge, fallback, remote]

@@ -29,6 +29,7 @@ UNKNOWN_EXECUTION: Final = -32002
 UNKNOWN_PROGRAM: Final = -32003
 LIMIT_EXCEEDED: Final = -32004
 UNAUTHORIZED: Final = -32005
+SESSION_NOT_FOUND: Final = -32006
 EXECUTION_FAILED: Final = -32010
 
 KINDS: Final[dict[int, str]] = {
@@ -43,12 +44,15 @@ KINDS: Final[dict[int, str]] = {
     UNKNOWN_PROGRAM: "unknown_program",
     LIMIT_EXCEEDED: "limit_exceeded",
     UNAUTHORIZED: "unauthorized",
+    SESSION_NOT_FOUND: "session_not_found",
     EXECUTION_FAILED: "execution_failed",
 }
 """Every error reply carries ``data.kind``: this name of its code (stable across versions)."""
 
 MAX_ID_CHARS: Final = 128
 """Longest string request id accepted, in characters."""
+MAX_NAME_CHARS: Final = 128
+"""Longest session, program, execution, subscription or LM name accepted in params, in characters."""
 
 RequestId = str | int | float | None
 
@@ -83,6 +87,15 @@ def _valid_id(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decode: Final = json.JSONDecoder(parse_constant=_refuse_constant).decode
+"""``json.loads`` that refuses ``NaN`` and ``Infinity`` (one decoder: ``loads`` with a keyword makes one
+per call)."""
+
+
 def parse_message_untrusted(text: str) -> Request:
     """Parse one text frame from a client.
 
@@ -91,7 +104,7 @@ def parse_message_untrusted(text: str) -> Request:
             batches are not supported). ``error.request_id`` is the id when it could be read.
     """
     try:
-        message = json.loads(text)
+        message = _decode(text)
     except (ValueError, RecursionError) as exc:
         raise RpcError(PARSE_ERROR, f"invalid JSON: {exc}") from None
     if isinstance(message, list):
@@ -101,7 +114,7 @@ def parse_message_untrusted(text: str) -> Request:
     has_id = "id" in message
     request_id = message.get("id")
     if has_id and not _valid_id(request_id):
-        raise RpcError(INVALID_REQUEST, "id must be a string (at most 128 characters), a number or null")
+        raise RpcError(INVALID_REQUEST, "id must be a string (at most 128 characters) or a finite number")
     try:
         if message.get("jsonrpc") != "2.0":
             raise RpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"')
@@ -149,50 +162,84 @@ def encode(message: dict[str, Any]) -> str:
 # -- params ------------------------------------------------------------------------------------------------
 
 
+def _name(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{attribute.name}: at most {MAX_NAME_CHARS} characters")
+
+
+def _name_field() -> Any:
+    return attrs.field(default=None, validator=_name)
+
+
 @attrs.frozen(kw_only=True)
 class ProgramCreateParams:
-    signature: str | dict[str, Any]
-    module: str = "predict"
+    signature: str | dict[str, Any] | None = None
+    """A built-in's signature; none for a registered program (``module`` names it)."""
+    module: str = attrs.field(default="predict", validator=_name)
     instructions: str | None = None
-    session: str | None = None
+    session: str | None = _name_field()
     state: dict[str, Any] | None = None
+    include: list[str] | None = None
+    tools: list[str] | None = None
+    max_iters: int | None = None
+    n: int | None = None
+    reward: str | None = _name_field()
+    threshold: float | None = None
+    base: str | None = _name_field()
+
+    def options(self) -> dict[str, Any]:
+        """The module options given (``tools``, ``max_iters``, ``n``, ``reward``, ``threshold``, ``base``)."""
+        names = ("tools", "max_iters", "n", "reward", "threshold", "base")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @attrs.frozen(kw_only=True)
 class ProgramRefParams:
-    program: str
-    session: str | None = None
+    program: str = attrs.field(validator=_name)
+    session: str | None = _name_field()
 
 
 @attrs.frozen(kw_only=True)
 class SessionParams:
-    session: str | None = None
+    session: str | None = _name_field()
 
 
 @attrs.frozen(kw_only=True)
 class SessionEndParams:
-    session: str
+    session: str = attrs.field(validator=_name)
 
 
 @attrs.frozen(kw_only=True)
 class LmConfigureParams:
-    model: str
-    session: str | None = None
-    api_base: str | None = None
-    api_key: str | None = None
+    model: str = attrs.field(validator=_name)
+    session: str | None = _name_field()
+    api_base: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.max_len(2048))
+    )
+    api_key: str | None = attrs.field(
+        default=None, repr=False, validator=attrs.validators.optional(attrs.validators.max_len(4096))
+    )
     settings: dict[str, Any] = attrs.field(factory=dict)
-    """Further ``dspy.LM`` settings (``temperature``, ``max_tokens``, ...)."""
+    """Further ``dspy.LM`` settings (``temperature``, ``max_tokens``, ``num_retries``, ``timeout``)."""
+    default: bool = False
+    """Change the server's default LM instead of a session's (admin connections only)."""
+
+
+@attrs.frozen(kw_only=True)
+class LmSelectParams:
+    name: str = attrs.field(validator=_name)
+    session: str | None = _name_field()
 
 
 @attrs.frozen(kw_only=True)
 class ExecutionParams:
-    program: str
+    program: str = attrs.field(validator=_name)
     inputs: dict[str, Any]
-    session: str | None = None
+    session: str | None = _name_field()
     stream: bool = True
     """``execution/submit`` only: send ``chunk`` events as the LM streams."""
     timeout: float | None = None
-    """Seconds for the whole execution (queueing included); None: no deadline."""
+    """Seconds for the whole execution (queueing included); None: the server's maximum."""
 
     def __attrs_post_init__(self) -> None:
         if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
@@ -201,12 +248,12 @@ class ExecutionParams:
 
 @attrs.frozen(kw_only=True)
 class ExecutionCancelParams:
-    execution: str
+    execution: str = attrs.field(validator=_name)
 
 
 @attrs.frozen(kw_only=True)
 class SubscriptionParams:
-    subscription: str
+    subscription: str = attrs.field(validator=_name)
 
 
 @attrs.frozen(kw_only=True)
@@ -251,6 +298,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _number)
     converter.register_structure_hook_func(lambda t: t == dict[str, Any], _object)
     converter.register_structure_hook_func(lambda t: t == str | dict[str, Any], _signature)
+    converter.register_structure_hook_func(
+        lambda t: t == str | dict[str, Any] | None, lambda v, t: None if v is None else _signature(v, t)
+    )
     return converter
 
 

@@ -5,9 +5,10 @@ Structure (all in the pool's nursery):
   (one-for-one), under a restart budget; a worker retiring (recycled) drains in its own task while its
   replacement starts;
 - a maintenance task: session TTL sweeps and worker RSS checks.
-Callers never touch a nursery: ``call()`` checks out the least-loaded ready worker with free capacity
-(waiting in a bounded queue when none has), multiplexes its call on it, and re-dispatches calls that
-never started when their worker dies.
+Callers never touch a nursery: ``call()``, ``execute()`` and ``stream()`` run through the dispatch loop
+(``dspex_trio._dispatch.Dispatch``), whose placement hook here (``_checkout``) takes the least-loaded
+ready worker with free capacity (waiting in a bounded queue when none has); the call is multiplexed on
+it, and re-dispatched when it never started, as ``dspex_trio._retry.Attempts`` decides.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import math
 import random
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
@@ -25,10 +24,9 @@ from typing import Any, Final
 import attrs
 import trio
 
-from bridge_child import wire
 from dspex_trio._breaker import CircuitBreaker, CircuitState
+from dspex_trio._dispatch import Dispatch
 from dspex_trio._errors import (
-    CacheMiss,
     CallTimeout,
     DspexError,
     Overloaded,
@@ -39,212 +37,25 @@ from dspex_trio._errors import (
     WorkerStartFailed,
 )
 from dspex_trio._events import EventBus, Subscription
+from dspex_trio._exports import NoPublicConstructor
+from dspex_trio._health import HealthSnapshot, WorkerHealth, worker_state_data
 from dspex_trio._launcher import Launcher, WorkerSpec
-from dspex_trio._programs_host import ProgramHost, program_events, program_spec
-from dspex_trio._retry import RandomSource, RetryPolicy
-from dspex_trio._sessions import DEFAULT_SESSION_TTL_S, ProgramSpec
+from dspex_trio._options import PoolOptions, WorkerOptions, pool_options_from
+from dspex_trio._pool_launcher import open_launcher
+from dspex_trio._programs_host import ProgramHost, program_module_error, program_spec
+from dspex_trio._retry import RandomSource, RetryPolicy, place
+from dspex_trio._sessions import public_session_id
 from dspex_trio._states import TERMINAL, WorkerState
+from dspex_trio._statistics import LatencySummary, PoolStatistics
 from dspex_trio._util import open_service_nursery
-from dspex_trio._worker import Worker, WorkerOptions, WorkerStatistics, next_worker_id, start_worker
-from dspex_trio._zygote import open_launcher
+from dspex_trio._worker import Worker, next_worker_id, start_worker
 
 logger = logging.getLogger("dspex_trio.pool")
 
-MAX_REDISPATCHES: Final = 3
-"""Default re-dispatches of a call that never started (``retry_max_attempts`` is this + 1)."""
 MAINTENANCE_INTERVAL_S: Final = 1.0
 """How often sessions are swept for the idle TTL, in seconds."""
-LAUNCHER_KINDS: Final = ("auto", "zygote", "subprocess")
 LATENCY_WINDOW: Final = 2048
 """Latest call latencies kept per method for the percentiles."""
-
-
-def _at_least(minimum: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and not value >= minimum:
-            raise ValueError(f"{attribute.name} must be >= {minimum}, not {value!r}")
-
-    return check
-
-
-@attrs.frozen(kw_only=True)
-class PoolOptions:
-    """The pool's own settings. Every duration is in seconds."""
-
-    workers: int = attrs.field(default=2, validator=_at_least(1))
-    """Worker slots."""
-    max_queue: int = attrs.field(default=1024, validator=_at_least(0))
-    """Calls waiting for a worker with free capacity; past it, ``Overloaded`` (or wait, if asked)."""
-    restart_intensity: int = attrs.field(default=5, validator=_at_least(0))
-    """More than this many counted restarts within ``restart_period`` open the circuit (the breaker's
-    failure threshold is ``restart_intensity + 1``)."""
-    restart_period: float = attrs.field(default=10.0, validator=_at_least(0))
-    """The breaker's failure window."""
-    min_healthy_uptime: float = attrs.field(default=1.0, validator=_at_least(0))
-    """A worker that fails before its handshake, or within this uptime having served no call, counts
-    against the restart budget; one killed after serving calls is simply replaced."""
-    probe_backoff: float = attrs.field(default=0.5, validator=_at_least(0))
-    """The breaker's reset timeout: first wait before a probe while the circuit is open; doubles per
-    failed probe up to ``probe_backoff_max``."""
-    probe_backoff_max: float = attrs.field(default=30.0, validator=_at_least(0))
-    half_open_probes: int = attrs.field(default=1, validator=_at_least(1))
-    """Worker starts that must succeed while half-open to close the circuit (a probe is one worker
-    start in an empty slot, so at most ``workers`` are needed; fewer if no other slot is empty)."""
-    retry_backoff: float = attrs.field(default=0.01, validator=_at_least(0))
-    """Wait before re-sending a call after its worker failed; grows by ``retry_backoff_multiplier`` per
-    attempt up to ``retry_backoff_max``, with ``retry_jitter`` of it random."""
-    retry_backoff_multiplier: float = attrs.field(default=2.0, validator=_at_least(1))
-    retry_backoff_max: float = attrs.field(default=1.0, validator=_at_least(0))
-    retry_jitter: float = attrs.field(default=0.5, validator=_at_least(0))
-    """Random fraction of each retry wait, within [0, 1]."""
-    retry_max_attempts: int = attrs.field(default=MAX_REDISPATCHES + 1, validator=_at_least(1))
-    """Attempts of one call in all (re-dispatches of never-acked calls and idempotent retries)."""
-    drain_grace: float = attrs.field(default=10.0, validator=_at_least(0))
-    """On close: how long in-flight calls may finish before the workers are torn down."""
-    max_calls_per_worker: int | None = attrs.field(default=None, validator=_at_least(1))
-    """Recycle a worker after this many calls (None: never)."""
-    max_worker_rss_bytes: int | None = attrs.field(default=None, validator=_at_least(1))
-    """Recycle a worker whose resident memory passes this, in bytes (None: never)."""
-    rss_check_interval: float = attrs.field(default=5.0, validator=_at_least(0.01))
-    session_ttl: float = attrs.field(default=DEFAULT_SESSION_TTL_S, validator=_at_least(0))
-    python: str = sys.executable
-    """Interpreter for the subprocess launcher and the zygote template."""
-
-
-@attrs.frozen
-class LatencySummary:
-    """Latencies of the latest calls of one method, in seconds."""
-
-    count: int
-    """Calls measured in the window."""
-    p50: float
-    p90: float
-    p99: float
-    max: float
-
-
-@attrs.frozen
-class PoolStatistics:
-    """A snapshot of the pool."""
-
-    workers: tuple[WorkerStatistics, ...]
-    """Each live worker (retiring ones included)."""
-    size: int
-    """Configured worker slots."""
-    ready: int
-    """Workers taking calls now."""
-    in_flight: int
-    """Calls running on workers."""
-    queued: int
-    """Calls waiting for a worker."""
-    calls: int
-    """Calls admitted since the pool opened."""
-    completed: int
-    failed: int
-    overloaded: int
-    """Calls refused with ``Overloaded``."""
-    unavailable: int
-    """Calls refused with ``PoolUnavailable`` (circuit open)."""
-    redispatched: int
-    """Calls re-sent after their worker died before acking them."""
-    retried: int
-    """Idempotent calls retried on another worker after their worker died."""
-    backoffs: int
-    """Waits before a re-dispatch or retry (see ``retry_backoff``)."""
-    backoff_seconds: float
-    """Total time calls spent in those waits, in seconds."""
-    restarts: int
-    """Workers replaced after failing."""
-    recycled: int
-    """Workers replaced by recycling (call count or memory)."""
-    launcher: str
-    """Launcher in use ("zygote" or "subprocess", with the reason for a fallback)."""
-    circuit: CircuitState
-    circuit_reason: str
-    circuit_opened: int
-    """Times the circuit opened (trips and failed probes)."""
-    checkout_success_rate: float
-    """Share of checkouts that got a worker (1.0 when none was attempted)."""
-    sessions: int
-    latency: dict[str, LatencySummary]
-    """Per method."""
-
-
-@attrs.frozen
-class WorkerHealth:
-    """One worker in a health snapshot."""
-
-    worker_id: str
-    pid: int
-    state: WorkerState
-    in_flight: int
-    last_heartbeat_age: float
-    """Seconds since the worker last sent anything (a pong, an ack, a result)."""
-    restarts: int
-    """Restarts of its slot so far."""
-    retiring: bool
-
-    @classmethod
-    def of(cls, worker: Worker, *, restarts: int, retiring: bool = False) -> WorkerHealth:
-        """The health of ``worker`` now."""
-        return cls(
-            worker_id=worker.worker_id,
-            pid=worker.pid,
-            state=worker.state,
-            in_flight=worker.in_flight,
-            last_heartbeat_age=max(0.0, trio.current_time() - worker.last_seen),
-            restarts=restarts,
-            retiring=retiring,
-        )
-
-
-def worker_state_data(worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> dict[str, Any]:
-    """The data of a ``worker_state`` health event (the same for every backend)."""
-    return {
-        "worker_id": worker.worker_id,
-        "pid": worker.pid,
-        "from": str(old),
-        "to": str(new),
-        "reason": reason,
-    }
-
-
-@attrs.frozen
-class HealthSnapshot:
-    """The health of a backend at one moment."""
-
-    backend: str
-    workers: tuple[WorkerHealth, ...]
-    size: int
-    restarts: int
-    circuit: CircuitState
-    circuit_reason: str
-    launcher: str
-    seq: int
-    """Events published before this snapshot (a subscriber resyncs from here)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "size": self.size,
-            "restarts": self.restarts,
-            "circuit": str(self.circuit),
-            "circuit_reason": self.circuit_reason,
-            "launcher": self.launcher,
-            "seq": self.seq,
-            "workers": [
-                {
-                    "worker_id": w.worker_id,
-                    "pid": w.pid,
-                    "state": str(w.state),
-                    "in_flight": w.in_flight,
-                    "last_heartbeat_age": round(w.last_heartbeat_age, 3),
-                    "restarts": w.restarts,
-                    "retiring": w.retiring,
-                }
-                for w in self.workers
-            ],
-        }
 
 
 @attrs.define(eq=False)
@@ -257,23 +68,17 @@ class _Tenure:
     ended: trio.Event = attrs.Factory(trio.Event)
     """Set when the worker stops or fails, or is asked to retire."""
     retiring: bool = False
+    end_reason: str = ""
+    """Why the worker stopped or failed (its last transition's reason), for the log."""
     programs: set[tuple[str, int]] = attrs.Factory(set)
     """(program id, version) the worker holds in its cache, as far as the pool knows."""
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[index]
-
-
-class Pool(ProgramHost):
-    """A supervised pool of workers. Made by :func:`open_pool`."""
+class Pool(ProgramHost, metaclass=NoPublicConstructor):
+    """A supervised pool of workers. Made by :func:`open_pool` (``Pool(...)`` raises ``TypeError``)."""
 
     name = "pool"
     """The backend name (see ``dspex_trio.Backend``)."""
-    _reads_checkpoint = False  # the pool's get/list/delete_program never passed a checkpoint
 
     def __init__(
         self,
@@ -318,7 +123,8 @@ class Pool(ProgramHost):
             jitter=options.retry_jitter,
             max_attempts=options.retry_max_attempts,
         )
-        """Backoff between the attempts of a call (whether to retry is ``_dispatch``'s rule)."""
+        """Attempts of a call and the backoff between them (what follows a failed attempt is
+        ``Attempts.after``'s rule)."""
         self._rng: RandomSource = rng if rng is not None else random.Random()
         self._backoff_seconds = 0.0
         self._circuit_changed = trio.Event()
@@ -329,8 +135,9 @@ class Pool(ProgramHost):
         self._slot_restarts = collections.Counter[int]()
         self.events = EventBus(backend="pool")
         """Health events: every worker state transition and circuit change."""
-        self.transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
-        """Called on every worker state transition (health events hook in here)."""
+        self._transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
+        """Called synchronously on every worker state transition, after its health event is published
+        (tests and the chaos benchmark hook in here; applications read ``subscribe_health()``)."""
 
     # -- public API -----------------------------------------------------------------------------------
     @property
@@ -372,88 +179,60 @@ class Pool(ProgramHost):
                 ``idempotent``); calls never acked are re-dispatched transparently.
             WorkerClosed: the pool is closing.
             and the worker's own errors (``UnknownMethod``, ``InvalidParams``, ...).
-        Cancelling the caller cancels the call in its worker.
+        Cancelling the caller cancels the call in its worker. The worker is told the caller's deadline,
+        however it was set: ``with trio.move_on_after(0.5): await pool.call(...)`` ends the call in the
+        worker at 0.5 s as ``timeout=0.5`` does (the caller then sees plain cancellation, not
+        ``CallTimeout``).
         """
         program = self._resolve(params, session)
-        return await self._dispatch(
-            method, params, program=program, timeout=timeout, idempotent=idempotent, wait=wait
+        dispatch = Dispatch(
+            self, method, params, program=program, timeout=timeout, idempotent=idempotent, wait=wait
         )
+        return await dispatch.result()
 
     # -- DSPy programs --------------------------------------------------------------------------------
     async def create_program(
         self,
-        signature: str | dict[str, Any],
+        signature: str | dict[str, Any] | None = None,
         *,
         module: str = "predict",
         instructions: str | None = None,
         session: str | None = None,
         state: dict[str, Any] | None = None,
+        include: list[str] | None = None,
         timeout: float | None = None,
+        **options: Any,
     ) -> str:
-        """Create a program in ``session`` and return its id.
+        """Create a program in ``session`` and return its id (see ``ProgramHost.create_program``: a
+        built-in from ``signature``, or a registered program by name, with the built-in's ``options``).
 
         ``signature`` is a string (``"question: str, context: list[str] -> answer, confidence: float"``)
-        or a dict ``{"inputs": [...], "outputs": [...], "instructions": ...}``; ``module`` is
-        ``"predict"`` or ``"chain_of_thought"``. A worker parses and builds it first (never ``eval``), so an
-        invalid signature or a disallowed type is an ``InvalidParams`` here, not at execution.
+        or a dict ``{"inputs": [...], "outputs": [...], "instructions": ...}``. A worker parses and builds
+        it first (never ``eval``), so an invalid signature, module, tool or state is an
+        ``InvalidParams`` here, not at execution.
         """
-        return await self._add_program(program_spec(signature, module, instructions, state), session, timeout)
+        spec = program_spec(signature, module, instructions, state, include, options)
+        return await self._add_program(spec, session, timeout)
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         program: str,
         inputs: dict[str, Any],
         *,
         session: str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """Run a program streamed: ``{"event": "chunk", "field", "chunk"}`` as chunks arrive, then one
-        ``{"event": "completed", "outputs", "usage", "backend"}``. Leaving the block early cancels the
-        execution in its worker. A worker dying before it acked the call (and before the block got the
-        events) is retried transparently, after a backoff; after, it raises.
+    ) -> Dispatch:
+        """Run a program streamed: ``async with pool.stream(...) as events: async for event in events``.
+
+        The events are the worker's ``{"event": "chunk", "field", "chunk"}`` as chunks arrive, then one
+        ``{"event": "completed", "outputs", "usage", "backend"}``. Placed, re-dispatched and timed out as
+        ``call()`` is (a worker that lacks the program gets its spec; a call never acked goes to another
+        worker), until the block has seen an event; after, a failure raises. Leaving the block early
+        cancels the execution in its worker.
         """
         spec = self.sessions.program(session, program)
         params = self._execute_params(program, inputs, session)
-        start = trio.current_time()
-        deadline = math.inf if timeout is None else start + timeout
-        self._counts["calls"] += 1
-        for attempt in range(1, self.retry.max_attempts + 1):
-            tenure = await self._checkout(deadline, wait=False, program=spec, excluded=set())
-            call_params = self._wire_params(params, spec, tenure.programs, send_spec=False)
-            remaining = None if deadline == math.inf else max(1e-3, deadline - trio.current_time())
-            self._in_flight += 1
-            yielded = False
-            try:
-                async with tenure.worker.stream("execute", call_params, timeout=remaining) as events:
-                    yielded = True
-                    yield program_events(
-                        events, self.name, on_completed=functools.partial(self._streamed, tenure, spec, start)
-                    )
-                    return
-            except (WorkerCrashed, ProtocolError) as exc:
-                if exc.started or yielded:  # the block saw the stream: not ours to re-run
-                    self._counts["failed"] += 1
-                    raise
-                self._counts["redispatched"] += 1
-            finally:
-                self._in_flight -= 1
-                self._after_call(tenure)
-            if attempt < self.retry.max_attempts:
-                await self._back_off(attempt, deadline)
-        raise PoolUnavailable("the execution could not be placed on a worker", reason="re-dispatch limit")
-
-    async def get_state(self, program: str, *, session: str | None = None) -> dict[str, Any]:
-        """The program's DSPy state (demos, instructions), e.g. to save an optimised program."""
-        return await self.call("get_state", {"program": program}, session=session, idempotent=True)
-
-    async def load_state(self, program: str, state: dict[str, Any], *, session: str | None = None) -> None:
-        """Install DSPy state (demos, instructions) into a program: validated by a worker, then stored in
-        the session (a new version: workers rebuild it on their next call)."""
-        spec = {**self.sessions.program(session, program).spec, "state": state}
-        description = await self.call("validate_program", {"spec": spec}, idempotent=True)
-        updated = self.sessions.update_program(session, program, state=state)
-        self._descriptions[updated.id, updated.version] = description
+        return Dispatch(self, "execute", params, program=spec, timeout=timeout, stream=True)
 
     async def _apply_default_lm(self) -> None:
         """The default LM changed: apply it on every worker now (workers started later get it too)."""
@@ -500,16 +279,7 @@ class Pool(ProgramHost):
             attrs.evolve(t.worker.statistics(), restarts=self._slot_restarts[t.slot])
             for t in self._live.values()
         )
-        latency = {}
-        for method, samples in self._latency.items():
-            ordered = sorted(samples)
-            latency[method] = LatencySummary(
-                count=len(ordered),
-                p50=_percentile(ordered, 0.50),
-                p90=_percentile(ordered, 0.90),
-                p99=_percentile(ordered, 0.99),
-                max=ordered[-1] if ordered else 0.0,
-            )
+        latency = {method: LatencySummary.of(samples) for method, samples in self._latency.items()}
         checkouts = self._counts["checkouts"]
         return PoolStatistics(
             workers=workers,
@@ -537,138 +307,27 @@ class Pool(ProgramHost):
             latency=latency,
         )
 
-    # -- dispatch -------------------------------------------------------------------------------------
-    async def _dispatch(
-        self,
-        method: str,
-        params: Any,
-        *,
-        program: ProgramSpec | None,
-        timeout: float | None,
-        idempotent: bool,
-        wait: bool,
-    ) -> Any:
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
-        start = trio.current_time()
-        deadline = math.inf if timeout is None else start + timeout
-        flags = wire.FLAG_IDEMPOTENT if idempotent else 0
-        self._counts["calls"] += 1
-        attempts = 1
-        retried = False
-        excluded: set[str] = set()
-        send_spec = False
-        try:
-            while True:
-                tenure = await self._checkout(deadline, wait=wait, program=program, excluded=excluded)
-                worker = tenure.worker
-                call_params = self._wire_params(params, program, tenure.programs, send_spec=send_spec)
-                remaining = None if deadline == math.inf else deadline - trio.current_time()
-                if remaining is not None and remaining <= 0:
-                    raise CallTimeout(f"{method} timed out after {timeout} s waiting for a worker")
-                self._in_flight += 1
-                back_off = False
-                try:
-                    call = worker._submit(method, call_params, timeout=remaining, flags=flags)
-                    result = await worker._wait(call)
-                except CacheMiss:
-                    if send_spec:
-                        raise
-                    send_spec = True
-                    continue
-                except (WorkerCrashed, ProtocolError) as exc:
-                    # Retried: calls that never started, and idempotent ones (once, elsewhere).
-                    if not self.retry.allows(attempts):
-                        raise
-                    if not exc.started:
-                        self._counts["redispatched"] += 1
-                    elif idempotent and not retried:
-                        retried = True
-                        excluded.add(worker.worker_id)
-                        self._counts["retried"] += 1
-                    else:
-                        raise
-                    back_off = True
-                except WorkerClosed:
-                    if self._closing or not self.retry.allows(attempts):
-                        raise
-                    attempts += 1  # it began closing (recycled) between checkout and submit: no wait
-                    self._counts["redispatched"] += 1
-                    continue
-                finally:
-                    self._in_flight -= 1
-                    self._after_call(tenure)
-                if back_off:
-                    await self._back_off(attempts, deadline)
-                    attempts += 1
-                    continue
-                if program is not None:
-                    tenure.programs.add((program.id, program.version))
-                self._counts["completed"] += 1
-                self._record_latency(method, trio.current_time() - start)
-                return result
-        except BaseException:
-            self._counts["failed"] += 1
-            raise
-
-    async def _back_off(self, retry: int, deadline: float) -> None:
-        """Wait before retry number ``retry`` (capped by the call's deadline)."""
-        now = trio.current_time()
-        wake = min(now + self.retry.delay(retry, self._rng), deadline)
-        self._counts["backoffs"] += 1
-        self._backoff_seconds += max(0.0, wake - now)
-        await trio.sleep_until(wake)
-
-    def _after_call(self, tenure: _Tenure) -> None:
-        self._lot.unpark()
-        limit = self.options.max_calls_per_worker
-        if limit is not None and not tenure.retiring:
-            stats = tenure.worker.statistics()
-            if stats.calls_served + stats.calls_failed >= limit:
-                self._retire(tenure, f"served {limit} calls")
-        if self._closing and self._in_flight == 0:
-            self._drained.set()
-
-    def _streamed(self, tenure: _Tenure, spec: ProgramSpec, start: float) -> None:
-        """A streamed execution completed."""
-        tenure.programs.add((spec.id, spec.version))
-        self._counts["completed"] += 1
-        self._record_latency("execute", trio.current_time() - start)
-
-    def _record_latency(self, method: str, seconds: float) -> None:
-        samples = self._latency.get(method)
-        if samples is None:
-            samples = self._latency[method] = collections.deque(maxlen=LATENCY_WINDOW)
-        samples.append(seconds)
-
-    def _pick(self, program: ProgramSpec | None, excluded: set[str]) -> _Tenure | None:
-        best: _Tenure | None = None
-        best_key: tuple[int, int] | None = None
-        for tenure in self._live.values():
-            worker = tenure.worker
-            if tenure.retiring or not worker.accepting or worker.in_flight >= worker.capacity:
-                continue
-            if worker.worker_id in excluded:
-                continue
-            holds = program is not None and (program.id, program.version) in tenure.programs
-            key = (worker.in_flight, 0 if holds else 1)  # least loaded; affinity breaks ties
-            if best_key is None or key < best_key:
-                best, best_key = tenure, key
-        return best
-
-    async def _checkout(
-        self, deadline: float, *, wait: bool, program: ProgramSpec | None, excluded: set[str]
-    ) -> _Tenure:
+    # -- dispatch (the loop is ``Dispatch``'s; these are its hooks) -----------------------------------
+    async def _checkout(self, dispatch: Dispatch) -> _Tenure:
+        """The worker for ``dispatch``'s next attempt, counted in flight until ``_end_attempt``: the
+        least-loaded ready one with free capacity (``place``). When none has, the call waits in the
+        bounded queue (``Overloaded`` when it is full, unless ``dispatch.wait``), up to its deadline
+        (``CallTimeout``)."""
         self._counts["checkouts"] += 1
         self._check_admission()
-        tenure = self._pick(program, excluded) or (self._pick(program, set()) if excluded else None)
-        if tenure is not None:
-            self._counts["checkouts_ok"] += 1
-            return tenure
+        tenure = place(self._live.values(), dispatch.key, dispatch.avoid)
+        if tenure is None:
+            tenure = await self._queue_for(dispatch)
+        self._counts["checkouts_ok"] += 1
+        self._in_flight += 1
+        return tenure
+
+    async def _queue_for(self, dispatch: Dispatch) -> _Tenure:
+        deadline = dispatch.deadline
         try:
             self._queue_slots.acquire_nowait()
         except trio.WouldBlock:
-            if not wait:
+            if not dispatch.wait:
                 self._counts["overloaded"] += 1
                 raise Overloaded(
                     f"all {len(self._live)} workers are at capacity and {self.options.max_queue} calls are queued"
@@ -682,14 +341,30 @@ class Pool(ProgramHost):
                 with trio.move_on_at(deadline):
                     await self._lot.park()
                 self._check_admission()
-                tenure = self._pick(program, excluded) or (self._pick(program, set()) if excluded else None)
+                tenure = place(self._live.values(), dispatch.key, dispatch.avoid)
                 if tenure is not None:
-                    self._counts["checkouts_ok"] += 1
                     return tenure
                 if trio.current_time() >= deadline:
                     raise CallTimeout("timed out waiting for a worker with free capacity")
         finally:
             self._queue_slots.release()
+
+    def _end_attempt(self, tenure: _Tenure) -> None:
+        self._in_flight -= 1
+        self._lot.unpark()
+        limit = self.options.max_calls_per_worker
+        if limit is not None and not tenure.retiring:
+            stats = tenure.worker.statistics()
+            if stats.calls_served + stats.calls_failed >= limit:
+                self._retire(tenure, f"served {limit} calls")
+        if self._closing and self._in_flight == 0:
+            self._drained.set()
+
+    def _record_latency(self, method: str, seconds: float) -> None:
+        samples = self._latency.get(method)
+        if samples is None:
+            samples = self._latency[method] = collections.deque(maxlen=LATENCY_WINDOW)
+        samples.append(seconds)
 
     def _check_admission(self) -> None:
         if self._closing:
@@ -703,11 +378,12 @@ class Pool(ProgramHost):
     def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
         tenure = self._live.get(worker.worker_id)
         if tenure is not None and new in TERMINAL:
+            tenure.end_reason = reason
             tenure.ended.set()
         if new in (WorkerState.READY,):
             self._lot.unpark_all()
         self.events.publish("worker_state", worker_state_data(worker, old, new, reason))
-        for hook in self.transition_hooks:
+        for hook in self._transition_hooks:
             hook(worker, old, new, reason)
 
     def _retire(self, tenure: _Tenure, reason: str) -> None:
@@ -725,6 +401,7 @@ class Pool(ProgramHost):
             capacity=self.worker_options.capacity,
             max_frame_bytes=self.worker_options.max_frame_bytes,
             fail_at_start=self._fail_at_start,
+            programs=self.worker_options.programs,
         )
 
     async def _run_worker(
@@ -761,6 +438,7 @@ class Pool(ProgramHost):
         assert self._nursery is not None
         breaker = self.breaker
         started = False
+        previous: _Tenure | None = None  # the worker the next one replaces
         while not self._closing:
             probing = False
             if not breaker.allows_calls:
@@ -780,6 +458,8 @@ class Pool(ProgramHost):
             try:
                 tenure: _Tenure = await self._nursery.start(self._run_worker, slot)
             except WorkerStartFailed as exc:
+                if not started and (unusable := program_module_error(exc)) is not None:
+                    raise unusable from None  # the program modules cannot be used: no pool
                 self._counts["restarts"] += 1 if started else 0
                 logger.warning("slot %d: %s", slot, exc)
                 reason = str(exc).splitlines()[0]
@@ -796,9 +476,25 @@ class Pool(ProgramHost):
             if not started:
                 started = True
                 task_status.started()
+            if previous is not None:
+                logger.info(
+                    "worker %s (pid %d) replaced worker %s in slot %d",
+                    tenure.worker.worker_id,
+                    tenure.worker.pid,
+                    previous.worker.worker_id,
+                    slot,
+                )
             await tenure.ended.wait()
+            previous = tenure
             if tenure.retiring or self._closing:
                 continue
+            logger.warning(
+                "worker %s (pid %d) %s: %s; starting a replacement",
+                tenure.worker.worker_id,
+                tenure.worker.pid,
+                tenure.worker.state,
+                tenure.end_reason or "stopped",
+            )
             self._counts["restarts"] += 1
             self._slot_restarts[slot] += 1
             uptime = trio.current_time() - tenure.started_at
@@ -830,7 +526,7 @@ class Pool(ProgramHost):
             await trio.sleep(min(MAINTENANCE_INTERVAL_S, self.options.rss_check_interval))
             expired = self.sessions.expire()
             if expired:
-                logger.info("sessions expired: %s", ", ".join(expired))
+                logger.info("sessions expired: %s", ", ".join(map(public_session_id, expired)))
             limit = self.options.max_worker_rss_bytes
             if limit is not None and trio.current_time() >= next_rss:
                 next_rss = trio.current_time() + self.options.rss_check_interval
@@ -854,86 +550,77 @@ class Pool(ProgramHost):
                 await self._drained.wait()
 
 
-def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    pool_fields = {a.name for a in attrs.fields(PoolOptions)}
-    worker_fields = {a.name for a in attrs.fields(WorkerOptions)}
-    unknown = sorted(set(options) - pool_fields - worker_fields)
-    if unknown:
-        raise TypeError(
-            f"unknown pool option(s) {', '.join(unknown)}; known: {', '.join(sorted(pool_fields | worker_fields))}"
-        )
-    return (
-        {k: v for k, v in options.items() if k in pool_fields},
-        {k: v for k, v in options.items() if k in worker_fields},
-    )
-
-
 @asynccontextmanager
 async def open_pool(
-    workers: int = 2,
+    workers: int | None = None,
     lm: Any = None,
     diagnostics: bool = False,
     *,
+    options: PoolOptions | None = None,
+    worker_options: WorkerOptions | None = None,
     launcher: str | Launcher = "auto",
     clock: Callable[[], float] | None = None,
     fail_at_start: int | None = None,
     rng: RandomSource | None = None,
-    **options: Any,
+    **option_fields: Any,
 ) -> AsyncIterator[Pool]:
-    """Open a pool of ``workers`` supervised worker processes.
+    """Open a pool of ``workers`` supervised worker processes (2 unless the options say otherwise).
 
     Returns once every slot has a ready worker (or the circuit opened trying). Leaving the block stops
     admission, lets in-flight calls finish for up to ``drain_grace`` seconds, then tears every worker
     down (and the zygote): nothing is left running.
 
-    ``lm`` is the default LM configuration (None: the embedded offline LM). ``launcher`` is "zygote"
-    (fork workers from a template process that imported dspy once), "subprocess" (``python -m
-    bridge_child``), "auto" (zygote where ``os.fork`` exists, else subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start`` (diagnostics) makes every
-    worker exit with that code before its handshake; ``rng`` the random source of the retry jitter (a seeded
-    ``random.Random`` in tests). ``options`` are the fields of :class:`PoolOptions`
-    and :class:`WorkerOptions`.
+    ``lm`` is the default LM configuration (None: the embedded offline LM). ``options`` is a
+    :class:`PoolOptions` and ``worker_options`` a :class:`WorkerOptions`; or pass their fields as keywords
+    (``option_fields``; ``workers`` is one of them): each record one way, not both (``TypeError``).
+    ``launcher`` is "zygote" (fork workers from a template process that imported dspy once),
+    "subprocess" (``python -m bridge_child``), "auto" (zygote where ``os.fork`` exists, else
+    subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start``
+    (diagnostics) makes every worker exit with that code before its handshake; ``rng`` the random source
+    of the retry jitter (a seeded ``random.Random`` in tests).
     """
-    pool_kwargs, worker_kwargs = _split_options({"workers": workers, **options})
-    pool_options = PoolOptions(**pool_kwargs)
-    worker_options = WorkerOptions(**worker_kwargs)
+    if workers is not None:
+        option_fields["workers"] = workers
+    pool_options, worker_opts = pool_options_from(options, worker_options, option_fields)
     if fail_at_start is not None and not diagnostics:
         raise ValueError("fail_at_start needs diagnostics=True")
     # The launcher (a zygote) outlives the nursery: every worker is reaped before the template stops.
-    async with _open_launcher(pool_options, launcher) as chosen, open_service_nursery() as nursery:
-        pool = Pool(
-            options=pool_options,
-            worker_options=worker_options,
-            launcher=chosen,
-            diagnostics=diagnostics,
-            lm=lm,
-            clock=clock,
-            fail_at_start=fail_at_start,
-            rng=rng,
-        )
-        pool._nursery = nursery
-        try:
-            async with trio.open_nursery() as starting:
-                for slot in range(pool_options.workers):
-                    starting.start_soon(nursery.start, pool._supervise_slot, slot)
-            nursery.start_soon(pool._maintain)
-            yield pool
-        finally:
-            with trio.CancelScope(shield=True):
-                await pool._close()
-                async with trio.open_nursery() as closing:  # every ladder at once, tasks still alive
-                    for worker in pool.workers():
-                        closing.start_soon(functools.partial(worker.aclose, grace=0.0))
-            nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def _open_launcher(options: PoolOptions, launcher: str | Launcher) -> AsyncIterator[Launcher]:
-    if not isinstance(launcher, str):
-        yield launcher
-        return
-    if launcher not in LAUNCHER_KINDS:
-        raise ValueError(
-            f"launcher must be one of {', '.join(LAUNCHER_KINDS)} or a Launcher, not {launcher!r}"
-        )
-    async with open_launcher(launcher, python=options.python) as chosen:
-        yield chosen
+    opened = open_launcher(
+        launcher,
+        python=pool_options.python,
+        worker_env=worker_opts.worker_env,
+        programs=worker_opts.programs,
+    )
+    started = False
+    try:
+        async with opened as chosen, open_service_nursery() as nursery:
+            pool = Pool._create(
+                options=pool_options,
+                worker_options=worker_opts,
+                launcher=chosen,
+                diagnostics=diagnostics,
+                lm=lm,
+                clock=clock,
+                fail_at_start=fail_at_start,
+                rng=rng,
+            )
+            pool._nursery = nursery
+            try:
+                async with trio.open_nursery() as starting:
+                    for slot in range(pool_options.workers):
+                        starting.start_soon(nursery.start, pool._supervise_slot, slot)
+                nursery.start_soon(pool._maintain)
+                started = True
+                yield pool
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool._close()
+                    async with trio.open_nursery() as closing:  # every ladder at once, tasks still alive
+                        for worker in pool.workers():
+                            closing.start_soon(functools.partial(worker.aclose, grace=0.0))
+                nursery.cancel_scope.cancel()
+    except BaseException as exc:  # a program module that cannot be used: one error, however it came
+        unusable = None if started else program_module_error(exc)
+        if unusable is None:
+            raise
+        raise unusable from None

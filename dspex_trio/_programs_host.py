@@ -7,35 +7,92 @@ only cache them. This module writes that layer once:
   ``configure_lm``, in terms of a few hooks (``_info``, ``_forget``, ``_validate_lm``,
   ``_apply_default_lm``). The mock backend builds on it directly (it validates in-process).
 - :class:`ProgramHost`: the catalog for backends whose workers validate and run programs (the pool and
-  the bridge), in terms of their ``call()``: ``create_program``, ``execute``, program references on the
-  wire, and the LM parameters of a call.
-- :func:`program_events`: a worker's execution stream as the ``chunk`` ... ``completed`` events of
-  ``stream()``.
+  the bridge), in terms of their ``call()``: ``create_program``, ``execute``, and the LM parameters of a
+  call. Their calls and streams run through ``dspex_trio._dispatch.Dispatch``.
+- :func:`completed_event`: the last event of every backend's ``stream()``.
+- :func:`program_spec` (a ``create_program`` call as the spec the store keeps and workers build),
+  :func:`program_module_error` (the one error an unusable program module is at start-up).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, Final
 
+import msgspec
 import trio
 
+from bridge_child.registry import EXIT_PROGRAMS, FAILED_PREFIX
+from bridge_child.spec import MAX_STATE_BYTES
+from dspex_trio._errors import InvalidParams, ProgramModuleError, WorkerStartFailed
 from dspex_trio._sessions import ProgramSpec, SessionStore
+
+DEFAULT_LM: Final = "default"
+"""``configure_lm(DEFAULT_LM, session=...)``: the session uses the backend's default LM again."""
 
 ProgramKey = tuple[str, int]
 """A program version: (program id, version)."""
 
 
 def program_spec(
-    signature: str | dict[str, Any], module: str, instructions: str | None, state: dict[str, Any] | None
+    signature: str | dict[str, Any] | None,
+    module: str,
+    instructions: str | None,
+    state: dict[str, Any] | None,
+    include: list[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The definition of a program, as the session store keeps it and workers receive it."""
-    spec: dict[str, Any] = {"signature": signature, "module": module}
+    """The definition of a program, as the session store keeps it and workers receive it: the module (a
+    built-in or a registered program), its signature (built-ins), the module's ``options`` (``tools``,
+    ``max_iters``, ``n``, ``reward``, ``threshold``, ``base``), ``include`` and DSPy state.
+
+    Raises:
+        InvalidParams: the state is not JSON data, or larger than ``MAX_STATE_BYTES`` (checked here, so
+            an oversized state never reaches a worker).
+    """
+    spec: dict[str, Any] = {"module": module}
+    if signature is not None:
+        spec["signature"] = signature
     if instructions is not None:
         spec["instructions"] = instructions
+    if include is not None:
+        spec["include"] = include
+    spec.update(options or {})
     if state is not None:
+        check_state_size(state)
         spec["state"] = state
     return spec
+
+
+def check_state_size(state: Any) -> None:
+    """``InvalidParams`` unless ``state`` is JSON data of at most ``MAX_STATE_BYTES`` (encoded)."""
+    try:
+        size = len(msgspec.json.encode(state))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidParams(f"a program state must be JSON data (DSPy's JSON state format): {exc}") from None
+    if size > MAX_STATE_BYTES:
+        raise InvalidParams(
+            f"the program state is {size} bytes of JSON; at most {MAX_STATE_BYTES} are allowed"
+        )
+
+
+def program_module_error(exc: BaseException) -> ProgramModuleError | None:
+    """The :class:`ProgramModuleError` ``exc`` holds, if any: itself, a leaf of an exception group (the
+    start-up of a pool's slots), or a ``WorkerStartFailed`` of a worker that exited because its program
+    modules cannot be used (``bridge_child.registry.EXIT_PROGRAMS``, the reason on its stderr)."""
+    if isinstance(exc, ProgramModuleError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for leaf in exc.exceptions:
+            found = program_module_error(leaf)
+            if found is not None:
+                return found
+        return None
+    status = exc.exit_status if isinstance(exc, WorkerStartFailed) else None
+    if status is not None and status.code == EXIT_PROGRAMS:
+        lines = [line for line in str(exc).splitlines() if line.startswith(FAILED_PREFIX)]
+        return ProgramModuleError(lines[-1][len(FAILED_PREFIX) :] if lines else str(exc))
+    return None
 
 
 def lm_config(
@@ -51,32 +108,9 @@ def lm_config(
 
 
 def completed_event(outputs: dict[str, Any], usage: Any, backend: str) -> dict[str, Any]:
-    """The last event of ``stream()``."""
+    """The last event of ``stream()``; the events before it are the worker's own ``{"event": "chunk",
+    "field", "chunk"}`` (the mock builds the same)."""
     return {"event": "completed", "outputs": outputs, "usage": usage, "backend": backend}
-
-
-async def program_events(
-    events: Any,
-    backend: str,
-    *,
-    on_completed: Callable[[], None],
-    on_failed: Callable[[], None] | None = None,
-) -> AsyncIterator[dict[str, Any]]:
-    """A worker's ``execute`` stream as ``{"event": "chunk", ...}`` events, then one ``completed`` event.
-
-    ``on_completed`` runs once the worker's answer is in, before the ``completed`` event; ``on_failed``
-    (if given) when awaiting the answer raises.
-    """
-    async for data in events:
-        yield {"event": "chunk", **data}
-    try:
-        answer = await events.result()
-    except BaseException:
-        if on_failed is not None:
-            on_failed()
-        raise
-    on_completed()
-    yield completed_event(answer["outputs"], answer.get("usage"), backend)
 
 
 class ProgramCatalog:
@@ -84,8 +118,6 @@ class ProgramCatalog:
 
     name: str
     """The backend name (see ``dspex_trio.Backend``)."""
-    _reads_checkpoint: ClassVar[bool] = True
-    """Whether ``get_program``, ``list_programs`` and ``delete_program`` pass a Trio checkpoint."""
 
     def __init__(self, *, clock: Callable[[], float] | None, session_ttl: float, lm: Any = None) -> None:
         self.sessions = SessionStore(clock=clock or trio.current_time, ttl=session_ttl)
@@ -107,23 +139,53 @@ class ProgramCatalog:
     async def _apply_default_lm(self) -> None:
         """``self.lm`` just changed: apply it where the backend runs programs."""
 
+    # -- sessions -------------------------------------------------------------------------------------
+    async def open_session(self, *, max_programs: int | None = None, max_bytes: int | None = None) -> str:
+        """A new session under a server-minted, unguessable id (``s_`` + 128 random bits): whoever holds
+        the id can use the session, nobody else can name it. It expires after the idle TTL like any
+        session. ``max_programs`` / ``max_bytes`` bound what it may hold (programs; bytes of their specs).
+
+        Raises:
+            LimitExceeded: the backend holds its maximum of minted sessions.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.sessions.open(max_programs=max_programs, max_bytes=max_bytes).id
+
+    async def end_session(self, session: str) -> bool:
+        """Drop a session and its programs and LM now; False if there was no such session."""
+        await trio.lowlevel.checkpoint()
+        return self.sessions.end(session)
+
+    def has_session(self, session: str) -> bool:
+        """Whether the session exists (created, not ended, not expired)."""
+        return self.sessions.exists(session)
+
+    def has_program(self, program: str, *, session: str | None = None) -> bool:
+        """Whether the session holds the program (a use of the session: it refreshes its TTL).
+
+        Raises:
+            SessionNotFound: a minted session id that does not exist.
+        """
+        record = self.sessions.get(session)
+        return record is not None and program in record.programs
+
     # -- programs -------------------------------------------------------------------------------------
     async def get_program(self, program: str, *, session: str | None = None) -> dict[str, Any]:
-        """The program's description (fields, types, instructions). ``ProgramNotFound`` if absent."""
-        if self._reads_checkpoint:
-            await trio.lowlevel.checkpoint()
+        """The program's description (fields, types, instructions). ``ProgramNotFound`` if absent.
+
+        A checkpoint, as every async method of a backend (it has nothing to wait for, but a caller's
+        cancellation and the other tasks must not depend on that)."""
+        await trio.lowlevel.checkpoint()
         return self._info(self.sessions.program(session, program))
 
     async def list_programs(self, *, session: str | None = None) -> list[dict[str, Any]]:
         """Every program of the session, each described as by ``get_program`` (with its ``id``)."""
-        if self._reads_checkpoint:
-            await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
         return [self._info(p) for p in self.sessions.programs(session)]
 
     async def delete_program(self, program: str, *, session: str | None = None) -> None:
         """Delete a program (workers drop their cached copy as it ages out). ``ProgramNotFound`` if absent."""
-        if self._reads_checkpoint:
-            await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
         spec = self.sessions.program(session, program)
         self.sessions.delete_program(session, program)
         self._forget(spec)
@@ -138,8 +200,15 @@ class ProgramCatalog:
         **settings: Any,
     ) -> None:
         """Set the LM: for ``session`` only, or (without one) the backend's default. ``model`` is
-        ``"offline"`` (the embedded deterministic LM) or any ``provider/model`` of ``dspy.LM``. The key is
-        never logged or echoed back."""
+        ``"offline"`` (the embedded deterministic LM) or any ``provider/model`` of ``dspy.LM``; with a
+        session, ``"default"`` makes the session use the backend's default LM again. The key is never
+        logged or echoed back."""
+        if model == DEFAULT_LM:
+            if session is None or api_base is not None or api_key is not None or settings:
+                raise InvalidParams(f"model {DEFAULT_LM!r} takes a session and nothing else")
+            await trio.lowlevel.checkpoint()
+            self.sessions.set_lm(session, None)
+            return
         config = await self._validate_lm(lm_config(model, api_base, api_key, settings))
         if session is not None:
             self.sessions.set_lm(session, config)
@@ -155,6 +224,8 @@ class ProgramHost(ProgramCatalog):
         super().__init__(clock=clock, session_ttl=session_ttl, lm=lm)
         self._descriptions: dict[ProgramKey, dict[str, Any]] = {}
         """Each program version's description, as the worker that validated it gave it."""
+        self._available: dict[str, Any] | None = None
+        """What the program modules registered, as a worker described it (asked once)."""
 
     # -- hooks ----------------------------------------------------------------------------------------
     async def call(
@@ -195,17 +266,6 @@ class ProgramHost(ProgramCatalog):
             self.sessions.session(session)
         return None
 
-    @staticmethod
-    def _wire_params(
-        params: Any, program: ProgramSpec | None, held: set[ProgramKey], *, send_spec: bool
-    ) -> Any:
-        """``params`` as sent to a worker holding ``held``: the program by reference, with its spec if the
-        worker lacks it (or ``send_spec``)."""
-        if program is None:
-            return params
-        with_spec = send_spec or (program.id, program.version) not in held
-        return {**params, "program": program.wire_ref(with_spec=with_spec)}
-
     def _lm_params(self, session: str | None) -> dict[str, Any]:
         record = self.sessions.peek(session)
         if record is not None and record.lm is not None:
@@ -224,15 +284,57 @@ class ProgramHost(ProgramCatalog):
 
     async def create_program(
         self,
-        signature: str | dict[str, Any],
+        signature: str | dict[str, Any] | None = None,
         *,
         module: str = "predict",
         instructions: str | None = None,
         session: str | None = None,
         state: dict[str, Any] | None = None,
+        include: list[str] | None = None,
+        **options: Any,
     ) -> str:
-        """Create a program in ``session`` (validated by a worker first) and return its id."""
-        return await self._add_program(program_spec(signature, module, instructions, state), session, None)
+        """Create a program in ``session`` (validated by a worker first) and return its id.
+
+        ``module`` is a built-in (``predict``, ``chain_of_thought``, ``react``, ``multi_chain_comparison``,
+        ``best_of_n``, ``refine``), built from ``signature``, or a program registered by the operator's
+        program modules (no signature: it has its own). ``options`` are the built-in's: ``tools`` (names of
+        registered tools) and ``max_iters`` for react; ``n`` for multi_chain_comparison, best_of_n and
+        refine, with ``reward`` (a registered metric), ``threshold`` and ``base`` for the last two.
+        ``include`` names entries of the prediction returned besides the outputs (react's
+        ``trajectory``); ``state`` is DSPy's JSON state (``program.save("p.json")``'s).
+
+        Raises:
+            InvalidParams: an unknown module (the message lists the available ones), tool or metric, a
+                bad signature or option, a state for another program, not JSON, or too large.
+            ProgramError: a registered program's factory failed (``error_type`` ``ProgramFactoryError``).
+        """
+        spec = program_spec(signature, module, instructions, state, include, options)
+        return await self._add_program(spec, session, None)
+
+    async def available_programs(self) -> dict[str, Any]:
+        """What the operator's program modules registered (the same for the backend's whole life):
+        ``{"programs": [{name, description, inputs, outputs, predictors, instructions} | {name, error}],
+        "tools": [{name, description, args}], "metrics": [{name, description}], "modules": [...]}``."""
+        if self._available is None:
+            self._available = await self.call("available", idempotent=True)
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._available
+
+    async def get_state(self, program: str, *, session: str | None = None) -> dict[str, Any]:
+        """The program's state in DSPy's JSON format (what ``program.save("p.json")`` writes: it loads
+        into the same program in plain DSPy with ``program.load("p.json")``)."""
+        return await self.call("get_state", {"program": program}, session=session, idempotent=True)
+
+    async def load_state(self, program: str, state: dict[str, Any], *, session: str | None = None) -> None:
+        """Install DSPy's JSON state (demos, instructions; as ``program.save("p.json")`` writes it) into a
+        program: checked by a worker against the program's predictors, then stored in the session (a
+        new version: workers rebuild it on their next call). The LM a state names is ignored."""
+        check_state_size(state)
+        spec = {**self.sessions.program(session, program).spec, "state": state}
+        description = await self.call("validate_program", {"spec": spec}, idempotent=True)
+        updated = self.sessions.update_program(session, program, state=state)
+        self._descriptions[updated.id, updated.version] = description
 
     async def execute(
         self,

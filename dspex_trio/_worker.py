@@ -1,10 +1,20 @@
 """The worker handle: one ``bridge_child`` process, owned by a nursery, many calls multiplexed by id.
 
 Tasks (all in the worker's own nursery): a reader routes frames to their calls, a writer coalesces
-queued frames into few writes, a stderr reader re-logs the worker's output with its id, a watcher
-waits for the process to exit and fails what is left, and a heartbeat pings it. Detectors (protocol
-error, missed heartbeats, missing ack, EOF) only record a cause and kill the process; the watcher then
-fails every pending call once, with the cause's error and the exit code or signal.
+queued frames into few writes, a stderr relay (``_stderr.py``) re-logs the worker's output with its id,
+a watcher waits for the process to exit and fails what is left, and a heartbeat pings it. Detectors
+(protocol error, missed heartbeats, missing ack, EOF, no hello in time) record a cause, fail the worker
+and kill its process; the watcher then fails every pending call once, with the cause's error and the
+exit code or signal, when the process is reaped.
+
+The worker's state (``dspex_trio._states``) changes only in ``Worker._change(input)``, which consults
+the one table and publishes the change. Its options and statistics records are in ``_options.py`` and
+``_statistics.py``.
+
+One concept, past ~600 lines: the handle's call path (``_submit``, ``_write_or_queue``,
+``_deliver``, ``_wait``: the fastest code of the runtime, together with the dispatch loop), its
+detectors and its teardown ladder all read and change the same per-call tables and the same state, so
+they stay one class in one module rather than a class split across files.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -36,20 +47,26 @@ from dspex_trio._errors import (
     WorkerUnresponsive,
     error_from_frame,
 )
-from dspex_trio._launcher import DEFAULT_CAPACITY, Launcher, SubprocessLauncher, WorkerProcess, WorkerSpec
-from dspex_trio._states import ACCEPTING, TERMINAL, WorkerState, check_transition
+from dspex_trio._exports import NoPublicConstructor
+from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, default_launcher
+from dspex_trio._options import WorkerOptions, options_from
+from dspex_trio._states import (
+    ACCEPTING,
+    TERMINAL,
+    TRANSITIONS,
+    InvalidTransition,
+    WorkerInput,
+    WorkerState,
+    next_state,
+)
+from dspex_trio._statistics import WorkerStatistics
+from dspex_trio._stderr import StderrRelay
 from dspex_trio._util import open_service_nursery
 
 logger = logging.getLogger("dspex_trio.worker")
 
 READ_CHUNK_BYTES: Final = 256 * 1024
-"""Most bytes taken from a worker's frame or stderr pipe per read."""
-STDERR_READ_CHUNK_BYTES: Final = 32 * 1024
-"""Most stderr bytes handled per read, so re-logging a flood yields to other tasks often."""
-STDERR_TAIL_LINES: Final = 20
-"""Last stderr lines kept per worker, quoted in start-up failures."""
-MAX_STDERR_LINE_BYTES: Final = 8 * 1024
-"""A longer stderr line is logged in pieces of this size, in bytes."""
+"""Most bytes taken from a worker's frame pipe per read."""
 READER_DRAIN_AFTER_EXIT_S: Final = 0.5
 """After the process exits, how long the reader may still drain frames already in the pipe, in seconds."""
 EOF_EXIT_GRACE_S: Final = 1.0
@@ -62,78 +79,6 @@ SHUTDOWN_SLACK_S: Final = 0.5
 """Added to the shutdown grace for the worker's own exit after its drain, in seconds."""
 
 _worker_ids = itertools.count(1)
-
-
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
-
-
-@attrs.frozen(kw_only=True)
-class WorkerOptions:
-    """Timeouts and limits of one worker handle. Every duration is in seconds."""
-
-    capacity: int = attrs.field(default=DEFAULT_CAPACITY, validator=_positive)
-    """Calls the worker runs at once (threads in the worker)."""
-    start_timeout: float = attrs.field(default=30.0, validator=_positive)
-    """From launch to the worker's ``hello``."""
-    ack_timeout: float = attrs.field(default=5.0, validator=_positive)
-    """From sending a call to its ack; past it the worker is wedged: killed and replaced."""
-    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
-    """A ping every this many seconds."""
-    heartbeat_missed: int = attrs.field(default=3, validator=_positive)
-    """Silent for ``interval x missed`` seconds: unresponsive, killed (detected within ``x (missed + 1)``)."""
-    shutdown_grace: float = attrs.field(default=5.0, validator=_non_negative)
-    """On close: how long running calls may finish after the ``shutdown`` frame."""
-    term_grace: float = attrs.field(default=2.0, validator=_non_negative)
-    """On close: from SIGTERM to SIGKILL."""
-    max_pending_calls: int = attrs.field(default=10_000, validator=_positive)
-    """Calls in flight on one handle (past the worker's capacity they queue in the worker)."""
-    max_stream_events: int = attrs.field(default=1024, validator=_positive)
-    """Events buffered for one streamed call whose consumer lags; past it the call fails."""
-    max_frame_bytes: int = attrs.field(default=wire.DEFAULT_MAX_FRAME_BYTES, validator=_positive)
-    """Largest frame either way, in bytes."""
-
-    @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> WorkerOptions:
-        known = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(
-                f"unknown worker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**options)
-
-
-@attrs.frozen
-class WorkerStatistics:
-    """A snapshot of one worker."""
-
-    worker_id: str
-    """The runtime's name for it (``w1``, ``w2``, ...)."""
-    pid: int
-    """Its process id."""
-    state: WorkerState
-    """Its state (see ``dspex_trio._states``)."""
-    in_flight: int
-    """Calls sent and not yet finished."""
-    capacity: int
-    """Calls it runs at once."""
-    calls_served: int
-    """Calls that ended with a result."""
-    calls_failed: int
-    """Calls that ended with an error (from the worker, a timeout, or its death)."""
-    late_frames: int
-    """Frames for abandoned (timed out or cancelled) calls, dropped."""
-    restarts: int = 0
-    """Times its pool slot replaced a worker (0 for a standalone worker)."""
-    launcher: str = ""
-    """Which launcher started it."""
 
 
 TransitionCallback = Callable[["Worker", WorkerState, WorkerState, str], None]
@@ -163,8 +108,9 @@ class _Call:
 
 
 @attrs.define(eq=False)
-class Worker:
-    """A handle on one running worker process. Made by :func:`open_worker` (or a pool).
+class Worker(metaclass=NoPublicConstructor):
+    """A handle on one running worker process. Made by :func:`open_worker` (or a pool, or the bridge;
+    ``Worker(...)`` raises ``TypeError``).
 
     ``call()`` may be used from many tasks at once; calls are multiplexed by id on one pipe.
     """
@@ -175,7 +121,9 @@ class Worker:
     launcher_name: str = ""
     on_transition: TransitionCallback | None = None
     hello: wire.Hello | None = None
-    state: WorkerState = WorkerState.STARTING
+    """The worker's hello, once it came (its pid, capacity, methods, library versions)."""
+    _state: WorkerState = attrs.field(init=False, default=WorkerState.STARTING)
+    """Changed only by ``_change``."""
     _conn: wire.Connection = attrs.field(init=False)
     _calls: dict[int, _Call] = attrs.Factory(dict)
     _unacked: dict[int, _Call] = attrs.Factory(dict)
@@ -189,14 +137,23 @@ class Worker:
     _stdin_fd: int | None = None
     """The raw, non-blocking fd behind ``process.stdin`` when it has one (direct writes)."""
     _hello_event: trio.Event = attrs.Factory(trio.Event)
+    """Wakes the handshake: set by the hello, the process's exit, or a detector."""
     _reader_done: trio.Event = attrs.Factory(trio.Event)
     _exited: trio.Event = attrs.Factory(trio.Event)
+    """The process was reaped. A fact of the OS process, apart from the state: the state follows it
+    only in ``_settle``, once the reader delivered what the worker wrote before it exited."""
     _torn_down: trio.Event = attrs.Factory(trio.Event)
+    """The teardown ladder finished: the process is reaped and its pipes are closed."""
     _exit_status: ExitStatus | None = None
     _cause: tuple[type[DspexError], str] | None = None
-    _closing: bool = False
+    """Why a detector killed it: the error its calls fail with, and the reason. The state says *that*
+    it failed; this says why, for the calls, which fail only once the process is reaped."""
+    _ladder_started: bool = False
+    """``aclose`` began the teardown ladder, which runs once. Not a state: a worker that already
+    failed is still torn down (its process reaped, its pipes closed)."""
     _last_seen: float = 0.0
-    _stderr_tail: collections.deque[str] = attrs.Factory(lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
+    _stderr: StderrRelay = attrs.field(init=False)
+    """Re-logs the worker's stderr under its id (``dspex_trio.worker`` logger) and keeps its last lines."""
     _calls_served: int = 0
     _calls_failed: int = 0
 
@@ -204,6 +161,7 @@ class Worker:
         fileno = getattr(self.process.stdin, "fileno", None)
         self._stdin_fd = fileno() if callable(fileno) else None
         self._conn = wire.Connection(wire.Role.PARENT, max_frame_bytes=self.options.max_frame_bytes)
+        self._stderr = StderrRelay(self.worker_id, logger, extra={"worker_id": self.worker_id})
         self._idle.set()
 
     # -- public ---------------------------------------------------------------------------------------
@@ -225,9 +183,14 @@ class Worker:
         return self.hello.capacity if self.hello is not None else self.options.capacity
 
     @property
+    def state(self) -> WorkerState:
+        """Its state (see ``dspex_trio._states``)."""
+        return self._state
+
+    @property
     def accepting(self) -> bool:
-        """True while the worker takes new calls."""
-        return self.state in ACCEPTING and not self._closing and self._cause is None
+        """True while the worker takes new calls (``ready`` or ``busy``)."""
+        return self._state in ACCEPTING
 
     @property
     def exit_status(self) -> ExitStatus | None:
@@ -236,13 +199,13 @@ class Worker:
     @property
     def stderr_tail(self) -> list[str]:
         """The last lines the worker wrote to stderr."""
-        return list(self._stderr_tail)
+        return self._stderr.tail
 
     def statistics(self) -> WorkerStatistics:
         return WorkerStatistics(
             worker_id=self.worker_id,
             pid=self.pid,
-            state=self.state,
+            state=self._state,
             in_flight=len(self._calls),
             capacity=self.capacity,
             calls_served=self._calls_served,
@@ -265,7 +228,9 @@ class Worker:
             Overloaded: more than ``max_pending_calls`` calls in flight.
             WorkerClosed: the worker is closing or closed.
         Cancelling the caller cancels the call in the worker (a ``cancel`` frame), and its late reply, if
-        any, is dropped.
+        any, is dropped. The worker is told the caller's deadline: the earlier of ``timeout`` and the
+        caller's effective Trio deadline (``with trio.move_on_after(0.5)`` around the call reaches the
+        worker as ``timeout=0.5`` does; then the caller gets plain ``trio.Cancelled``).
         """
         flags = wire.FLAG_IDEMPOTENT if idempotent else 0
         call = self._submit(method, params, timeout=timeout, flags=flags)
@@ -277,8 +242,10 @@ class Worker:
     ) -> AsyncIterator[CallStream]:
         """Run a streamed call: iterate its events, then read ``.result``.
 
-        Leaving the block early cancels the call in the worker.
+        Leaving the block early cancels the call in the worker. The deadline the worker is told is that
+        of :meth:`call`. Entering is a checkpoint (before anything is sent).
         """
+        await trio.lowlevel.checkpoint()
         call = self._submit(method, params, timeout=timeout, flags=wire.FLAG_STREAM)
         stream = CallStream(self, call)
         try:
@@ -289,21 +256,23 @@ class Worker:
 
     async def aclose(self, *, grace: float | None = None) -> None:
         """The teardown ladder: ``shutdown`` frame -> grace -> SIGTERM to the group -> grace -> SIGKILL
-        -> reap. Shielded and bounded; safe to call more than once (later calls wait for the first).
+        -> reap, then (once the reader drained the frame pipe) close the pipes. Shielded and bounded;
+        safe to call more than once (later calls wait for the first).
 
         ``grace`` overrides ``options.shutdown_grace`` (a pool that already drained its calls passes 0).
         """
         shutdown_grace = self.options.shutdown_grace if grace is None else grace
-        if self._closing:
+        if self._ladder_started:
             with trio.CancelScope(shield=True):
                 await self._torn_down.wait()
             return
-        self._closing = True
+        self._ladder_started = True
         with trio.CancelScope(shield=True):
             try:
-                if self.state not in TERMINAL:
-                    self._set_state(WorkerState.DRAINING, "closing")
-                if not self._exited.is_set() and self.hello is not None and self._cause is None:
+                handshaken = self._state in ACCEPTING  # it said hello and is not lost: it can drain
+                if self._state not in TERMINAL:
+                    self._change(WorkerInput.CLOSE)
+                if handshaken and not self._exited.is_set():
                     await self._send_now(wire.Shutdown(grace=shutdown_grace))
                     with trio.move_on_after(shutdown_grace + SHUTDOWN_SLACK_S):
                         await self._await_exit()
@@ -320,6 +289,10 @@ class Worker:
                     if not self._exited.is_set():
                         logger.error("worker %s (pid %d) not reaped after SIGKILL", self.worker_id, self.pid)
                 self.process.signal_group(signal.SIGKILL)  # grandchildren left in its group
+                # What it wrote before it exited is still delivered before its pipes close: a worker
+                # lost to a detector is failed (and closed by its owner) before it is reaped.
+                with trio.move_on_after(READER_DRAIN_AFTER_EXIT_S):
+                    await self._reader_done.wait()
                 await self.process.aclose()
             finally:
                 self._torn_down.set()
@@ -333,12 +306,13 @@ class Worker:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         call_id = next(self._ids)
+        now = trio.current_time()
         try:
-            frame = self._conn.send(wire.Call(call_id, method, params, timeout, flags))
+            frame = self._conn.send(wire.Call(call_id, method, params, _wire_timeout(timeout, now), flags))
         except wire.UnencodableMessage as exc:
             raise InvalidParams(f"{method}: {exc}") from exc
         stream = bool(flags & wire.FLAG_STREAM)
-        call = _Call(call_id, method, trio.current_time(), timeout, stream)
+        call = _Call(call_id, method, now, timeout, stream)
         if stream:
             call.events = collections.deque()
             call.event_arrived = trio.Event()
@@ -353,7 +327,7 @@ class Worker:
     def _refusal(self) -> DspexError:
         if self._cause is not None:
             return WorkerClosed(f"worker {self.worker_id} is gone: {self._cause[1]}")
-        return WorkerClosed(f"worker {self.worker_id} is {self.state} and takes no new calls")
+        return WorkerClosed(f"worker {self.worker_id} is {self._state} and takes no new calls")
 
     async def _wait(self, call: _Call) -> Any:
         """Wait for the call's outcome. The ack timeout is watched by ``_ack_watchdog`` for all calls at
@@ -401,7 +375,7 @@ class Worker:
         if self._calls.pop(call.id, None) is None:
             return
         self._unacked.pop(call.id, None)
-        if self._conn.abandon(call.id) and not self._exited.is_set() and self._cause is None:
+        if self._conn.abandon(call.id) and self._state not in TERMINAL and not self._exited.is_set():
             self._queue(wire.Cancel(call.id))
         call.finish(outcome.Error(error or WorkerClosed(f"call {call.id} was abandoned by its caller")))
         self._update_load()
@@ -449,36 +423,55 @@ class Worker:
             self._idle.set()
         elif self._idle.is_set():
             self._idle = trio.Event()
-        if self.state is WorkerState.READY and len(self._calls) >= self.capacity:
-            self._set_state(WorkerState.BUSY, "at capacity")
-        elif self.state is WorkerState.BUSY and len(self._calls) < self.capacity:
-            self._set_state(WorkerState.READY, "below capacity")
+        state = self._state
+        if state is WorkerState.READY and len(self._calls) >= self.capacity:
+            self._change(WorkerInput.AT_CAPACITY)
+        elif state is WorkerState.BUSY and len(self._calls) < self.capacity:
+            self._change(WorkerInput.BELOW_CAPACITY)
 
-    def _set_state(self, new: WorkerState, reason: str) -> None:
-        old = self.state
-        if old is new:
-            return
-        check_transition(old, new)
-        self.state = new
+    def _change(self, event: WorkerInput, reason: str | None = None) -> None:
+        """The one place the worker's state changes: ``TRANSITIONS[state, event]``, published to
+        ``on_transition`` with ``reason`` (by default the input's own name).
+
+        Raises:
+            InvalidTransition: the table does not allow ``event`` now (a bug); nothing changed.
+        """
+        old = self._state
+        new = self._state = next_state(TRANSITIONS, old, event, InvalidTransition)
+        if reason is None:
+            reason = event.value
         logger.debug("worker %s: %s -> %s (%s)", self.worker_id, old, new, reason)
         if self.on_transition is not None:
             self.on_transition(self, old, new, reason)
 
     # -- frames in ------------------------------------------------------------------------------------
     def _deliver(self, message: wire.ChildMessage) -> None:
-        if isinstance(message, wire.Pong):
+        # ``type(m) is`` rather than ``isinstance``: a failed isinstance on a msgspec Struct costs
+        # ~0.2 us, and every frame of every call comes through here (the kinds are exact types).
+        if type(message) is wire.Pong:
             return
-        if isinstance(message, wire.Hello):
+        if type(message) is wire.Hello:
             self.hello = message
             self._hello_event.set()
             return
-        call = self._calls.get(message.id)
+        call = self._calls.get(message.id)  # type: ignore[union-attr]
         if call is None:  # pragma: no cover - the connection drops frames of abandoned calls
             return
-        self._unacked.pop(message.id, None)
-        if isinstance(message, wire.Ack):
+        self._unacked.pop(call.id, None)
+        if type(message) is wire.Ack:
             call.acked = True
-        elif isinstance(message, wire.Event):
+        elif type(message) is wire.Result:
+            del self._calls[call.id]
+            self._calls_served += 1
+            call.finish(outcome.Value(message.value))
+            self._update_load()
+        elif type(message) is wire.Error:
+            del self._calls[call.id]
+            self._calls_failed += 1
+            error = error_from_frame(message, acked=call.acked, worker=self.worker_id)
+            call.finish(outcome.Error(error))
+            self._update_load()
+        elif type(message) is wire.Event:
             if call.events is None or call.event_arrived is None:
                 return  # progress events of a call that did not ask for a stream
             if len(call.events) >= self.options.max_stream_events:
@@ -490,17 +483,6 @@ class Worker:
                 return
             call.events.append(message.data)
             call.event_arrived.set()
-        elif isinstance(message, wire.Result):
-            del self._calls[message.id]
-            self._calls_served += 1
-            call.finish(outcome.Value(message.value))
-            self._update_load()
-        elif isinstance(message, wire.Error):
-            del self._calls[message.id]
-            self._calls_failed += 1
-            error = error_from_frame(message, acked=call.acked, worker=self.worker_id)
-            call.finish(outcome.Error(error))
-            self._update_load()
 
     async def _read_frames(self) -> None:
         try:
@@ -538,37 +520,12 @@ class Worker:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return  # the worker is gone; the watcher reports how
 
-    async def _read_stderr(self) -> None:
-        pending = b""
-        while True:
-            try:
-                data = await self.process.stderr.receive_some(STDERR_READ_CHUNK_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                if pending:
-                    self._log_stderr(pending)
-                return
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            while len(pending) > MAX_STDERR_LINE_BYTES:
-                lines.append(pending[:MAX_STDERR_LINE_BYTES])
-                pending = pending[MAX_STDERR_LINE_BYTES:]
-            for line in lines:
-                self._log_stderr(line)
-
-    def _log_stderr(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip()
-        self._stderr_tail.append(text)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("[%s] %s", self.worker_id, text, extra={"worker_id": self.worker_id})
-
     async def _heartbeat(self) -> None:
         interval = self.options.heartbeat_interval
         limit = interval * self.options.heartbeat_missed
         for nonce in itertools.count(1):
             await trio.sleep(interval)
-            if self._closing or self._cause is not None:
+            if self._state not in ACCEPTING:  # draining, or gone
                 return
             silent = trio.current_time() - self._last_seen
             if silent > limit:
@@ -580,13 +537,16 @@ class Worker:
 
     # -- losing the worker ----------------------------------------------------------------------------
     def _lose(self, kind: type[DspexError], reason: str) -> None:
-        """A detector found the worker broken: record why and kill it; the watcher fails its calls."""
-        if self._cause is not None or self._exited.is_set():
+        """A detector found the worker broken: record why, kill it, and it has failed; the watcher
+        fails its calls once the process is reaped. Nothing to do for a worker already terminal, or
+        already reaped (its exit is reported as it is, and its pid may be reused)."""
+        if self._state in TERMINAL or self._exited.is_set():
             return
         self._cause = (kind, reason)
-        self._hello_event.set()  # wakes a handshake in progress
         logger.warning("worker %s (pid %d): %s; killing it", self.worker_id, self.pid, reason)
         self.process.signal_group(signal.SIGKILL)
+        self._change(WorkerInput.LOST, reason)
+        self._hello_event.set()  # wakes a handshake in progress
 
     async def _await_exit(self) -> ExitStatus:
         """Wait for the process to exit and be reaped (works without the watcher task)."""
@@ -604,12 +564,12 @@ class Worker:
         self._settle(status)
 
     def _settle(self, status: ExitStatus) -> None:
-        """The process is gone: final state, and every call still pending fails (once)."""
-        if self.hello is not None and self.state not in TERMINAL:
-            if self._closing and self._cause is None and status.code == 0:
-                self._set_state(WorkerState.STOPPED, "shut down")
-            else:
-                self._set_state(WorkerState.FAILED, self._cause[1] if self._cause else status.describe())
+        """The process is gone: its exit is the state's last input (unless a detector failed it
+        already), and every call still pending fails (once). Safe to call again."""
+        closing = self._state is WorkerState.DRAINING
+        if self._state not in TERMINAL:
+            exit_input = WorkerInput.EXITED_CLEAN if status.code == 0 else WorkerInput.DIED
+            self._change(exit_input, status.describe())
         calls = list(self._calls.values())
         self._calls.clear()
         self._unacked.clear()
@@ -617,9 +577,9 @@ class Worker:
         self._conn.forget_all()
         for call in calls:
             self._calls_failed += 1
-            call.finish(outcome.Error(self._loss_error(call, status)))
+            call.finish(outcome.Error(self._loss_error(call, status, closing=closing)))
 
-    def _loss_error(self, call: _Call, status: ExitStatus) -> DspexError:
+    def _loss_error(self, call: _Call, status: ExitStatus, *, closing: bool) -> DspexError:
         what = f"worker {self.worker_id} (pid {self.pid})"
         where = "after it was acked" if call.acked else "before it was acked"
         if self._cause is not None:
@@ -628,7 +588,7 @@ class Worker:
             if kind is ProtocolError:
                 return ProtocolError(message, started=call.acked)
             return WorkerUnresponsive(message, started=call.acked, exit_status=status)
-        if self._closing:
+        if closing:
             return WorkerClosed(
                 f"{what} shut down ({status.describe()}) with call {call.id} ({call.method}) unfinished"
             )
@@ -645,7 +605,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_frames)
             nursery.start_soon(self._write_frames)
-            nursery.start_soon(self._read_stderr)
+            nursery.start_soon(self._stderr.run, self.process.stderr)
             nursery.start_soon(self._watch_exit)
             try:
                 try:
@@ -653,8 +613,6 @@ class Worker:
                 except WorkerStartFailed as exc:
                     failure = exc  # raised outside the nursery, so not wrapped in a group
                 else:
-                    self._last_seen = trio.current_time()
-                    self._set_state(WorkerState.READY, "hello received")
                     nursery.start_soon(self._heartbeat)
                     nursery.start_soon(self._ack_watchdog)
                     task_status.started(self)
@@ -673,16 +631,27 @@ class Worker:
             raise failure
 
     async def _handshake(self) -> None:
+        """Wait for the hello: the worker is ``ready`` once it came (and the process still runs).
+        Otherwise it failed: lost (no hello in time, or a detector), or it exited before.
+
+        Raises:
+            WorkerStartFailed: it failed to start (then it is ``failed``).
+        """
         with trio.move_on_after(self.options.start_timeout):
-            await self._hello_event.wait()  # set by the hello, the process's exit, or a detector
-        if self.hello is not None and self._cause is None and not self._exited.is_set():
+            await self._hello_event.wait()
+        starting = self._state is WorkerState.STARTING and not self._exited.is_set()
+        if starting and self.hello is not None:
+            self._last_seen = trio.current_time()
+            self._change(WorkerInput.HELLO)
             return
-        if not self._exited.is_set() and self._cause is None:
+        if starting:
             self._lose(WorkerStartFailed, f"no hello within {self.options.start_timeout} s")
         with trio.move_on_after(KILL_REAP_TIMEOUT_S):
             await self._await_exit()
         status = self._exit_status
-        self._set_state(WorkerState.FAILED, "start failed")
+        if status is not None:
+            self._settle(status)  # exited before its hello (the watcher may have settled it already)
+        assert self._state is WorkerState.FAILED, self._state  # lost, or exited
         reason = (
             self._cause[1]
             if self._cause
@@ -724,6 +693,17 @@ class CallStream:
         return value
 
 
+def _wire_timeout(timeout: float | None, now: float) -> float | None:
+    """The seconds a call sent at ``now`` tells its worker it has (``Call.timeout``): ``timeout``, or less
+    when the caller's effective Trio deadline (a ``move_on_after`` around the call) comes first; None when
+    there is neither. Only ``timeout`` is the handle's own to enforce (``CallTimeout``): the caller's
+    deadline cancels the caller, and with it the call in the worker."""
+    left = trio.current_effective_deadline() - now
+    if timeout is not None and timeout <= left:
+        return timeout
+    return None if left == math.inf else max(0.0, left)
+
+
 def next_worker_id() -> str:
     return f"w{next(_worker_ids)}"
 
@@ -745,7 +725,7 @@ async def start_worker(
         process = await launcher.launch(spec)
     except OSError as exc:
         raise WorkerStartFailed(f"worker {spec.worker_id} could not be launched: {exc}") from exc
-    worker = Worker(
+    worker = Worker._create(
         spec.worker_id, process, options, launcher_name=launcher.name, on_transition=on_transition
     )
     result: Worker = await nursery.start(worker._serve)
@@ -759,25 +739,28 @@ async def open_worker(
     launcher: Launcher | None = None,
     worker_id: str | None = None,
     on_transition: TransitionCallback | None = None,
-    **options: Any,
+    options: WorkerOptions | None = None,
+    **option_fields: Any,
 ) -> AsyncIterator[Worker]:
     """Start one ``bridge_child`` worker process, owned by this context.
 
     Returns once the worker's ``hello`` arrived (within ``start_timeout``). Leaving the block runs the
     teardown ladder (shutdown frame -> grace -> SIGTERM -> grace -> SIGKILL -> reap): nothing is left
-    running. ``options`` are the fields of :class:`WorkerOptions`.
+    running. ``options`` is a :class:`WorkerOptions`; or pass its fields as keywords (``option_fields``),
+    not both (``TypeError``).
     """
-    opts = WorkerOptions.from_kwargs(options)
+    opts = options_from(WorkerOptions, options, option_fields)
     spec = WorkerSpec(
         worker_id=worker_id or next_worker_id(),
         diagnostics=diagnostics,
         capacity=opts.capacity,
         max_frame_bytes=opts.max_frame_bytes,
+        programs=opts.programs,
     )
     async with open_service_nursery() as nursery:
         worker = await start_worker(
             nursery,
-            launcher=launcher or SubprocessLauncher(),
+            launcher=default_launcher(launcher, opts.worker_env),
             spec=spec,
             options=opts,
             on_transition=on_transition,

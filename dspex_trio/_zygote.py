@@ -12,13 +12,13 @@ on the control socket, which :meth:`ZygoteWorker.wait` waits for. If the templat
 keep serving (their pipes are ours); their exits are then seen through a pidfd opened when they were
 spawned, with the status unknown (``ExitStatus(code=None, signal=None)``). Launches on a dead template
 raise :class:`ZygoteError` (an ``OSError``, so ``start_worker`` reports ``WorkerStartFailed``), and
-``alive`` turns False: the owner restarts the zygote or falls back to the subprocess launcher.
+``alive`` turns False: the owner restarts the zygote or falls back to the subprocess launcher (the
+pool's owner is ``_pool_launcher.SupervisedZygote``).
 """
 
 from __future__ import annotations
 
 import array
-import collections
 import errno
 import itertools
 import json
@@ -28,22 +28,22 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
-from dspex_trio._errors import ExitStatus
+from dspex_trio._errors import ExitStatus, ProgramModuleError
 from dspex_trio._launcher import (
-    WORKER_ENV,
     Launcher,
-    SubprocessLauncher,
     WorkerProcess,
     WorkerSpec,
     signal_group,
+    worker_environment,
 )
+from dspex_trio._stderr import StderrRelay
 from dspex_trio._util import open_service_nursery
 
 logger = logging.getLogger("dspex_trio.zygote")
@@ -62,8 +62,6 @@ KILL_WAIT_S: Final = 5.0
 ORPHAN_POLL_S: Final = 0.05
 """Polling period to detect a worker's exit when no pidfd could be opened for it (and no template
 is left to report it)."""
-STDERR_TAIL_LINES: Final = 20
-"""Last lines of the template's stderr quoted in errors."""
 
 _CHILD_MODULE: Final = "bridge_child._zygote"
 _PEER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
@@ -196,6 +194,8 @@ class ZygoteLauncher:
     """The template's ``ready`` message: its pid, library versions, how long its preload took."""
     death_reason: str | None = None
     """Why the template stopped (None while it runs)."""
+    programs_failure: str | None = None
+    """Why the operator's program modules cannot be used, when the template said so instead of ready."""
     launched: int = 0
     """Workers forked so far."""
     _alive: bool = False
@@ -207,14 +207,14 @@ class ZygoteLauncher:
     _tasks_scope: trio.CancelScope = attrs.Factory(lambda: trio.CancelScope(shield=True))
     """The background tasks are shielded: an outside cancellation must not stop the control reader
     before ``_shutdown`` used it (to see the exit of the workers it kills). Cancelled after it."""
-    _stderr_done: trio.Event = attrs.Factory(trio.Event)
     _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
     _pending: dict[int, _Spawn] = attrs.Factory(dict)
     _workers: dict[int, ZygoteWorker] = attrs.Factory(dict)
     """Forked workers whose exit report is awaited, by pid."""
     _live: set[ZygoteWorker] = attrs.Factory(set)
     """Forked workers whose exit has not been seen yet (reported or, once orphaned, through a pidfd)."""
-    _stderr_tail: collections.deque[str] = attrs.Factory(lambda: collections.deque(maxlen=STDERR_TAIL_LINES))
+    _stderr: StderrRelay = attrs.Factory(lambda: StderrRelay("zygote", logger))
+    """Re-logs the template's stderr (``[zygote] ...``) and keeps its last lines, quoted in errors."""
 
     @property
     def pid(self) -> int:
@@ -230,10 +230,6 @@ class ZygoteLauncher:
     def running_workers(self) -> int:
         """Workers forked by this template whose exit has not been seen yet."""
         return len(self._live)
-
-    @property
-    def stderr_tail(self) -> list[str]:
-        return list(self._stderr_tail)
 
     async def wait_dead(self) -> None:
         """Return once the template stopped taking requests (it died, or is being closed)."""
@@ -310,7 +306,7 @@ class ZygoteLauncher:
             return
         self._alive = False
         self.death_reason = reason
-        if not self._closing:
+        if not self._closing and self.programs_failure is None:  # that one is raised, not logged
             logger.warning("zygote (pid %d): %s", self.pid, reason)
         for spawn in self._pending.values():
             if not spawn.done.is_set():
@@ -353,6 +349,9 @@ class ZygoteLauncher:
                 if spawn.abandoned:
                     signal_group(pid, signal.SIGKILL)
             spawn.done.set()
+        elif op == "failed":  # its program modules cannot be used; it exits
+            self.programs_failure = str(message.get("message"))
+            self._mark_dead("its program modules cannot be used")
         elif op == "ready":
             self.info = message
             self._alive = not self._closing
@@ -366,7 +365,8 @@ class ZygoteLauncher:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_control)
                 nursery.start_soon(self._watch_process)
-                nursery.start_soon(self._read_stderr)
+                assert self.process.stderr is not None
+                nursery.start_soon(self._stderr.run, self.process.stderr)
 
     async def _read_control(self) -> None:
         reason = "its control socket closed"
@@ -401,37 +401,18 @@ class ZygoteLauncher:
             await self._reader_done.wait()
         self._orphan_all()
 
-    async def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        pending = b""
-        try:
-            while True:
-                try:
-                    data = await self.process.stderr.receive_some(MAX_MESSAGE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                lines = (pending + data).split(b"\n")
-                pending = lines.pop() if data else b""
-                for line in lines:
-                    text = line.decode("utf-8", "replace").rstrip()
-                    if text:
-                        self._stderr_tail.append(text)
-                        logger.info("[zygote] %s", text)
-                if not data:
-                    return
-        finally:
-            self._stderr_done.set()
-
     async def _wait_ready(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
             await self._started_or_dead.wait()
         if self._ready.is_set() and self._alive:
             return
+        if self.programs_failure is not None:
+            raise ProgramModuleError(self.programs_failure)
         if not self._dead.is_set():
             self._fail(f"not ready within {timeout} s")
         with trio.move_on_after(1.0):  # its last words
-            await self._stderr_done.wait()
-        tail = "\n".join(self._stderr_tail)
+            await self._stderr.done.wait()
+        tail = "\n".join(self._stderr.tail)
         raise ZygoteError(
             errno.ECHILD,
             f"the zygote (pid {self.pid}) failed to start: {self.death_reason}"
@@ -499,18 +480,25 @@ async def open_zygote(
     *,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
+    worker_env: Sequence[str] = (),
+    programs: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT_S,
     spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT_S,
 ) -> AsyncIterator[ZygoteLauncher]:
     """Start a zygote template process, owned by this context, and yield its launcher once it is ready.
 
-    ``python`` must have ``bridge_child`` (and dspy) importable; ``env`` is added to this process's
-    environment and ``WORKER_ENV`` (the workers inherit it). Leaving the block kills the workers it forked
+    ``python`` must have ``bridge_child`` (and dspy) importable. The template's environment, which
+    every worker it forks inherits, is ``worker_environment(os.environ, worker_env, env)``: the
+    allow-list, the variables named by ``worker_env``, ``WORKER_ENV``, then the explicit ``env``
+    values (see ``dspex_trio._launcher``). Leaving the block kills the workers it forked
     that are still running (their owners should have closed them first), makes the template exit, and
     reaps it: nothing is left behind.
 
+    ``programs`` (the operator's program modules) are imported by the template before it forks.
+
     Raises:
         ZygoteError: the platform cannot fork workers, or the template failed to start in time.
+        ProgramModuleError: a program module cannot be used (the template said why, naming it).
     """
     if not zygote_supported():
         raise ZygoteError(errno.ENOTSUP, f"the zygote launcher is not supported on {sys.platform}")
@@ -518,13 +506,20 @@ async def open_zygote(
     try:
         try:
             process = await trio.lowlevel.open_process(
-                [python, "-m", _CHILD_MODULE, "--control-fd", str(child_sock.fileno())],
+                [
+                    python,
+                    "-m",
+                    _CHILD_MODULE,
+                    "--control-fd",
+                    str(child_sock.fileno()),
+                    *_programs_args(programs),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=(child_sock.fileno(),),
                 start_new_session=True,  # own process group; each worker gets its own too
-                env={**os.environ, **WORKER_ENV, **(env or {})},
+                env=worker_environment(os.environ, worker_env, env),
             )
         finally:
             child_sock.close()
@@ -550,143 +545,11 @@ async def open_zygote(
         launcher._release()
 
 
-LAUNCHER_KINDS: Final = ("auto", "zygote", "subprocess")
-
-
-@attrs.define(eq=False)
-class SupervisedZygote:
-    """A launcher backed by a zygote that is restarted when it dies (made by :func:`open_launcher`).
-
-    While no template is ready (it is being restarted), and for good once the template failed to start
-    or died more than ``max_restarts`` times within ``restart_period`` seconds, workers are started by
-    the subprocess launcher instead, if ``fallback`` allows it; otherwise ``launch`` raises
-    :class:`ZygoteError`. A dead template's context is kept open until the workers it forked have
-    exited (they keep serving meanwhile), so a restart never kills a running worker.
-    """
-
-    python: str = sys.executable
-    env: Mapping[str, str] | None = None
-    fallback: bool = True
-    start_timeout: float = DEFAULT_START_TIMEOUT_S
-    spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT_S
-    max_restarts: int = 3
-    restart_period: float = 60.0
-    name: str = "zygote"
-    """"zygote", or "subprocess" once it fell back for good."""
-    zygote: ZygoteLauncher | None = None
-    """The current template, None while none is ready."""
-    restarts: int = 0
-    """Templates started after the first one."""
-    fallback_reason: str | None = None
-    """Why it stopped using the zygote (None while it uses it)."""
-    _subprocess: SubprocessLauncher = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._subprocess = SubprocessLauncher(python=self.python, env=self.env)
-
-    async def launch(self, spec: WorkerSpec) -> WorkerProcess:
-        zygote = self.zygote
-        if zygote is not None and zygote.alive:
-            try:
-                return await zygote.launch(spec)
-            except ZygoteError:
-                if zygote.alive or not self.fallback:
-                    raise  # it refused this one request (e.g. fork failed): the caller's restart policy
-        if not self.fallback:
-            reason = self.fallback_reason or "the zygote is restarting"
-            raise ZygoteError(errno.ECHILD, f"no zygote to fork {spec.worker_id}: {reason}")
-        return await self._subprocess.launch(spec)
-
-    async def _supervise(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        failures: collections.deque[float] = collections.deque()
-        started = False
-        error: ZygoteError | None = None
-        async with trio.open_nursery() as generations:
-            while True:
-                try:
-                    zygote: ZygoteLauncher = await generations.start(self._generation)
-                except ZygoteError as exc:
-                    reason = str(exc)
-                    if not started:  # it cannot work here: do not retry at every start
-                        self._give_up(reason)
-                        error = exc
-                        break
-                else:
-                    self.zygote = zygote
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await zygote.wait_dead()
-                    self.zygote = None
-                    reason = zygote.death_reason or "it died"
-                now = trio.current_time()
-                failures.append(now)
-                while failures and failures[0] < now - self.restart_period:
-                    failures.popleft()
-                if len(failures) > self.max_restarts:
-                    self._give_up(f"{len(failures)} failures within {self.restart_period} s, last: {reason}")
-                    break
-                await trio.sleep(0.1 * 2 ** (len(failures) - 1))  # 0.1, 0.2, 0.4 s ...
-                self.restarts += 1
-                logger.info("restarting the zygote (restart %d)", self.restarts)
-        # (a dead template's context stays open until its workers exit: see _generation)
-        if error is not None and not self.fallback:
-            raise error
-        if not started:
-            task_status.started()
-
-    async def _generation(self, *, task_status: trio.TaskStatus[ZygoteLauncher]) -> None:
-        async with open_zygote(
-            python=self.python,
-            env=self.env,
-            start_timeout=self.start_timeout,
-            spawn_timeout=self.spawn_timeout,
-        ) as zygote:
-            task_status.started(zygote)
-            await zygote.wait_dead()
-            await zygote.wait_idle()  # its workers serve on; leaving the context would kill them
-
-    def _give_up(self, reason: str) -> None:
-        self.fallback_reason = reason
-        if self.fallback:
-            self.name = "subprocess"
-            logger.warning("zygote unavailable, starting workers as subprocesses: %s", reason)
-        else:
-            logger.error("zygote unavailable: %s", reason)
-
-
-@asynccontextmanager
-async def open_launcher(
-    kind: str = "auto",
-    *,
-    python: str = sys.executable,
-    env: Mapping[str, str] | None = None,
-    start_timeout: float = DEFAULT_START_TIMEOUT_S,
-) -> AsyncIterator[Launcher]:
-    """The launcher of a pool, owned by this context.
-
-    ``kind`` is "auto" (a restarted zygote where the platform supports it, falling back to subprocesses
-    when it cannot work), "zygote" (a restarted zygote, no fallback: raises :class:`ZygoteError` if the
-    template cannot start), or "subprocess". Leaving the block stops the zygote (see
-    :func:`open_zygote`): close the workers first.
-    """
-    if kind not in LAUNCHER_KINDS:
-        raise ValueError(f"launcher must be one of {', '.join(LAUNCHER_KINDS)}, not {kind!r}")
-    if kind == "subprocess" or (kind == "auto" and not zygote_supported()):
-        yield SubprocessLauncher(python=python, env=env)
-        return
-    launcher = SupervisedZygote(python=python, env=env, fallback=kind == "auto", start_timeout=start_timeout)
-    async with open_service_nursery() as nursery:
-        await nursery.start(launcher._supervise)
-        try:
-            yield launcher
-        finally:
-            nursery.cancel_scope.cancel()
+def _programs_args(programs: Sequence[str]) -> list[str]:
+    return ["--programs", ",".join(programs)] if programs else []
 
 
 if TYPE_CHECKING:
 
-    def _implements(
-        launcher: ZygoteLauncher, worker: ZygoteWorker, supervised: SupervisedZygote
-    ) -> tuple[Launcher, WorkerProcess, Launcher]:
-        return launcher, worker, supervised  # mypy checks the protocols here
+    def _implements(launcher: ZygoteLauncher, worker: ZygoteWorker) -> tuple[Launcher, WorkerProcess]:
+        return launcher, worker  # mypy checks the protocols here

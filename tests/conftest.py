@@ -21,6 +21,9 @@ pytest_plugins = ["pytester"]
 IN_PROCESS: dict[str, frozenset[str]] = {
     # module: the tests in it that start processes anyway (by function name)
     "tests/bridge_child/test_wire.py": frozenset({"test_importing_wire_imports_neither_trio_nor_dspy"}),
+    "tests/bridge_child/testnetaddr.py": frozenset(),
+    "tests/bridge_child/test_lmrules.py": frozenset(),
+    "tests/dspex_trio/test_egress.py": frozenset(),
     "tests/bridge_child/test_programs.py": frozenset(
         {
             "test_importing_the_program_layer_does_not_import_dspy",
@@ -31,6 +34,13 @@ IN_PROCESS: dict[str, frozenset[str]] = {
             "test_concurrent_executes_in_one_worker",
         }
     ),
+    "tests/bridge_child/test_spec.py": frozenset(
+        {
+            "test_importing_the_spec_layer_imports_neither_dspy_nor_trio",
+            "test_the_program_methods_import_no_cycle",
+        }
+    ),
+    "tests/dspex_trio/test_architecture.py": frozenset(),
     "tests/dspex_trio/test_backends.py": frozenset(
         {
             "test_fallback_engages_when_the_pool_is_unavailable_and_returns_when_it_recovers",
@@ -40,11 +50,31 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_breaker.py": frozenset(
         {"test_a_real_restart_storm_opens_the_circuit_and_half_open_recovers"}
     ),
+    "tests/dspex_trio/test_checkpoints.py": frozenset(
+        {
+            "test_every_async_method_of_a_backend_with_workers_checkpoints",
+            "test_every_async_method_of_the_worker_handle_checkpoints",
+        }
+    ),
     "tests/dspex_trio/test_compliance.py": frozenset(),  # the plugin marks the bridge and full layers
-    "tests/dspex_trio/test_fake_lm.py": frozenset({"test_cli_main_serves_until_sigterm"}),
+    "tests/dspex_trio/test_compliance_remote.py": frozenset(),  # the same, over the websocket
+    "tests/dspex_trio/test_client.py": frozenset(),
+    "tests/dspex_trio/test_client_protocol.py": frozenset(),
+    "tests/dspex_trio/test_client_ws.py": frozenset(),
+    "tests/dspex_trio/test_exports.py": frozenset({"test_typed_options_reach_the_pool_and_its_workers"}),
+    "tests/dspex_trio/test_fake_lm.py": frozenset(
+        {"test_cli_main_serves_until_sigterm", "test_cli_warns_on_stderr_when_bound_to_all_interfaces"}
+    ),
+    "tests/dspex_trio/test_cli_messages.py": frozenset(),
+    "tests/dspex_trio/test_handshake.py": frozenset(),
+    "tests/dspex_trio/test_jsonrpc.py": frozenset(),
+    "tests/dspex_trio/test_ws_api.py": frozenset(),
     "tests/dspex_trio/test_health.py": frozenset({"test_a_sigstopped_real_worker_is_detected_and_replaced"}),
+    "tests/dspex_trio/test_logs.py": frozenset(),
+    "tests/dspex_trio/test_plain_http.py": frozenset(),
     "tests/dspex_trio/test_retry.py": frozenset(),
     "tests/dspex_trio/test_sessions.py": frozenset(),
+    "tests/dspex_trio/test_validators.py": frozenset(),
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}

@@ -23,8 +23,8 @@ import trio
 import trio.testing
 
 from bridge_child import wire
-from dspex_trio import ExitStatus, WorkerSpec
-from dspex_trio._launcher import SubprocessLauncher, WorkerProcess
+from dspex_trio import ExitStatus
+from dspex_trio._launcher import SubprocessLauncher, WorkerProcess, WorkerSpec
 
 FAKE_PID_BASE = 50_000_000
 """Fake pids start here: far above any real pid (``pid_max`` is at most 2**22)."""
@@ -53,6 +53,10 @@ class FakeProcess:
     signals: list[int] = attrs.Factory(list)
     pings: int = 0
     calls: list[str] = attrs.Factory(list)
+    timeouts: list[float | None] = attrs.Factory(list)
+    """Each call's ``timeout`` as it arrived (the seconds its caller gave it)."""
+    cancels: int = 0
+    """``cancel`` frames received."""
     _status: ExitStatus | None = None
     _exited: trio.Event = attrs.Factory(trio.Event)
     _resumed: trio.Event = attrs.Factory(trio.Event)
@@ -143,10 +147,12 @@ class FakeProcess:
         elif isinstance(message, wire.Shutdown):
             self.die(0)
         elif isinstance(message, wire.Cancel):
+            self.cancels += 1
             if self._conn.call_state(message.id) is not wire.CallState.DONE:
                 await self._send(wire.Error(message.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"))
         elif isinstance(message, wire.Call):
             self.calls.append(message.method)
+            self.timeouts.append(message.timeout)
             if self.launcher is not None and self.launcher.die_before_ack > 0:
                 self.launcher.die_before_ack -= 1
                 self.die(1)

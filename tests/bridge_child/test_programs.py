@@ -1,4 +1,5 @@
-"""The worker's DSPy layer: safe signature parsing, the offline LM, and the program methods end to end."""
+"""The worker's DSPy layer: safe signature parsing, the offline LM, and the program methods end to end.
+(The rest of the program-spec layer, ``bridge_child.spec``: tests/bridge_child/test_spec.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import trio
 
 import dspex_trio
-from bridge_child import _signatures as sigs
+from bridge_child._builtins import build_signature
 from bridge_child._offline_lm import output_fields, reply_text
-from bridge_child._signatures import InvalidSignature, parse_signature, parse_type
+from bridge_child.spec import InvalidSignature, parse_signature, parse_type
 
 COMPLEX = "input: str, context: list[str] -> result: str, reasoning: list[str], confidence: float"
 INPUTS = {"input": "What is Trio?", "context": ["Trio is an async library.", "It has nurseries."]}
@@ -205,8 +206,8 @@ def test_refuses_bad_structured_signatures(signature: Any) -> None:
 
 def test_importing_the_program_layer_does_not_import_dspy() -> None:
     code = (
-        "import sys, bridge_child, bridge_child._programs, bridge_child._signatures, "
-        "bridge_child._offline_lm, bridge_child._methods, bridge_child._server\n"
+        "import sys, bridge_child, bridge_child._programs, bridge_child.spec, bridge_child._signatures, "
+        "bridge_child._offline_lm, bridge_child._methods, bridge_child._lane, bridge_child._server\n"
         "assert 'dspy' not in sys.modules, 'dspy imported'\n"
         "assert 'dspex_trio' not in sys.modules\n"
         "from bridge_child import _programs\n"
@@ -254,7 +255,7 @@ def test_offline_lm_with_dspy_modules_and_adapters() -> None:
     from bridge_child._offline_lm import offline_lm
 
     lm = offline_lm()
-    signature = sigs.build_signature(
+    signature = build_signature(
         parse_signature(COMPLEX[: -len("confidence: float")] + "kind: Literal['x', 'y'], ok: bool, n: int")
     )
     for adapter in (dspy.ChatAdapter(), dspy.JSONAdapter()):
@@ -266,7 +267,7 @@ def test_offline_lm_with_dspy_modules_and_adapters() -> None:
 
 def test_build_signature_refuses_names_reserved_by_dspy() -> None:
     with pytest.raises(InvalidSignature, match="reserved"):
-        sigs.build_signature(parse_signature("instructions -> answer"))
+        build_signature(parse_signature("instructions -> answer"))
 
 
 # -- end to end in a real worker process -----------------------------------------------------------
@@ -339,9 +340,18 @@ async def test_execute_streams_chunks_before_the_result() -> None:
             async for event in stream:
                 events.append(event)
             result = await stream.result()
-        assert len(events) >= 2
-        assert all(set(e) == {"field", "chunk"} and e["field"] == "result" for e in events)
-        assert "".join(e["chunk"] for e in events).strip() == result["outputs"]["result"]
+        chunks = [e for e in events if e["event"] == "chunk"]
+        assert len(chunks) >= 2
+        # every str output of the predictor, each chunk tagged with it (ChainOfThought's is "predict")
+        assert all(set(e) == {"event", "predictor", "field", "chunk"} for e in chunks)
+        assert {(e["predictor"], e["field"]) for e in chunks} == {("predict", "result")}
+        assert "".join(e["chunk"] for e in chunks).strip() == result["outputs"]["result"]
+        assert events[0] == {
+            "event": "status",
+            "status": "predictor",
+            "predictor": "predict",
+            "message": "predict started",
+        }
         assert result["outputs"] == plain["outputs"]
         assert_complex_outputs(result["outputs"], "chain_of_thought")
 
@@ -376,8 +386,8 @@ async def test_errors_are_clear_and_typed() -> None:
                 "execute",
                 {"program": ref("bad", 1, spec(signature="q -> a: __import__('os')")), "inputs": {"q": "x"}},
             )
-        with pytest.raises(dspex_trio.InvalidParams, match="unknown module"):
-            await worker.call("validate_program", {"spec": spec("react")})
+        with pytest.raises(dspex_trio.InvalidParams, match="unknown module 'reactor'"):
+            await worker.call("validate_program", {"spec": spec("reactor")})
 
         described = await worker.call(
             "validate_program", {"spec": spec("chain_of_thought", "q -> a: float", instructions="Do it.")}
@@ -395,10 +405,16 @@ async def test_errors_are_clear_and_typed() -> None:
         with pytest.raises(dspex_trio.InvalidParams, match="must be list"):
             await worker.call("execute", {"program": program, "inputs": {**INPUTS, "context": "no"}})
 
-        # state is sanitised: no LM in it
-        bad_state = {"demos": [], "signature": {"instructions": "x", "fields": []}, "lm": {"model": "x/y"}}
-        with pytest.raises(dspex_trio.InvalidParams, match="'lm' must be null"):
-            await worker.call("validate_program", {"spec": spec(state=bad_state)})
+        # state is sanitised: an LM in it is ignored (the call's LM applies), unknown keys are refused
+        fields = [{"prefix": f"{name}:", "description": name} for name in ("i", "c", "r", "re", "co")]
+        state = {"demos": [], "signature": {"instructions": "x", "fields": fields}, "lm": {"model": "x/y"}}
+        ignored = await worker.call(
+            "execute", {"program": ref("lm-in-state", 1, spec(state=state)), "inputs": INPUTS}
+        )
+        assert_complex_outputs(ignored["outputs"], "predict")  # the offline LM answered, not "x/y"
+        assert (await worker.call("get_state", {"program": ref("lm-in-state", 1)}))["lm"] is None
+        with pytest.raises(dspex_trio.InvalidParams, match="unknown key"):
+            await worker.call("validate_program", {"spec": spec(state={**state, "py/object": "os.system"})})
 
         # an LM error is a ProgramError naming the original type; the key is never echoed
         secret = "sk-test-not-a-real-key-0123"

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge_child import wire
 from bridge_child.wire import (
     CALL_TRANSITIONS,
+    CONNECTION_TRANSITIONS,
     DEFAULT_MAX_FRAME_BYTES,
     FLAG_IDEMPOTENT,
     HEADER,
@@ -32,6 +34,7 @@ from bridge_child.wire import (
     CallState,
     Cancel,
     Connection,
+    ConnectionState,
     Error,
     ErrorCode,
     Event,
@@ -48,6 +51,7 @@ from bridge_child.wire import (
     decode_frames_untrusted,
     encode_frame,
 )
+from tests.tables import CASE_NAMES, every_state_and_input, path_to
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,8 +63,10 @@ PARENT_KINDS = (Call, Cancel, Ping, Shutdown)
 """What the parent sends and the child receives."""
 CHILD_KINDS = (Hello, Ack, Event, Result, Error, Pong)
 """What the child sends and the parent receives."""
-CALL_KINDS = (Ack, Event, Result, Error)
-"""The child frames that move a call through ``CALL_TRANSITIONS``."""
+CALL_KINDS = (Call, Ack, Event, Result, Error)
+"""The frames that move a call through ``CALL_TRANSITIONS``."""
+REPLY_KINDS = (Ack, Event, Result, Error)
+"""The child's frames of a call."""
 RECEIVER: dict[type, Role] = {
     **{kind: Role.CHILD for kind in PARENT_KINDS},
     **{kind: Role.PARENT for kind in CHILD_KINDS},
@@ -210,6 +216,8 @@ def parent_after_hello(**kwargs: Any) -> Connection:
 
 def call_frame(kind: type, call_id: int, seq: int = 0) -> Any:
     """A frame of ``kind`` (one of ``CALL_KINDS``) for call ``call_id``."""
+    if kind is Call:
+        return Call(id=call_id, method="m")
     if kind is Event:
         return Event(id=call_id, seq=seq, data={"chunk": seq})
     if kind is Error:
@@ -217,6 +225,12 @@ def call_frame(kind: type, call_id: int, seq: int = 0) -> Any:
     if kind is Result:
         return Result(id=call_id, value="done")
     return kind(id=call_id)
+
+
+def frame_of(kind: type, call_id: int) -> Any:
+    """A frame of any ``kind``; a call's frames (and a cancel) are for call ``call_id``."""
+    others = {Hello: HELLO, Cancel: Cancel(id=call_id), Ping: Ping(1), Pong: Pong(1), Shutdown: Shutdown(1.0)}
+    return others[kind] if kind in others else call_frame(kind, call_id)
 
 
 # -- round trips -------------------------------------------------------------------------------------
@@ -609,12 +623,14 @@ def test_wrong_protocol_version_in_header(role: Role, version: int) -> None:
 
 
 @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1])
-def test_wrong_protocol_version_in_hello(version: int) -> None:
-    conn = Connection(Role.PARENT)
-    conn.receive_data(encode_frame(msgspec.structs.replace(HELLO, version=version)))
-    with pytest.raises(RemoteProtocolError, match=f"protocol {version}"):
-        conn.next_event()
-    assert conn.hello is None
+@pytest.mark.parametrize("side", ["sent", "received"])
+def test_wrong_protocol_version_in_hello(side: str, version: int) -> None:
+    hello = msgspec.structs.replace(HELLO, version=version)
+    role, refusal = apply_as(side, hello)
+    conn = Connection(role)
+    with pytest.raises(refusal, match=f"protocol {version}"):
+        meet(conn, hello)
+    assert conn.hello is None and conn.state is ConnectionState.AWAITING_HELLO
 
 
 @pytest.mark.parametrize("first", [Ack(id=1), Pong(nonce=1), Result(id=1), Event(id=1, seq=0)])
@@ -622,7 +638,7 @@ def test_parent_must_receive_hello_first(first: Any) -> None:
     conn = Connection(Role.PARENT)
     conn.send(Call(id=1, method="m"))
     conn.receive_data(encode_frame(first))
-    with pytest.raises(RemoteProtocolError, match="expected hello first"):
+    with pytest.raises(RemoteProtocolError, match="first frame must be hello"):
         conn.next_event()
 
 
@@ -657,7 +673,7 @@ def test_wrong_direction_kind_is_remote_protocol_error(role: Role, message: Any)
         conn.next_event()
 
 
-# -- the per-call state table ------------------------------------------------------------------------
+# -- the conversation's tables, applied alike to what is sent and what is received -------------------
 
 
 def parent_in_state(state: CallState, call_id: int = 7) -> Connection:
@@ -686,45 +702,193 @@ def child_in_state(state: CallState, call_id: int = 7) -> Connection:
     return conn
 
 
+def meet(conn: Connection, message: Any) -> None:
+    """``message`` goes through ``conn`` the way its role meets it: sent if it is its own kind, else
+    received (and returned by ``next_event``)."""
+    if SENDER[type(message)] is conn.role:
+        assert conn.send(message) == encode_frame(message)
+    else:
+        conn.receive_data(encode_frame(message))
+        assert one(conn) == message
+
+
+def conn_in(role: Role, call: CallState, *, hello: bool = True, call_id: int = 7) -> Connection:
+    """A ``role`` connection, past the hello or not, whose call ``call_id`` was taken to ``call`` through
+    ``CALL_TRANSITIONS`` by frames (as a real conversation does)."""
+    conn = Connection(role)
+    if hello:
+        meet(conn, HELLO)
+    for kind in path_to(CALL_TRANSITIONS, CallState.DONE, call):
+        meet(conn, call_frame(kind, call_id))
+    assert conn.call_state(call_id) is call
+    return conn
+
+
+SIDES = ("sent", "received")
+
+
+def apply_as(side: str, message: Any) -> tuple[Role, type[ProtocolError]]:
+    """The role that meets ``message`` when it is ``sent`` or ``received``, and its error for a frame it
+    refuses."""
+    if side == "sent":
+        return SENDER[type(message)], LocalProtocolError
+    return RECEIVER[type(message)], RemoteProtocolError
+
+
+def test_the_tables_cover_the_kinds_the_messages_declare() -> None:
+    assert set(wire.PARENT_KINDS) == set(PARENT_KINDS) and set(wire.CHILD_KINDS) == set(CHILD_KINDS)
+    assert set(CALL_KINDS) == wire.CALL_KINDS
+    assert {kind for _, kind in CALL_TRANSITIONS} == set(CALL_KINDS)
+    assert {kind for _, kind in CONNECTION_TRANSITIONS} == set(PARENT_KINDS + CHILD_KINDS)
+
+
 def test_call_transitions_table_shape() -> None:
-    assert set(CALL_TRANSITIONS) <= set(itertools.product(CallState, CALL_KINDS))
-    assert not any(state is CallState.DONE for state, _ in CALL_TRANSITIONS)  # DONE is final
+    assert not any(state is CallState.DONE for state, kind in CALL_TRANSITIONS if kind is not Call)
+    assert [state for state, kind in CALL_TRANSITIONS if kind is Call] == [CallState.DONE]  # a free id
     assert CALL_TRANSITIONS[CallState.AWAITING_ACK, Ack] is CallState.RUNNING
     assert CALL_TRANSITIONS[CallState.AWAITING_ACK, Error] is CallState.DONE
     assert (CallState.AWAITING_ACK, Result) not in CALL_TRANSITIONS
 
 
-STATE_KIND_PAIRS = list(itertools.product(CallState, CALL_KINDS))
-STATE_KIND_IDS = [f"{state.name}-{kind.__name__}" for state, kind in STATE_KIND_PAIRS]
+def test_connection_transitions_table_shape() -> None:
+    # The hello comes first and once; the parent's frames need not wait for it.
+    assert CONNECTION_TRANSITIONS[ConnectionState.AWAITING_HELLO, Hello] is ConnectionState.OPEN
+    assert (ConnectionState.OPEN, Hello) not in CONNECTION_TRANSITIONS
+    early = {kind for state, kind in CONNECTION_TRANSITIONS if state is ConnectionState.AWAITING_HELLO}
+    assert early == {Hello, *PARENT_KINDS}
+    assert all(new is state for (state, kind), new in CONNECTION_TRANSITIONS.items() if kind is not Hello)
 
 
-@pytest.mark.parametrize(("state", "kind"), STATE_KIND_PAIRS, ids=STATE_KIND_IDS)
-def test_every_state_and_kind_received(state: CallState, kind: type) -> None:
-    conn = parent_in_state(state)
-    message = call_frame(kind, 7)
-    conn.receive_data(encode_frame(message))
-    expected = CALL_TRANSITIONS.get((state, kind))
+@pytest.mark.parametrize(CASE_NAMES, every_state_and_input(CALL_TRANSITIONS, CallState, CALL_KINDS))
+@pytest.mark.parametrize("side", SIDES)
+def test_every_call_state_and_frame(
+    side: str, state: CallState, event: type, expected: CallState | None
+) -> None:
+    message = call_frame(event, 7)
+    role, refusal = apply_as(side, message)
+    conn = conn_in(role, state)
     if expected is None:
-        with pytest.raises(RemoteProtocolError):
-            conn.next_event()
+        with pytest.raises(refusal):
+            meet(conn, message)
+        if refusal is LocalProtocolError:
+            assert conn.call_state(7) is state  # unchanged
     else:
-        assert one(conn) == message
+        meet(conn, message)
         assert conn.call_state(7) is expected
         assert conn.pending_calls == (expected is not CallState.DONE)
 
 
-@pytest.mark.parametrize(("state", "kind"), STATE_KIND_PAIRS, ids=STATE_KIND_IDS)
-def test_every_state_and_kind_sent(state: CallState, kind: type) -> None:
-    conn = child_in_state(state)
-    message = call_frame(kind, 7)
-    expected = CALL_TRANSITIONS.get((state, kind))
+WELCOMED_IN: dict[type, CallState] = {
+    Ack: CallState.AWAITING_ACK,
+    Error: CallState.AWAITING_ACK,
+    Event: CallState.RUNNING,
+    Result: CallState.RUNNING,
+}
+"""The call state in which a call frame passes ``CALL_TRANSITIONS`` (others: ``DONE``, a free id)."""
+
+
+@pytest.mark.parametrize(
+    CASE_NAMES,
+    every_state_and_input(CONNECTION_TRANSITIONS, ConnectionState, PARENT_KINDS + CHILD_KINDS),
+)
+@pytest.mark.parametrize("side", SIDES)
+def test_every_connection_state_and_frame(
+    side: str, state: ConnectionState, event: type, expected: ConnectionState | None
+) -> None:
+    message = frame_of(event, 7)
+    role, refusal = apply_as(side, message)
+    # Call 7 is where the frame passes the call table, so that only the connection's table decides
+    # (before the hello no call can run: a frame that needs one is refused by the hello rule first).
+    call = WELCOMED_IN.get(event, CallState.DONE)
+    opened = state is ConnectionState.OPEN
+    conn = conn_in(
+        role, call if opened or call is not CallState.RUNNING else CallState.AWAITING_ACK, hello=opened
+    )
+    assert conn.state is state
     if expected is None:
-        with pytest.raises(LocalProtocolError):
-            conn.send(message)
-        assert conn.call_state(7) is state  # unchanged
+        with pytest.raises(refusal, match="hello"):
+            meet(conn, message)
+        if refusal is LocalProtocolError:
+            assert conn.state is state
     else:
-        assert conn.send(message) == encode_frame(message)
-        assert conn.call_state(7) is expected
+        meet(conn, message)
+        assert conn.state is expected
+        assert conn.hello == (HELLO if expected is ConnectionState.OPEN else None)
+
+
+stray_frames = st.one_of(
+    st.just(HELLO),
+    st.builds(Call, id=st.integers(1, 2), method=st.just("m")),
+    st.builds(Ack, id=st.integers(1, 2)),
+    st.builds(Event, id=st.integers(1, 2), seq=st.integers(0, 2)),
+    st.builds(Result, id=st.integers(1, 2)),
+    st.builds(Error, id=st.integers(1, 2), code=st.just(ErrorCode.INTERNAL)),
+    st.builds(Cancel, id=st.integers(1, 2)),
+    st.just(Ping(nonce=1)),
+    st.just(Pong(nonce=1)),
+    st.just(Shutdown(grace=1.0)),
+)
+"""Any frame of calls 1 and 2."""
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[Any]:
+    """A valid conversation (the hello, then calls 1 and 2, each used up to twice, interleaved, with
+    pings, pongs and cancels between), then, in most examples, one mistake: a frame dropped,
+    repeated, swapped with the next, or a stray one inserted."""
+    lives: list[list[Any]] = []
+    for call_id in (1, 2):
+        frames: list[Any] = []
+        for _ in range(draw(st.integers(0, 2))):
+            frames.append(Call(id=call_id, method="m"))
+            if draw(st.booleans()):
+                frames.append(Error(id=call_id, code=ErrorCode.UNKNOWN_METHOD))  # rejected
+                continue
+            frames.append(Ack(id=call_id))
+            frames += [Event(id=call_id, seq=seq) for seq in range(draw(st.integers(0, 2)))]
+            frames.append(draw(st.sampled_from([Result(id=call_id), Error(id=call_id, code="x")])))
+        lives.append(frames)
+    conversation: list[Any] = [HELLO]
+    while any(lives):
+        life = draw(st.sampled_from([life for life in lives if life]))
+        conversation.append(life.pop(0))
+        if draw(st.integers(0, 5)) == 0:
+            conversation.append(draw(st.sampled_from([Ping(nonce=1), Pong(nonce=1), Cancel(id=1)])))
+    mistake = draw(st.sampled_from(["none", "drop", "repeat", "swap", "stray", "stray"]))
+    at = draw(st.integers(0, len(conversation) - 1))
+    if mistake == "drop":
+        del conversation[at]
+    elif mistake == "repeat":
+        conversation.insert(at, conversation[at])
+    elif mistake == "swap" and at + 1 < len(conversation):
+        conversation[at], conversation[at + 1] = conversation[at + 1], conversation[at]
+    elif mistake == "stray":
+        conversation.insert(at, draw(stray_frames))
+    return conversation
+
+
+@FUZZ
+@given(frames=conversations())
+def test_both_ends_agree_on_every_frame(frames: list[Any]) -> None:
+    # The rules are written once: whatever the sender may send, the receiver accepts, to the same
+    # states; what the sender may not send, the receiver refuses, for the same reason.
+    pair = ConnectionPair()
+    for message in frames:
+        parent_sends = type(message) in PARENT_KINDS
+        sender, receiver = (pair.parent, pair.child) if parent_sends else (pair.child, pair.parent)
+        try:
+            frame = sender.send(message)
+        except LocalProtocolError as local:
+            receiver.receive_data(encode_frame(message))
+            with pytest.raises(RemoteProtocolError) as remote:
+                receiver.next_event()
+            assert str(remote.value) == str(local)
+            return
+        receiver.receive_data(frame)
+        assert one(receiver) == message
+        assert pair.parent.state is pair.child.state
+        assert [pair.parent.call_state(i) for i in (1, 2)] == [pair.child.call_state(i) for i in (1, 2)]
+    assert pair.parent.pending_calls == pair.child.pending_calls
 
 
 def test_ack_before_result() -> None:
@@ -758,15 +922,15 @@ def test_first_event_with_wrong_seq(seq: int) -> None:
 def test_frame_after_result(late: Any) -> None:
     conn = parent_in_state(CallState.DONE)
     conn.receive_data(encode_frame(late))
-    with pytest.raises(RemoteProtocolError, match="never sent"):
+    with pytest.raises(RemoteProtocolError, match="which is not pending"):
         conn.next_event()
 
 
-@pytest.mark.parametrize("kind", CALL_KINDS, ids=lambda kind: kind.__name__)
+@pytest.mark.parametrize("kind", REPLY_KINDS, ids=lambda kind: kind.__name__)
 def test_frame_for_a_never_sent_id(kind: type) -> None:
     conn = parent_in_state(CallState.RUNNING)
     conn.receive_data(encode_frame(call_frame(kind, 8)))
-    with pytest.raises(RemoteProtocolError, match="call 8, which was never sent"):
+    with pytest.raises(RemoteProtocolError, match="call 8, which is not pending"):
         conn.next_event()
 
 
@@ -800,7 +964,7 @@ def test_abandoned_calls_late_frames_are_dropped_and_counted() -> None:
     assert conn.abandon(1) is False  # finished
     # After its terminal frame the id is unknown again: a further frame is a protocol error...
     conn.receive_data(encode_frame(Event(id=1, seq=1)))
-    with pytest.raises(RemoteProtocolError, match="never sent"):
+    with pytest.raises(RemoteProtocolError, match="which is not pending"):
         conn.next_event()
 
 
@@ -857,11 +1021,11 @@ def test_child_must_send_hello_first() -> None:
             conn.send(message)
     conn.send(HELLO)
     conn.send(Ack(id=1))
-    with pytest.raises(LocalProtocolError, match="already sent"):
+    with pytest.raises(LocalProtocolError, match="second hello"):
         conn.send(HELLO)
 
 
-@pytest.mark.parametrize("kind", CALL_KINDS, ids=lambda kind: kind.__name__)
+@pytest.mark.parametrize("kind", REPLY_KINDS, ids=lambda kind: kind.__name__)
 def test_child_sending_for_a_non_pending_id(kind: type) -> None:
     conn = child_in_state(CallState.RUNNING)
     with pytest.raises(LocalProtocolError, match="which is not pending"):
@@ -888,7 +1052,7 @@ def test_parent_cannot_send_child_kinds(message: Any) -> None:
 
 def test_duplicate_call_id_on_send() -> None:
     conn = parent_in_state(CallState.RUNNING)
-    with pytest.raises(LocalProtocolError, match="still pending"):
+    with pytest.raises(LocalProtocolError, match="already pending"):
         conn.send(Call(id=7, method="m"))
     assert conn.call_state(7) is CallState.RUNNING
     conn.receive_data(encode_frame(Result(id=7)))

@@ -6,14 +6,16 @@ The fallback starts real workers (real time: bounded waits only).
 
 from __future__ import annotations
 
+import ast
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 import dspex_trio
-from bridge_child._signatures import parse_type
+from bridge_child.spec import parse_type
 from dspex_trio import (
     CircuitState,
     HealthEvent,
@@ -22,6 +24,7 @@ from dspex_trio import (
     UnknownMethod,
     open_backend,
 )
+from dspex_trio._fallback import FallbackBackend
 from tests.fakes import FlakyLauncher
 from tests.helpers import wait_until
 
@@ -57,6 +60,20 @@ async def test_open_backend_refuses_an_unknown_kind() -> None:
         open_backend("cloud")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("module", ["_backend", "_health", "_statistics"])
+def test_the_interface_and_the_health_records_import_no_backend(module: str) -> None:
+    """The backend interface names the health and statistics records without importing a backend (the pool
+    was one)."""
+    source = Path(dspex_trio.__file__).with_name(f"{module}.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    backends = {f"dspex_trio.{name}" for name in ("_pool", "_bridge", "_mock", "_fallback", "_dispatch")}
+    assert imported and not imported & backends, imported & backends
+
+
 # -- the fallback chain --------------------------------------------------------------------------------
 
 
@@ -71,7 +88,7 @@ async def test_fallback_engages_when_the_pool_is_unavailable_and_returns_when_it
             ) as fallback,
             fallback.subscribe_health() as health,
         ):
-            assert isinstance(fallback, dspex_trio.FallbackBackend)
+            assert isinstance(fallback, FallbackBackend)
             pool = fallback.chain[0]
             assert isinstance(pool, dspex_trio.Pool) and pool.circuit is not CircuitState.CLOSED
             pid = await fallback.create_program(SIGNATURE, session="s")
@@ -111,7 +128,7 @@ async def test_fallback_reaches_mock_only_when_allowed() -> None:
         async with open_backend(
             "fallback", allow_mock=True, pool_options=broken, bridge_options={"launcher": FlakyLauncher()}
         ) as fallback:
-            assert isinstance(fallback, dspex_trio.FallbackBackend)
+            assert isinstance(fallback, FallbackBackend)
             assert fallback.statistics().chain == ("pool", "mock")
             pid = await fallback.create_program("question -> answer")
             answer = await fallback.execute(pid, {"question": "q"}, with_usage=True)

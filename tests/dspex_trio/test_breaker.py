@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 import time
@@ -14,25 +13,35 @@ import trio
 import trio.testing
 
 import dspex_trio
-from dspex_trio import CircuitBreaker, CircuitState, PoolUnavailable
-from dspex_trio._breaker import TRANSITIONS, BreakerInput, InvalidBreakerTransition, next_state
+from dspex_trio import CircuitState, PoolUnavailable
+from dspex_trio._breaker import TRANSITIONS, BreakerInput, CircuitBreaker, InvalidBreakerTransition
 from tests.fakes import FlakyLauncher, open_fake_launcher
 from tests.helpers import wait_until
+from tests.tables import CASE_NAMES, every_state_and_input, path_to
 
 # -- the table -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("state", "event"), list(itertools.product(CircuitState, BreakerInput)), ids=lambda x: str(x)
-)
-def test_every_state_and_input_is_allowed_exactly_when_in_the_table(
-    state: CircuitState, event: BreakerInput
+@pytest.mark.parametrize(CASE_NAMES, every_state_and_input(TRANSITIONS, CircuitState, BreakerInput))
+def test_every_state_and_input_through_the_breaker(
+    state: CircuitState, event: BreakerInput, expected: CircuitState | None
 ) -> None:
-    if (state, event) in TRANSITIONS:
-        assert next_state(state, event) is TRANSITIONS[state, event]
+    changes: list[tuple[CircuitState, CircuitState, str]] = []
+    breaker = CircuitBreaker(
+        clock=FakeClock(), on_change=lambda old, new, why: changes.append((old, new, why))
+    )
+    for step in path_to(TRANSITIONS, CircuitState.CLOSED, state):
+        breaker._move(step, "on the way")
+    assert breaker.state is state
+    changes.clear()
+    if expected is None:
+        with pytest.raises(InvalidBreakerTransition, match=f"{event} is not allowed in state {state}"):
+            breaker._move(event, "why")
+        assert breaker.state is state and changes == []
+        assert breaker.reason == ("" if state is CircuitState.CLOSED else "on the way")
     else:
-        with pytest.raises(InvalidBreakerTransition):
-            next_state(state, event)
+        breaker._move(event, "why")
+        assert breaker.state is expected and changes == [(state, expected, "why")]
 
 
 def test_the_table_is_the_classic_cycle() -> None:

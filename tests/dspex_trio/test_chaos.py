@@ -38,7 +38,8 @@ async def test_chaos_short_load_with_a_sigkill_every_200_ms() -> None:
     assert not load_violations(report), report
     assert report["calls"] == report["ok"] + report["failed"] and report["calls"] >= 2000, report
     assert report["hangs"] == report["misdelivered"] == report["untyped"] == 0
-    assert report["idempotent_failed"] == 0
+    assert report["idempotent_failed"] == 0  # every idempotent call that failed had its retry elsewhere (a
+    # retry killed too is possible with a kill every 200 ms: ``idempotent_failed_twice``, reported)
     assert report["kills"] >= 5 and report["restarts"] >= report["kills"] - 1, report
     assert set(report["errors"]) <= {"WorkerCrashed"}, report["errors"]  # typed, and only the deaths
     assert report["circuit"] == "closed" and report["circuit_opened"] == 0

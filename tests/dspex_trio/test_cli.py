@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -15,6 +18,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._cli import ServeSettings, SettingsError, resolve_settings
+from dspex_trio._cli_settings import SETTING_NAMES
 from tests.helpers import kill_quietly, pid_alive, wait_until
 
 CLI = [sys.executable, "-m", "dspex_trio"]
@@ -138,3 +142,287 @@ async def test_status_once_prints_the_snapshot_and_a_bad_token_is_refused():
         )
         assert refused.returncode == 1 and b"HTTP 401" in refused.stderr
         nursery.cancel_scope.cancel()
+
+
+# -- every expected failure is one line, exit 1 (130 for Ctrl-C) -------------------------------------------
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``dspex-trio *args``: exit status, stdout, stderr."""
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def without_keys() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("DSPEX_LM_API_KEY", "OPENAI_API_KEY")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_on_a_port_in_use_fails_at_once_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await cli("serve", "--port", str(port))
+        assert (code, out) == (1, "")
+        assert err == (
+            f"dspex-trio serve: error: port {port} on 127.0.0.1 is already in use (another dspex-trio "
+            "serve?): stop that server, or choose another port with --port (0 picks a free one)\n"
+        )
+        # -v: the same line, after the traceback; no worker was started before the bind failed
+        code, _, err = await cli("-v", "serve", "--port", str(port))
+        assert code == 1 and "Traceback" in err and err.endswith(err.splitlines()[-1] + "\n")
+        assert err.splitlines()[-1].startswith(f"dspex-trio serve: error: port {port} on 127.0.0.1")
+        assert "starting" not in err and "worker" not in err.replace("(another dspex-trio serve?)", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ["serve", "--config", "{tmp}/missing.toml"],
+            {},
+            "serve: error: config file {tmp}/missing.toml: No such file or directory",
+        ),
+        (
+            ["serve", "--config", "{tmp}/bad.toml"],
+            {},
+            "serve: error: config file {tmp}/bad.toml: unknown key(s) prot; known: "
+            + ", ".join(SETTING_NAMES),
+        ),
+        (
+            ["serve"],
+            {"DSPEX_PORT": "eighty"},
+            "serve: error: DSPEX_PORT: expected a whole number, not 'eighty'",
+        ),
+        (
+            ["serve", "--token-file", "{tmp}/empty"],
+            {},
+            "serve: error: token file {tmp}/empty is empty",
+        ),
+        (
+            ["serve", "--host", "0.0.0.0", "--port", "0"],
+            {},
+            "serve: error: refusing to serve on '0.0.0.0' without a token: set --token-file, DSPEX_TOKEN or "
+            "--token auto, or bind 127.0.0.1",
+        ),
+        (
+            ["status", "--url", "ws://127.0.0.1:{port}"],
+            {},
+            "status: error: cannot connect to ws://127.0.0.1:{port}: Connection refused: start the server "
+            "(dspex-trio serve), or give its address with --url",
+        ),
+        (
+            ["run", "question -> answer", "--url", "ws://127.0.0.1:{port}"],
+            {},
+            "run: error: cannot connect to ws://127.0.0.1:{port}: Connection refused: start the server "
+            "(dspex-trio serve), or give its address with --url",
+        ),
+        (
+            ["status", "--url", "http://127.0.0.1:{port}"],
+            {},
+            'status: error: --url http://127.0.0.1:{port}: WebSocket URL scheme must be "ws:" or "wss:"',
+        ),
+        (
+            ["run", "n: int -> answer", "--inputs-json", "[3]"],
+            {},
+            "run: error: --inputs-json must be a JSON object, e.g. --inputs-json '{{\"n\": 3}}'",
+        ),
+    ],
+    ids=[
+        "missing-config",
+        "unknown-key",
+        "bad-variable",
+        "empty-token-file",
+        "public-without-token",
+        "status-unreachable",
+        "run-unreachable",
+        "not-a-ws-url",
+        "inputs-not-an-object",
+    ],
+)
+async def test_expected_failures_are_one_line_naming_the_cause_and_the_fix(
+    tmp_path: Any, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    (tmp_path / "bad.toml").write_text("prot = 80\n")
+    (tmp_path / "empty").write_text("\n")
+    port = free_port()
+    fill = partial(str.format, tmp=tmp_path, port=port)
+    code, out, err = await cli(*map(fill, args), env={**os.environ, **env})
+    assert (code, out, err) == (1, "", "dspex-trio " + fill(expected) + "\n")
+
+
+async def test_run_without_a_key_says_where_the_key_comes_from() -> None:
+    code, out, err = await cli(
+        "run",
+        "question -> answer",
+        "--input",
+        "question=hi",
+        "--lm",
+        "openai/gpt-4o-mini",
+        env=without_keys(),
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        "dspex-trio run: error: the LM openai/gpt-4o-mini has no usable API key (LMNotConfiguredError): "
+        "set DSPEX_LM_API_KEY or OPENAI_API_KEY, or give --lm-api-key-file PATH\n"
+    )
+
+
+async def test_version_and_options_before_fake_lm() -> None:
+    code, out, err = await cli("--version")
+    assert (code, err) == (0, "") and out.startswith(f"dspex-trio {dspex_trio.__version__} (Python ")
+    code, out, err = await cli("-v", "fake-lm", "--help")
+    assert (code, err) == (0, "") and out.startswith("usage: dspex-trio fake-lm")
+
+
+# -- run and status against a running server ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def mock_server(**options: Any) -> AsyncIterator[dspex_trio.WebsocketServer]:
+    """A websocket server over the in-process mock backend (no worker process)."""
+    async with dspex_trio.open_backend("mock") as backend, trio.open_nursery() as nursery:
+        yield await nursery.start(partial(dspex_trio.serve_websocket, backend, port=0, **options))
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_on_a_running_server_checks_inputs_and_hints_at_json() -> None:
+    async with mock_server() as server:
+        code, out, err = await cli("run", "question -> answer", "-i", "question=hi", "--url", server.url)
+        assert (code, err) == (0, "") and out.startswith("answer: ")
+        code, out, err = await cli("run", "question -> answer", "-i", "qestion=hi", "--url", server.url)
+        assert (code, out) == (1, "")
+        assert err == (
+            "dspex-trio run: error: unknown input 'qestion' (did you mean 'question'?): the inputs of "
+            "'question -> answer' are question\n"
+        )
+        code, out, err = await cli("run", "n: int -> answer", "-i", "n=3", "--url", server.url)
+        assert (code, out) == (1, "")
+        assert err == (
+            "dspex-trio run: error: execute: input 'n' must be int, not str: --input gives text; give n (int) "
+            "as JSON: --inputs-json '{\"n\": 3}'\n"
+        )
+        code, out, err = await cli(
+            "run", "n: int -> answer", "--inputs-json", '{"n": 3}', "--url", server.url, "--json"
+        )
+        assert (code, err) == (0, "") and set(json.loads(out)) == {"answer"}
+        code, out, err = await cli("run", "q -> a", "-i", "q=x", "--lm", "nope", "--url", server.url)
+        assert (code, out) == (1, "")
+        assert err.startswith("dspex-trio run: error: lm/select: ") and "offline" in err
+        assert server.statistics().connections_total == 5
+
+
+async def test_status_with_a_wrong_token_and_ctrl_c() -> None:
+    async with mock_server(token="right") as server:
+        code, out, err = await cli("status", "--once", "--url", server.url, "--token", "wrong")
+        assert (code, out) == (1, "")
+        assert err == (
+            f"dspex-trio status: error: {server.url} refused the connection (HTTP 401: unauthorized: the token "
+            "is not valid): check the token you give (--token-file PATH or DSPEX_TOKEN)\n"
+        )
+        # Ctrl-C is the way to leave `status`: exit 130, one line
+        process = await trio.lowlevel.open_process(
+            [*CLI, "status", "--url", server.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "DSPEX_TOKEN": "right"},
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            output = b""
+            with trio.fail_after(30):
+                while b"pool:" not in output:
+                    chunk = await process.stdout.receive_some(4096)
+                    assert chunk, "status exited early"
+                    output += chunk
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(20):
+                assert await process.wait() == 130
+            assert await process.stderr.receive_some(65536) == b"dspex-trio status: interrupted\n"
+        finally:
+            kill_quietly(process.pid)
+            await process.wait()
+
+
+async def test_serve_logs_what_a_person_can_follow_without_websocket_frames() -> None:
+    process = await trio.lowlevel.open_process(
+        [*CLI, "-vv", "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    err = bytearray()
+
+    async def collect_stderr() -> None:
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some(65536):
+            err.extend(chunk)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect_stderr)
+            assert process.stdout is not None
+            output = b""
+            with trio.fail_after(30):
+                while b"\n" not in output:
+                    chunk = await process.stdout.receive_some(4096)
+                    assert chunk, "serve exited early"
+                    output += chunk
+            url = output.decode().split()[2]
+            port = int(url.rsplit(":", 1)[1])
+
+            def client() -> dict[str, Any]:
+                from websockets.exceptions import InvalidStatus
+                from websockets.sync.client import connect
+
+                with pytest.raises(InvalidStatus):  # no subprotocol: refused, and logged with the reason
+                    connect(url, open_timeout=10).close()
+                with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:  # type: ignore[list-item]
+
+                    def call(request_id: int, method: str, **params: Any) -> Any:
+                        ws.send(
+                            json.dumps(
+                                {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+                            )
+                        )
+                        while True:
+                            message = json.loads(ws.recv(timeout=30))
+                            if message.get("id") == request_id:
+                                return message.get("result")
+
+                    program = call(1, "program/create", signature="question -> answer")["program"]
+                    call(2, "execution/submit", program=program, inputs={})  # fails: the input is missing
+                    while json.loads(ws.recv(timeout=30)).get("params", {}).get("event") != "failed":
+                        pass
+                    return call(3, "runtime/status")  # type: ignore[no-any-return]
+
+            status = await trio.to_thread.run_sync(client)
+            victim = status["health"]["workers"][0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            await wait_until(lambda: b"replaced worker" in err, 30, "no replacement was logged")
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                assert await process.wait() == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        kill_quietly(process.pid)
+        await process.wait()
+    text = err.decode()
+    for expected in (
+        f"INFO cli: bound 127.0.0.1:{port}; starting 2 worker(s)",
+        f"INFO websocket: listening on {url} (backend pool)",
+        "INFO websocket: handshake from 127.0.0.1 refused (400): the websocket subprotocol 'dspex.v1' is required",
+        "INFO websocket: connection from 127.0.0.1 opened (client)",
+        f"WARNING pool: worker {victim['worker_id']} (pid {victim['pid']}) failed: killed by SIGKILL; "
+        "starting a replacement",
+        f"replaced worker {victim['worker_id']} in slot ",
+    ):
+        assert expected in text, (expected, text[-3000:])
+    assert any(" INFO websocket: execution e_" in line and " failed: " in line for line in text.splitlines())
+    assert "trio-websocket" not in text  # -vv: no frames

@@ -1,4 +1,4 @@
-"""Tests of the fake OpenAI-compatible LM server (``dspex_trio._fake_lm``).
+"""Tests of the fake OpenAI-compatible LM server (``dspex_trio.testing._fake_lm``).
 
 DSPy's real HTTP client (``dspy.LM("openai/fake", api_base=...)``, DSPy 3.4's native engine) calls the
 server over loopback. That client is synchronous, so each DSPy call runs in a worker thread
@@ -16,6 +16,7 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -29,19 +30,13 @@ import h11
 import pydantic
 import pytest
 import trio
+import trio.testing
 
-from dspex_trio import _fake_lm
-from dspex_trio._fake_lm import (
-    MALFORMED_REPLY,
-    MAX_BODY_BYTES,
-    FakeLM,
-    FakeLMConfig,
-    open_fake_lm,
-    parse_output_fields,
-    render_reply,
-    serve_fake_lm,
-)
+from dspex_trio.testing import _fake_lm
+from dspex_trio.testing._fake_answers import MALFORMED_REPLY, parse_output_fields, render_reply
+from dspex_trio.testing._fake_lm import MAX_BODY_BYTES, FakeLM, FakeLMConfig, open_fake_lm, serve_fake_lm
 from tests.helpers import wait_until
+from tests.metered import Meter, MeteredStr
 
 T = TypeVar("T")
 
@@ -473,7 +468,7 @@ async def test_serve_fake_lm_with_nursery_start() -> None:
 
 
 def test_cli_main_serves_until_sigterm() -> None:
-    code = "import sys; from dspex_trio._fake_lm import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from dspex_trio.testing._fake_lm import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "--latency", "0"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -554,3 +549,236 @@ async def test_open_fake_lm_lets_body_errors_through_unwrapped() -> None:
     with pytest.raises(ZeroDivisionError):
         async with open_fake_lm():
             raise ZeroDivisionError
+
+
+# --- Bounded work (issue 13: it is a test tool, but it listens on a socket) ------------------------------
+
+
+async def test_a_10_mb_body_is_refused_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed: list[bytes] = []
+    monkeypatch.setattr(_fake_lm, "parse_chat_request", lambda body: parsed.append(body))
+    ten_mb = 10 * 1024 * 1024
+    async with open_fake_lm() as fake:
+        client = await HttpClient.connect(fake)
+        try:  # declared: refused on the head, before a byte of the body is sent
+            with trio.fail_after(CALL_DEADLINE_S):
+                head = [("content-length", str(ten_mb)), ("content-type", "application/json")]
+                await client.send_head("POST", "/v1/chat/completions", head)
+                assert (await client.read_reply()).status == 413
+        finally:
+            await client.aclose()
+        client = await HttpClient.connect(fake)
+        try:  # not declared (chunked): refused once more than MAX_BODY_BYTES came
+            with trio.fail_after(CALL_DEADLINE_S):
+                await client.send_head("POST", "/v1/chat/completions", [("transfer-encoding", "chunked")])
+                async with trio.open_nursery() as nursery:
+
+                    async def send_body() -> None:
+                        piece = b"[" * (1024 * 1024)
+                        try:
+                            for _ in range(ten_mb // len(piece)):
+                                await client.stream.send_all(client.conn.send(h11.Data(data=piece)) or b"")
+                        except trio.BrokenResourceError:
+                            pass
+
+                    nursery.start_soon(send_body)
+                    assert (await client.read_reply()).status == 413
+        finally:
+            await client.aclose()
+        assert fake.statistics.rejected_too_large == 2
+    assert parsed == []
+
+
+async def test_the_body_is_read_only_up_to_the_limit() -> None:
+    """Work measured in bytes read: 10 MB offered, at most the limit and one read taken."""
+    from dspex_trio.testing._http import RECEIVE_CHUNK_BYTES, HttpConnection, PayloadTooLarge
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = h11.Connection(h11.CLIENT)
+    headers = [("host", "x"), ("transfer-encoding", "chunked")]
+    request = h11.Request(method="POST", target="/v1/chat/completions", headers=headers)
+    offered = client.send(request) or b""
+    offered += b"".join(client.send(h11.Data(data=b"x" * (1024 * 1024))) or b"" for _ in range(10))
+    await client_stream.send_all(offered)  # all 10 MB are there to read
+    server = HttpConnection(server_stream)
+    assert isinstance(await server.next_event(), h11.Request)
+    limit = 1024 * 1024
+    with pytest.raises(PayloadTooLarge):
+        await server.read_body(limit)
+    assert server.bytes_received <= limit + 2 * RECEIVE_CHUNK_BYTES < len(offered) // 5
+
+
+def metered_chat(system: str, user: str) -> tuple[list[dict[str, Any]], Meter]:
+    meter = Meter()
+    messages = [
+        {"role": "system", "content": MeteredStr(system, meter)},
+        {"role": "user", "content": MeteredStr(user, meter)},
+    ]
+    return messages, meter
+
+
+RESPOND = "Respond with the corresponding output fields, starting with the field "
+NOTE = "# note: the value you produce must adhere to the JSON schema: "
+PATHOLOGICAL_PROMPTS = {
+    # shapes that make a naive scan super-linear; the first version's regular expressions were quadratic
+    # (or worse) on the first two
+    "blank lines": ("", "[[ ## q ## ]]\nhi" + "\n" * 400_000 + "x"),
+    "unclosed type infos": ("", RESPOND + "`[[ ## a ## ]]` (must be formatted as a valid Python " * 6_000),
+    "respond markers": ("", RESPOND + "`[[ ## " * 60_000),
+    "note lines": (("[[ ## a ## ]]\n{a}   " + NOTE + "{" * 100 + "\n") * 2_000 + NOTE * 4_000, "hi"),
+    "input headers": ("", "x[[ ## " * 60_000),
+    "field dots": ("Your output fields are:\n" + ". `" * 100_000, "hi"),
+    "unclosed field names": ("Your output fields are:\n" + "1. `\n" * 60_000, "hi"),
+    "deep type": ("Your output fields are:\n1. `a` (" + "list[" * 200 + "int" + "]" * 200 + "):\n", "hi"),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL_PROMPTS))
+def test_answer_work_is_linear_in_the_prompt(name: str) -> None:
+    """Measured by the characters the answer's parsing touches (searches, slices, indexing; see
+    tests/metered.py), not by time: a few times the prompt, whatever its shape."""
+    system, user = PATHOLOGICAL_PROMPTS[name]
+    messages, meter = metered_chat(system, user)
+    reply = render_reply(messages)
+    assert reply
+    assert meter.chars <= 6 * (len(system) + len(user)) + 20_000, (meter.chars, len(system) + len(user))
+
+
+async def test_a_pathological_body_near_the_cap_is_answered() -> None:
+    """The first version would take hours on this one: its blank-line regular expression backtracked over
+    the 1.5 M newlines (3 MB of JSON) from each of them."""
+    content = "[[ ## q ## ]]\nhi" + "\n" * (1536 * 1024) + "x"
+    async with open_fake_lm() as fake:
+        reply = await request(
+            fake, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": content}]}
+        )
+    assert reply.status == 200
+    assert reply.json()["choices"][0]["message"]["content"] == "This is a fake reply to: hi."
+
+
+def test_no_regular_expression_runs_on_request_text() -> None:
+    """The metering above cannot see a regular expression (it reads the text in C): there is none."""
+    import re
+
+    from dspex_trio.testing import _fake_answers
+
+    assert not [
+        name for name, value in vars(_fake_answers).items() if value is re or isinstance(value, re.Pattern)
+    ]
+
+
+def test_one_answer_holds_a_bounded_number_of_values() -> None:
+    from dspex_trio.testing._fake_answers import MAX_ANSWER_VALUES
+
+    fan_out = {f"p{i}": {"$ref": "#/$defs/Node"} for i in range(50)}  # 50 ** 8 values unbounded
+    schemas = [
+        {"$defs": {"Node": {"type": "object", "properties": fan_out}}, "$ref": "#/$defs/Node"},
+        {"type": "array", "minItems": 10**12, "items": {"type": "array", "minItems": 10**12}},
+    ]
+    for schema in schemas:
+        response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+        answer = json.loads(render_reply([{"role": "user", "content": "q"}], response_format))
+
+        def count(value: Any) -> int:
+            if isinstance(value, dict):
+                return 1 + sum(count(v) for v in value.values())
+            if isinstance(value, list):
+                return 1 + sum(count(v) for v in value)
+            return 1
+
+        assert 1 < count(answer) <= 2 * MAX_ANSWER_VALUES
+
+
+async def test_a_body_nested_too_deeply_is_a_400_and_the_server_goes_on() -> None:
+    deep = b'{"model": "fake", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    async with open_fake_lm() as fake:
+        client = await HttpClient.connect(fake)
+        try:
+            reply = await client.request("POST", "/v1/chat/completions", deep)
+            assert reply.status == 400 and "nested too deeply" in reply.json()["error"]["message"]
+            assert (await client.request("POST", "/v1/chat/completions", CHAT)).status == 200
+        finally:
+            await client.aclose()
+        assert fake.statistics.bad_requests == 1
+
+
+async def test_a_recursion_error_while_answering_is_a_400(monkeypatch: pytest.MonkeyPatch) -> None:
+    def too_deep(*args: Any) -> str:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(_fake_lm, "render_reply", too_deep)
+    async with open_fake_lm() as fake:
+        reply = await request(fake, "POST", "/v1/chat/completions", CHAT)
+        assert reply.status == 400 and "nested too deeply" in reply.json()["error"]["message"]
+        assert (await request(fake, "GET", "/health")).status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_lone_surrogate_in_a_request_is_answered(stream: bool) -> None:
+    body = b'{"stream": %s, "messages": [{"role": "user", "content": "\\ud800 hi"}]}' % (
+        b"true" if stream else b"false"
+    )
+    async with open_fake_lm() as fake:
+        reply = await request(fake, "POST", "/v1/chat/completions", body)
+    assert reply.status == 200
+    assert "\\ud800 hi" in reply.body.decode("ascii")  # escaped: the reply is valid UTF-8 JSON
+
+
+def test_deeply_nested_schemas_in_a_prompt_are_ignored() -> None:
+    system = "[[ ## a ## ]]\n{a}        " + NOTE + "[" * 100_000 + "\nYour output fields are:\n1. `a` (Item):"
+    reply = render_reply([{"role": "system", "content": system}, {"role": "user", "content": "q"}])
+    assert reply.startswith("[[ ## a ## ]]\n") and reply.endswith("[[ ## completed ## ]]")
+
+
+# --- Binding -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("fe80::1%eth0", False),
+        ("example.com", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert _fake_lm.is_loopback(host) is loopback
+
+
+async def test_binding_a_non_loopback_address_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=_fake_lm.logger.name):
+        async with open_fake_lm():
+            pass
+        assert not caplog.records
+        async with open_fake_lm("0.0.0.0"):
+            pass
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "not a loopback address" in caplog.records[0].getMessage()
+
+
+def test_cli_warns_on_stderr_when_bound_to_all_interfaces() -> None:
+    code = "import sys; from dspex_trio.testing._fake_lm import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("http://0.0.0.0:")  # printed once it listens
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=CALL_DEADLINE_S)
+        assert proc.returncode == 0
+        assert "fake-lm: fake LM: listening on http://0.0.0.0:" in stderr
+        assert "not a loopback address" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

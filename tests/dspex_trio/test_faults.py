@@ -111,7 +111,7 @@ class Transitions:
 
     def __init__(self, pool: dspex_trio.Pool) -> None:
         self.seen: list[tuple[str, int, WorkerState, WorkerState, str]] = []
-        pool.transition_hooks.append(self)
+        pool._transition_hooks.append(self)
 
     def __call__(self, worker: dspex_trio.Worker, old: WorkerState, new: WorkerState, why: str) -> None:
         self.seen.append((worker.worker_id, worker.pid, old, new, why))
@@ -725,7 +725,7 @@ async def test_fault_12_workers_killed_as_soon_as_they_start_trip_the_budget() -
                     os.kill(worker.pid, signal.SIGKILL)
                     killed.append(worker.pid)
 
-            pool.transition_hooks.append(killer)
+            pool._transition_hooks.append(killer)
             start = time.monotonic()
             for worker in pool.workers():  # the first two, too (they served no call)
                 os.kill(worker.pid, signal.SIGKILL)

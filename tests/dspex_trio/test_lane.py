@@ -1,5 +1,5 @@
 """The worker's CPU lane: CPU-bound calls run one at a time on the reader thread, which a standby thread
-relieves when one runs long (``bridge_child._server``). Real processes, real time: every wait is bounded.
+relieves when one runs long (``bridge_child._lane``). Real processes, real time: every wait is bounded.
 
 What must hold: offline-LM executions take the lane and real-LM ones the thread pool, with the LM
 configured when they were read; a long lane call does not silence the worker (pings, acks and cancels
@@ -87,7 +87,7 @@ def test_malformed_execute_params_are_left_to_the_method(params: Any) -> None:
 
 
 async def test_offline_executions_run_on_the_lane_and_http_ones_in_the_pool() -> None:
-    from dspex_trio._fake_lm import open_fake_lm
+    from dspex_trio.testing import open_fake_lm
 
     with trio.fail_after(60):
         async with open_fake_lm() as fake, dspex_trio.open_pool(workers=1) as pool:

@@ -519,7 +519,7 @@ async def test_restart_storm_opens_the_circuit_without_looping() -> None:
                 if new == WorkerState.FAILED:
                     failed_at.append(time.monotonic())
 
-            pool.transition_hooks.append(hook)
+            pool._transition_hooks.append(hook)
             restarts_before = pool.statistics().restarts
             cpu_before = time.process_time()
             wall_before = time.monotonic()
@@ -761,7 +761,7 @@ async def test_workers_are_recycled_after_max_calls() -> None:
                 if new in (WorkerState.STOPPED, WorkerState.FAILED):
                     final[worker.pid] = (new, worker.statistics().calls_served)
 
-            pool.transition_hooks.append(on_transition)
+            pool._transition_hooks.append(on_transition)
             values: dict[int, Any] = {}
 
             async def lane(k: int) -> None:

@@ -139,7 +139,7 @@ async def test_state_round_trip(pool):
 
 @pytest.fixture
 async def fake_lm():
-    from dspex_trio._fake_lm import open_fake_lm
+    from dspex_trio.testing import open_fake_lm
 
     async with open_fake_lm() as server:
         yield server
@@ -177,6 +177,18 @@ async def test_rate_limit_is_a_program_error_naming_the_dspy_type(pool, fake_lm)
         await pool.execute(pid, {"question": "x"})
     assert caught.value.error_type == "LMRateLimitError"
     assert "test-key" not in str(caught.value)
+
+
+async def test_an_lm_without_a_key_says_where_a_key_goes(pool, fake_lm):
+    await pool.configure_lm("openai/fake", session="nokey", api_base=fake_lm.url)
+    program = await pool.create_program("question -> answer", session="nokey")
+    with pytest.raises(dspex_trio.ProgramError) as info:
+        await pool.execute(program, {"question": "q"}, session="nokey")
+    assert info.value.error_type == "LMNotConfiguredError"
+    message = str(info.value)
+    assert "dspy.LM(" not in message  # what a CLI or websocket user cannot do
+    assert all(hint in message for hint in ("api_key=", "--lm-api-key-file", "lm/configure", "lm/select"))
+    assert fake_lm.requests == 0  # nothing was sent without a key
 
 
 async def test_session_lm_is_invisible_to_other_sessions(pool, fake_lm):

@@ -4,7 +4,9 @@ pytest in a subprocess (``pytester.runpytest_subprocess``: trio and real process
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,7 +64,8 @@ async def test_websocket_client(dspex_ws_client):
 
 @pytest.fixture
 def user_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    monkeypatch.delenv("DSPEX_TEST_MODE", raising=False)
+    for name in ("DSPEX_TEST_MODE", "DSPEX_TEST_REMOTE", "DSPEX_TEST_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
     pytester.makeini(INI)
     return pytester
@@ -85,6 +88,78 @@ def test_a_user_suite_passes_on_each_layer(
     result.assert_outcomes(passed=3)
     backend = {"mock": "mock", "bridge": "bridge", "full": "pool"}[layer]
     result.stdout.fnmatch_lines([f"*LAYER={layer} BACKEND={backend}*"])
+
+
+@pytest.mark.parametrize(("layer", "how"), [("mock", "env"), ("full", "option")])
+def test_remote_mode_runs_a_user_suite_over_the_websocket(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, layer: str, how: str
+) -> None:
+    """The same sample suite, its backend a ``dspex_trio.connect`` client of the layer served on a
+    loopback websocket (the fake LM configured through it, the websocket client on the same server)."""
+    user_suite.makepyfile(
+        test_sample=SAMPLE,
+        test_remote="""
+        import dspex_trio
+
+        async def test_it_is_the_remote_client(dspex_backend):
+            assert isinstance(dspex_backend, dspex_trio.RemoteBackend)
+        """,
+    )
+    args = ["-s", f"--dspex-mode={layer}"]
+    if how == "env":
+        monkeypatch.setenv("DSPEX_TEST_REMOTE", "1")
+    else:
+        args.append("--dspex-remote")
+    result = user_suite.runpytest_subprocess(*args, timeout=120)
+    result.assert_outcomes(passed=4)
+    backend = {"mock": "mock", "full": "pool"}[layer]
+    result.stdout.fnmatch_lines([f"*LAYER={layer} BACKEND={backend}*"])
+
+
+def test_remote_mode_runs_a_user_suite_against_a_served_endpoint(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("t0ken-for-tests")
+    command = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "1"]
+    with subprocess.Popen(
+        [*command, "--admin-token-file", str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    ) as server:
+        try:
+            assert server.stdout is not None
+            url = server.stdout.readline().decode().split()[2]
+            user_suite.makepyfile(
+                test_remote="""
+                async def test_against_the_endpoint(dspex_backend, dspex_layer, dspex_fake_lm):
+                    assert dspex_layer == "remote" and dspex_backend.name == "pool"
+                    await dspex_backend.configure_lm(
+                        "openai/fake", api_base=dspex_fake_lm.url, api_key="k", num_retries=0, session="s"
+                    )
+                    pid = await dspex_backend.create_program("question -> answer", session="s")
+                    assert (await dspex_backend.execute(pid, {"question": "q"}, session="s"))["answer"]
+                    assert dspex_fake_lm.requests == 1  # the served workers called this test's fake LM
+                """
+            )
+            monkeypatch.setenv("DSPEX_TEST_REMOTE", url)
+            monkeypatch.setenv("DSPEX_TEST_TOKEN", "t0ken-for-tests")
+            result = user_suite.runpytest_subprocess("-m", "not real_processes", timeout=60)
+            result.assert_outcomes(passed=1)  # it starts nothing itself: in the fast part
+            monkeypatch.setenv("DSPEX_TEST_TOKEN", "wrong")
+            result = user_suite.runpytest_subprocess(timeout=60)
+            result.assert_outcomes(failed=1)  # pytest-trio sets fixtures up inside the test
+            result.stdout.fnmatch_lines(["*HandshakeRefused*HTTP 401*"])
+        finally:
+            server.kill()
+
+
+def test_an_unknown_remote_mode_is_a_usage_error(
+    user_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_suite.makepyfile("async def test_it(dspex_backend): ...")
+    monkeypatch.setenv("DSPEX_TEST_REMOTE", "http://example.com")
+    result = user_suite.runpytest_subprocess(timeout=60)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*DSPEX_TEST_REMOTE*'http://example.com' is not a remote mode*"])
 
 
 def test_real_processes_marker_selects_the_fast_part(user_suite: pytest.Pytester) -> None:
@@ -223,3 +298,31 @@ def test_a_layer_without_dspy_is_skipped_saying_what_to_install(user_suite: pyte
     result = user_suite.runpytest_subprocess("-rs", timeout=60)
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(["*SKIPPED*install dspy==3.4.1 (pip install dspex-trio)*"])
+
+
+def test_the_package_exports_every_hook_and_fixture_of_the_plugin() -> None:
+    """pytest registers the package ``dspex_trio.testing`` (the entry point) and finds the plugin's
+    hooks and fixtures on it by name: each must be re-exported from ``_plugin``, the private ones too."""
+    from dspex_trio import testing
+    from dspex_trio.testing import _plugin
+
+    names = {n for n in vars(_plugin) if n.startswith(("pytest_", "dspex_", "_dspex_"))} | set(
+        _plugin.__all__
+    )
+    assert {"pytest_configure", "dspex_backend", "dspex_fake_lm", "_dspex_no_leaks", "RpcError"} <= names
+    missing = sorted(n for n in names if getattr(testing, n, None) is not getattr(_plugin, n))
+    assert not missing, f"not re-exported by dspex_trio.testing: {missing}"
+
+
+def test_the_fake_lm_and_its_command_need_no_pytest() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['pytest'] = None  # importing pytest now fails\n"
+        "from dspex_trio.testing import FakeLMConfig, open_fake_lm, serve_fake_lm\n"
+        "from dspex_trio._cli import main\n"
+        "assert 'dspex_trio.testing._plugin' not in sys.modules\n"
+        "sys.exit(main(['fake-lm', '--help']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: dspex-trio fake-lm" in result.stdout

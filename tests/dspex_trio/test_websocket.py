@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 import dspex_trio
-from dspex_trio._fake_lm import open_fake_lm
+from dspex_trio.testing import open_fake_lm
 from tests.helpers import wait_until
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -87,6 +87,12 @@ class Client:
         assert "error" in answer, answer
         return answer["error"]
 
+    def open_session(self) -> str:
+        """A new server-minted session (its id is the capability to use it)."""
+        session = self.result("session/open")["session"]
+        assert isinstance(session, str) and session.startswith("s_")
+        return session
+
     def notification(self, method: str | None = None) -> dict[str, Any]:
         while True:
             message = self.notifications.popleft() if self.notifications else self.recv()
@@ -121,6 +127,11 @@ async def start_server(
     return await nursery.start(partial(dspex_trio.serve_websocket, pool, port=0, **kwargs))
 
 
+def lm_options(fake: Any) -> dict[str, Any]:
+    """Server options that let clients configure an LM on the (loopback) fake LM server."""
+    return {"client_lm": "allowlist", "allow_lm_bases": [fake.url]}
+
+
 def assert_in_order(events: list[dict[str, Any]]) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), events
     assert events[0]["event"] == "started"
@@ -144,12 +155,13 @@ async def test_full_flow_create_submit_stream_complete(pool):
             with Client(server.url) as c:
                 assert c.ws.subprotocol == "dspex.v1"
                 assert c.result("ping") == "pong"
+                s = c.open_session()
                 program = c.result(
                     "program/create",
-                    {"signature": "question -> answer", "module": "chain_of_thought", "session": "s"},
+                    {"signature": "question -> answer", "module": "chain_of_thought", "session": s},
                 )["program"]
-                assert program in {p["id"] for p in c.result("program/list", {"session": "s"})["programs"]}
-                info = c.result("program/get", {"program": program, "session": "s"})
+                assert program in {p["id"] for p in c.result("program/list", {"session": s})["programs"]}
+                info = c.result("program/get", {"program": program, "session": s})
                 assert info["id"] == program and info["module"] == "chain_of_thought"
 
                 execution = c.result(
@@ -157,7 +169,7 @@ async def test_full_flow_create_submit_stream_complete(pool):
                     {
                         "program": program,
                         "inputs": {"question": "What is DSPy?"},
-                        "session": "s",
+                        "session": s,
                         "stream": True,
                     },
                 )["execution"]
@@ -180,24 +192,25 @@ async def test_full_flow_create_submit_stream_complete(pool):
                 # not streamed: started, then completed, no chunks
                 execution = c.result(
                     "execution/submit",
-                    {"program": program, "inputs": {"question": "x"}, "session": "s", "stream": False},
+                    {"program": program, "inputs": {"question": "x"}, "session": s, "stream": False},
                 )["execution"]
                 events = c.events_until_terminal({execution})[execution]
                 assert [e["event"] for e in events] == ["started", "completed"]
 
                 run = c.result(
-                    "execution/run", {"program": program, "inputs": {"question": "x"}, "session": "s"}
+                    "execution/run", {"program": program, "inputs": {"question": "x"}, "session": s}
                 )
                 assert run["outputs"] == events[-1]["data"]["outputs"]  # the offline LM is deterministic
 
                 status = c.result("runtime/status")
                 assert status["subprotocol"] == "dspex.v1" and len(status["health"]["workers"]) == 2
-                assert status["pool"]["size"] == 2 and status["server"]["connections"] == 1
+                assert status["backend"] == "pool" and status["statistics"]["size"] == 2
+                assert status["server"]["connections"] == 1 and status["connection"]["sessions"] == 1
 
-                assert c.result("program/delete", {"program": program, "session": "s"})["deleted"] is True
-                error = c.error("program/get", {"program": program, "session": "s"})
+                assert c.result("program/delete", {"program": program, "session": s})["deleted"] is True
+                error = c.error("program/get", {"program": program, "session": s})
                 assert error["data"]["kind"] == "unknown_program" and error["code"] == -32003
-                assert c.result("session/end", {"session": "s"}) == {"session": "s", "ended": True}
+                assert c.result("session/end", {"session": s}) == {"session": s, "ended": True}
 
         await in_thread(client)
         assert pool.statistics().in_flight == 0
@@ -206,16 +219,17 @@ async def test_full_flow_create_submit_stream_complete(pool):
 
 async def test_program_failures_are_failed_events(pool):
     async with open_fake_lm(fail_status=429) as fake, trio.open_nursery() as nursery:
-        server = await start_server(nursery, pool)
+        server = await start_server(nursery, pool, **lm_options(fake))
 
         def client() -> None:
             with Client(server.url) as c:
-                lm = {"model": "openai/fake", "api_base": fake.url, "api_key": "x", "session": "rl"}
+                rl = c.open_session()
+                lm = {"model": "openai/fake", "api_base": fake.url, "api_key": "x", "session": rl}
                 lm["settings"] = {"num_retries": 0}
                 c.result("lm/configure", lm)
-                program = c.result("program/create", {"signature": "q -> a", "session": "rl"})["program"]
+                program = c.result("program/create", {"signature": "q -> a", "session": rl})["program"]
                 execution = c.result(
-                    "execution/submit", {"program": program, "inputs": {"q": "x"}, "session": "rl"}
+                    "execution/submit", {"program": program, "inputs": {"q": "x"}, "session": rl}
                 )["execution"]
                 events = c.events_until_terminal({execution})[execution]
                 assert_in_order(events)
@@ -223,12 +237,12 @@ async def test_program_failures_are_failed_events(pool):
                 assert failed["event"] == "failed", failed
                 assert "RateLimit" in failed["data"]["type"] and failed["data"]["message"]
                 # execution/run: the same failure as an error reply
-                error = c.error("execution/run", {"program": program, "inputs": {"q": "x"}, "session": "rl"})
+                error = c.error("execution/run", {"program": program, "inputs": {"q": "x"}, "session": rl})
                 assert error["code"] == -32010 and error["data"]["kind"] == "execution_failed"
                 assert "RateLimit" in error["data"]["type"]
                 # bad inputs are the worker's InvalidParams: a failed event with kind invalid_params
                 execution = c.result(
-                    "execution/submit", {"program": program, "inputs": {"nope": 1}, "session": "rl"}
+                    "execution/submit", {"program": program, "inputs": {"nope": 1}, "session": rl}
                 )["execution"]
                 failed = c.events_until_terminal({execution})[execution][-1]
                 assert failed["event"] == "failed" and failed["data"]["kind"] == "invalid_params"
@@ -237,12 +251,14 @@ async def test_program_failures_are_failed_events(pool):
         nursery.cancel_scope.cancel()
 
 
-def configure_slow(c: Client, fake: Any, session: str) -> str:
-    """A program in ``session`` whose executions stream slowly from the fake LM."""
+def configure_slow(c: Client, fake: Any) -> tuple[str, str]:
+    """A new session and a program in it whose executions stream slowly from the fake LM."""
+    session = c.open_session()
     c.result(
         "lm/configure", {"model": "openai/fake", "api_base": fake.url, "api_key": "x", "session": session}
     )
-    return c.result("program/create", {"signature": "question -> answer", "session": session})["program"]
+    program = c.result("program/create", {"signature": "question -> answer", "session": session})["program"]
+    return program, session
 
 
 def workers_idle(pool: dspex_trio.Pool) -> bool:
@@ -255,17 +271,17 @@ async def test_cancel_mid_stream_stops_the_work_in_the_worker(pool):
         open_fake_lm(stream_chunk_delay_s=0.1, stream_chunk_chars=4) as fake,
         trio.open_nursery() as nursery,
     ):
-        server = await start_server(nursery, pool)
+        server = await start_server(nursery, pool, **lm_options(fake))
         mid_stream = threading.Event()
         checked = threading.Event()
         result: dict[str, Any] = {}
 
         def client() -> None:
             with Client(server.url) as c:
-                program = configure_slow(c, fake, "slow")
+                program, slow = configure_slow(c, fake)
                 execution = c.result(
                     "execution/submit",
-                    {"program": program, "inputs": {"question": "long"}, "session": "slow"},
+                    {"program": program, "inputs": {"question": "long"}, "session": slow},
                 )["execution"]
                 while c.notification("execution/event")["event"] != "chunk":
                     pass
@@ -297,15 +313,13 @@ async def test_disconnect_mid_stream_cancels_the_connections_executions(pool):
         open_fake_lm(stream_chunk_delay_s=0.1, stream_chunk_chars=4) as fake,
         trio.open_nursery() as nursery,
     ):
-        server = await start_server(nursery, pool)
+        server = await start_server(nursery, pool, **lm_options(fake))
 
         def client() -> None:
             c = Client(server.url)
-            program = configure_slow(c, fake, "gone")
+            program, gone = configure_slow(c, fake)
             for _ in range(3):
-                c.send(
-                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": "gone"}
-                )
+                c.send("execution/submit", {"program": program, "inputs": {"question": "q"}, "session": gone})
             chunks = 0
             while chunks < 3:
                 chunks += c.notification("execution/event")["event"] == "chunk"
@@ -322,7 +336,8 @@ async def test_many_clients_all_complete_with_events_in_order(pool):
     clients, per_client = 50, 20
     async with trio.open_nursery() as nursery:
         server = await start_server(nursery, pool)
-        program = await pool.create_program("question -> answer", session="many")
+        many = await pool.open_session()  # the capability the clients share
+        program = await pool.create_program("question -> answer", session=many)
         done: list[int] = []
 
         def client(i: int) -> None:
@@ -332,7 +347,7 @@ async def test_many_clients_all_complete_with_events_in_order(pool):
                     ids.append(
                         c.send(
                             "execution/submit",
-                            {"program": program, "inputs": {"question": f"q{i}-{j}"}, "session": "many"},
+                            {"program": program, "inputs": {"question": f"q{i}-{j}"}, "session": many},
                         )
                     )
                 executions = {c.reply(rid)["result"]["execution"] for rid in ids}
@@ -397,7 +412,7 @@ async def test_bad_inputs_get_their_documented_answers_while_others_are_served(p
         trio.open_nursery() as nursery,
     ):
         server = await start_server(
-            nursery, pool, max_message_size=4096, max_executions=1, max_subscriptions=1
+            nursery, pool, max_message_size=4096, max_executions=1, max_subscriptions=1, **lm_options(fake)
         )
 
         def client() -> None:
@@ -443,12 +458,12 @@ async def test_bad_inputs_get_their_documented_answers_while_others_are_served(p
                 c.result("health/subscribe")
                 error = c.error("health/subscribe")
                 assert error["code"] == -32004 and error["data"]["kind"] == "limit_exceeded"
-                program = configure_slow(c, fake, "caps")
+                program, caps = configure_slow(c, fake)
                 first = c.result(
-                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": "caps"}
+                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": caps}
                 )
                 error = c.error(
-                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": "caps"}
+                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": caps}
                 )
                 assert error["code"] == -32004 and error["data"] == {
                     "kind": "limit_exceeded",
@@ -569,21 +584,21 @@ async def test_drain_lets_running_executions_finish_and_refuses_new_ones(pool):
         open_fake_lm(latency_s=0.5) as fake,
         trio.open_nursery() as nursery,
     ):
-        server = await start_server(nursery, pool)
+        server = await start_server(nursery, pool, **lm_options(fake))
         submitted = threading.Event()
         go_on = threading.Event()
         result: dict[str, Any] = {}
 
         def client() -> None:
             with Client(server.url) as c:
-                program = configure_slow(c, fake, "drain")
+                program, drain = configure_slow(c, fake)
                 execution = c.result(
-                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": "drain"}
+                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": drain}
                 )["execution"]
                 submitted.set()
                 go_on.wait(10)
                 error = c.error(
-                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": "drain"}
+                    "execution/submit", {"program": program, "inputs": {"question": "q"}, "session": drain}
                 )
                 result["error"] = error
                 result["events"] = c.events_until_terminal({execution})[execution]

@@ -30,7 +30,6 @@ from dspex_trio import (
     ProgramError,
     ProgramNotFound,
     ProtocolError,
-    SubprocessLauncher,
     UnknownMethod,
     Worker,
     WorkerClosed,
@@ -41,6 +40,7 @@ from dspex_trio import (
     WorkerUnresponsive,
     open_worker,
 )
+from dspex_trio._launcher import SubprocessLauncher
 from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_state, wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ with wrong tokens. Throughout, a separate well-behaved client must keep being se
 The oracle is ``docs/websocket-api.md``, restated here independently of the server's code: a frame that
 is not JSON gets ``-32700`` (id null); JSON that is not a request object (a batch, a scalar, a bad id, a
 wrong ``jsonrpc``, a missing method, params that are not an object, an unknown member) gets ``-32600``;
-a valid request gets exactly one reply (result or error) if it has an ``id`` and none if it has not; every
+``NaN``/``Infinity`` are not JSON either; a valid request gets exactly one reply (result or error) if it has an ``id`` and none if it has not; every
 error has ``data.kind`` naming its code from the documented table; ``-32603`` (a server bug) never comes.
 Binary frames close with 1003, oversized messages with 1009, slow readers with 1008.
 """
@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import dspex_trio
-from dspex_trio._fake_lm import open_fake_lm
+from dspex_trio.testing import open_fake_lm
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
@@ -174,10 +174,14 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def expected_reply(text: str) -> tuple[str, Any]:
     """What the docs promise for one text frame: ("error", (code, id)), ("reply", id), or ("none", None)."""
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=not_json)  # NaN and Infinity are not JSON
     except ValueError:
         return "error", (-32700, None)
     if not isinstance(message, dict):
@@ -379,7 +383,7 @@ async def test_five_hundred_concurrent_connections() -> None:
             dspex_trio.open_pool(workers=1, launcher="subprocess") as pool,
             trio.open_nursery() as nursery,
         ):
-            server = await start(nursery, pool, max_connections=n + 10)
+            server = await start(nursery, pool, max_connections=n + 10, max_connections_per_peer=n + 10)
             start_time = time.monotonic()
 
             async def one(i: int) -> None:
@@ -497,8 +501,9 @@ async def test_abrupt_disconnects_leave_no_execution_running() -> None:
             trio.open_nursery() as nursery,
         ):
             server = await start(nursery, pool)
-            await pool.configure_lm("openai/fake", session="slow", api_base=fake.url, api_key="x")
-            program = await pool.create_program("question -> answer", session="slow")
+            slow = await pool.open_session()  # a minted session: the clients hold its id
+            await pool.configure_lm("openai/fake", session=slow, api_base=fake.url, api_key="x")
+            program = await pool.create_program("question -> answer", session=slow)
             clients = [await RawClient.connect(server.port) for _ in range(10)]
             for i, c in enumerate(clients):
                 for j in range(3):
@@ -510,7 +515,7 @@ async def test_abrupt_disconnects_leave_no_execution_running() -> None:
                             "params": {
                                 "program": program,
                                 "inputs": {"question": f"q{i}{j}"},
-                                "session": "slow",
+                                "session": slow,
                             },
                         }
                     )

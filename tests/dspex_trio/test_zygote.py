@@ -24,14 +24,10 @@ import trio
 
 from dspex_trio._errors import ExitStatus, WorkerCrashed, WorkerStartFailed
 from dspex_trio._launcher import WorkerSpec
-from dspex_trio._worker import Worker, WorkerOptions, open_worker, start_worker
-from dspex_trio._zygote import (
-    SupervisedZygote,
-    ZygoteError,
-    open_launcher,
-    open_zygote,
-    zygote_supported,
-)
+from dspex_trio._options import WorkerOptions
+from dspex_trio._pool_launcher import SupervisedZygote, open_launcher
+from dspex_trio._worker import Worker, open_worker, start_worker
+from dspex_trio._zygote import ZygoteError, open_zygote, zygote_supported
 from tests.helpers import (
     child_processes,
     kill_quietly,

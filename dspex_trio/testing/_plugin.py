@@ -1,6 +1,7 @@
 """pytest plugin: fixtures for testing an application that embeds dspex-trio, on the three test layers.
 
-Registered through the ``pytest11`` entry point (``dspex_trio``): installing dspex-trio is enough, no
+Registered through the ``pytest11`` entry point (``dspex_trio``) as the package ``dspex_trio.testing``,
+which re-exports every hook and fixture of this module: installing dspex-trio is enough, no
 ``pytest_plugins`` line is needed (``-p no:dspex_trio`` turns it off). The fixtures are Trio fixtures
 (pytest-trio): use them from async tests, with ``trio_mode = true`` in the pytest configuration or
 ``@pytest.mark.trio`` on each test. See ``docs/testing.md``.
@@ -14,7 +15,15 @@ Fixtures (each test gets its own; nothing is shared between tests):
 - ``dspex_ws_client``: a :class:`WebsocketClient` connected to a websocket server that serves
   ``dspex_backend`` (so it follows the layer too).
 - ``dspex_pool_options``: the ``open_pool`` options of ``dspex_pool`` and the ``full`` layer; override it
-  in a ``conftest.py`` to change them.
+  in a ``conftest.py`` to change them (``lm``, ``diagnostics`` and ``programs`` apply to the ``bridge``
+  layer too, ``programs`` to ``mock``).
+
+**Remote mode** runs ``dspex_backend`` through :func:`dspex_trio.connect`, the remote client: with
+``--dspex-remote`` (or ``DSPEX_TEST_REMOTE=1``, or the ``dspex_remote`` marker) the plugin serves the test's
+layer on a loopback websocket (with an admin token: the test keeps the operator's freedom over LMs) and
+hands the test a client of it; with ``--dspex-remote=ws://host:port`` (or ``DSPEX_TEST_REMOTE=ws://...``,
+token in ``DSPEX_TEST_TOKEN``) the test gets a client of that served endpoint, nothing is started and
+``dspex_layer`` is ``remote``.
 
 The layer of a test is resolved when the test runs, first match wins: an explicit parameter
 (``@pytest.mark.parametrize("dspex_backend", ["bridge"], indirect=True)``), the ``dspex_layer`` marker
@@ -35,6 +44,7 @@ import importlib.util
 import itertools
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -49,8 +59,8 @@ import pytest
 import trio
 import trio_websocket
 
-from dspex_trio import Backend, Pool, WebsocketServer, open_backend, open_pool, serve_websocket
-from dspex_trio._fake_lm import FakeLM, open_fake_lm
+from dspex_trio import Backend, Pool, WebsocketServer, connect, open_backend, open_pool, serve_websocket
+from dspex_trio.testing._fake_lm import FakeLM, open_fake_lm
 
 try:
     from pytest_trio import trio_fixture as _trio_fixture
@@ -63,6 +73,14 @@ LAYERS: Final = ("mock", "bridge", "full")
 """The test layers, fastest first."""
 ENV_VAR: Final = "DSPEX_TEST_MODE"
 """The environment variable that selects the layer (below the marker and ``--dspex-mode``)."""
+REMOTE_ENV_VAR: Final = "DSPEX_TEST_REMOTE"
+"""Remote mode (below the ``dspex_remote`` marker and ``--dspex-remote``): ``1`` serves the layer on a
+loopback websocket, a ``ws://`` / ``wss://`` URL uses that endpoint; empty or ``0``: off."""
+TOKEN_ENV_VAR: Final = "DSPEX_TEST_TOKEN"
+"""The token for the endpoint of ``DSPEX_TEST_REMOTE=ws://...``."""
+REMOTE_MARKER: Final = "dspex_remote"
+REMOTE_LAYER: Final = "remote"
+"""What ``dspex_layer`` says for a test run against an endpoint given by URL (its layer is the server's)."""
 DEFAULT_LAYER: Final = "mock"
 REAL_PROCESSES_MARKER: Final = "real_processes"
 _BACKEND_KIND: Final = {"mock": "mock", "bridge": "bridge", "full": "pool"}
@@ -96,6 +114,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"the layer of the dspex_backend fixture (overrides ${ENV_VAR}; a dspex_layer marker or an "
         f"explicit parameter overrides it). Default: {DEFAULT_LAYER}.",
     )
+    group.addoption(
+        "--dspex-remote",
+        dest="dspex_remote",
+        nargs="?",
+        const="1",
+        default=None,
+        metavar="URL",
+        help="remote mode: dspex_backend is a dspex_trio.connect client, of the test's layer served on a "
+        f"loopback websocket, or of the endpoint at URL (token in ${TOKEN_ENV_VAR}). Overrides "
+        f"${REMOTE_ENV_VAR}; the {REMOTE_MARKER} marker overrides it.",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -109,9 +138,16 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{REAL_PROCESSES_MARKER}: starts real worker processes (set by the dspex fixtures for the bridge "
         'and full layers); -m "not real_processes" selects the fast in-process part',
     )
+    config.addinivalue_line(
+        "markers",
+        f"{REMOTE_MARKER}(url=None): run this test's dspex_backend through dspex_trio.connect: its layer "
+        "served on a loopback websocket, or the endpoint at url",
+    )
     # Fail early and clearly on a bad setting; the layer itself is read again at test time.
     _check_layer(config.getoption("dspex_mode"), "--dspex-mode")
     _check_layer(os.environ.get(ENV_VAR) or None, ENV_VAR)
+    _check_remote(config.getoption("dspex_remote"), "--dspex-remote")
+    _check_remote(os.environ.get(REMOTE_ENV_VAR) or None, REMOTE_ENV_VAR)
 
 
 def _check_layer(value: object, source: str) -> str | None:
@@ -137,6 +173,39 @@ def _layer_of(item: pytest.Item, param: object = None, *, has_param: bool = Fals
     return _check_layer(os.environ.get(ENV_VAR) or None, ENV_VAR) or DEFAULT_LAYER
 
 
+_LOCAL: Final = "local"
+"""Remote mode, with the test's layer served by the plugin on a loopback websocket."""
+
+
+def _check_remote(value: object, source: str) -> str | None:
+    """None (off), ``_LOCAL``, or the URL of a served endpoint; ``pytest.UsageError`` otherwise."""
+    if value is None or value in ("", "0", "false", "no", "off"):
+        return None
+    if value in ("1", "true", "yes", "on", True):
+        return _LOCAL
+    if isinstance(value, str) and value.startswith(("ws://", "wss://")) and len(value) > len("wss://"):
+        return value
+    raise pytest.UsageError(
+        f"{source}: {value!r} is not a remote mode; use 1 (serve the layer on a loopback websocket) or a "
+        "ws://host:port URL of a served endpoint"
+    )
+
+
+def _remote_of(item: pytest.Item) -> str | None:
+    """Remote mode of ``item`` (None, ``_LOCAL`` or a URL): ``dspex_remote`` marker > ``--dspex-remote``
+    > ``$DSPEX_TEST_REMOTE``."""
+    marker = item.get_closest_marker(REMOTE_MARKER)
+    if marker is not None:
+        url = marker.args[0] if marker.args else marker.kwargs.get("url")
+        return _check_remote(
+            url if url is not None else "1", f"@pytest.mark.{REMOTE_MARKER} on {item.nodeid}"
+        )
+    option = _check_remote(item.config.getoption("dspex_remote"), "--dspex-remote")
+    if option is not None:
+        return option
+    return _check_remote(os.environ.get(REMOTE_ENV_VAR) or None, REMOTE_ENV_VAR)
+
+
 def _collected_layer(item: pytest.Item) -> str:
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec is not None else {}
@@ -148,7 +217,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         uses_backend = bool(names & {"dspex_backend", "dspex_ws_client"})
-        if (uses_backend and _collected_layer(item) != "mock") or names & _PROCESS_FIXTURES:
+        local = _remote_of(item) in (None, _LOCAL)  # an endpoint given by URL starts nothing here
+        if (uses_backend and local and _collected_layer(item) != "mock") or names & _PROCESS_FIXTURES:
             item.add_marker(REAL_PROCESSES_MARKER)
 
 
@@ -339,7 +409,11 @@ def _async_fixture(fn: Callable[..., Any]) -> Any:
 
 @pytest.fixture
 def dspex_layer(request: pytest.FixtureRequest) -> str:
-    """This test's layer (``mock``, ``bridge`` or ``full``), resolved as for ``dspex_backend``."""
+    """This test's layer (``mock``, ``bridge`` or ``full``), resolved as for ``dspex_backend``; ``remote``
+    when it runs against an endpoint given by URL."""
+    remote = _remote_of(request.node)
+    if remote is not None and remote != _LOCAL:
+        return REMOTE_LAYER
     return _collected_layer(request.node)
 
 
@@ -352,10 +426,33 @@ def dspex_pool_options() -> dict[str, Any]:
 
 @pytest.fixture
 def _dspex_backend_layer(request: pytest.FixtureRequest) -> str:
-    """The layer of ``dspex_backend``, its requirements checked (a skip, outside trio, keeps its reason)."""
+    """The layer of ``dspex_backend``, its requirements checked (a skip, outside trio, keeps its reason);
+    ``remote`` for an endpoint given by URL."""
+    remote = _remote_of(request.node)
+    if remote is not None and remote != _LOCAL:
+        return REMOTE_LAYER
     layer = _collected_layer(request.node)
     _require(layer)
     return layer
+
+
+@pytest.fixture
+def _dspex_remote(request: pytest.FixtureRequest) -> str | None:
+    """The remote mode of ``dspex_backend``: None (in-process), ``local``, or the endpoint's URL."""
+    return _remote_of(request.node)
+
+
+class _Served:
+    """How the plugin reaches the endpoint of a remote-mode backend (for ``dspex_ws_client``)."""
+
+    def __init__(self, url: str, token: str | None, server: WebsocketServer | None) -> None:
+        self.url = url
+        self.token = token
+        self.server = server
+
+
+_SERVED: dict[int, _Served] = {}
+"""id(a remote-mode ``dspex_backend``) -> its endpoint, while the test runs."""
 
 
 @pytest.fixture
@@ -363,20 +460,56 @@ def _dspex_pool_requirements() -> None:
     _require("full")
 
 
+@asynccontextmanager
+async def _served_remotely(backend: Backend) -> AsyncIterator[tuple[Backend, _Served]]:
+    """``backend`` served on a loopback websocket (admin token: the test is the operator), and a
+    :func:`dspex_trio.connect` client of it."""
+    token = secrets.token_urlsafe(16)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, backend, "127.0.0.1", 0, admin_token=token))
+        async with _opened(lambda: connect(server.url, token=token)) as remote:
+            yield remote, _Served(server.url, token, server)
+        nursery.cancel_scope.cancel()
+
+
 @_async_fixture
 async def dspex_backend(
-    _dspex_no_leaks: None, _dspex_backend_layer: str, dspex_pool_options: dict[str, Any]
+    _dspex_no_leaks: None,
+    _dspex_backend_layer: str,
+    _dspex_remote: str | None,
+    dspex_pool_options: dict[str, Any],
 ) -> AsyncIterator[Backend]:
     """A backend on this test's layer (see the module doc): ``.name`` is ``mock``, ``bridge`` or
-    ``pool`` (the ``full`` layer)."""
+    ``pool`` (the ``full`` layer); in remote mode, a :class:`dspex_trio.RemoteBackend` whose ``.name`` is
+    the served backend's."""
     layer = _dspex_backend_layer
+    if layer == REMOTE_LAYER:
+        assert _dspex_remote is not None
+        token = os.environ.get(TOKEN_ENV_VAR) or None
+        async with _opened(lambda: connect(_dspex_remote, token=token)) as remote:
+            _SERVED[id(remote)] = _Served(_dspex_remote, token, None)
+            try:
+                yield remote
+            finally:
+                _SERVED.pop(id(remote), None)
+        return
     options: dict[str, Any] = {}
     if layer == "full":
         options = dict(dspex_pool_options)
     elif layer == "bridge":
-        options = {k: v for k, v in dspex_pool_options.items() if k in ("lm", "diagnostics")}
-    async with _opened(lambda: open_backend(_BACKEND_KIND[layer], **options)) as backend:  # type: ignore[arg-type]
-        yield backend
+        options = {k: v for k, v in dspex_pool_options.items() if k in ("lm", "diagnostics", "programs")}
+    else:  # the mock loads the application's program modules too
+        options = {k: v for k, v in dspex_pool_options.items() if k == "programs"}
+    async with _opened(lambda: open_backend(_BACKEND_KIND[layer], **options)) as backend:
+        if _dspex_remote is None:
+            yield backend
+            return
+        async with _served_remotely(backend) as (remote, served):
+            _SERVED[id(remote)] = served
+            try:
+                yield remote
+            finally:
+                _SERVED.pop(id(remote), None)
 
 
 @_async_fixture
@@ -494,13 +627,18 @@ class WebsocketClient:
 @_async_fixture
 async def dspex_ws_client(dspex_backend: Backend, _dspex_no_leaks: None) -> AsyncIterator[WebsocketClient]:
     """A :class:`WebsocketClient` connected to a websocket server (127.0.0.1, a free port) serving
-    ``dspex_backend``; the server is ``client.server``."""
+    ``dspex_backend``; the server is ``client.server``. In remote mode: connected to the endpoint the
+    remote backend uses (``client.server`` is None for an endpoint given by URL)."""
+    served = _SERVED.get(id(dspex_backend))
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(serve_websocket, dspex_backend, "127.0.0.1", 0))  # type: ignore[arg-type]
+        if served is None:
+            server = await nursery.start(partial(serve_websocket, dspex_backend, "127.0.0.1", 0))
+            served = _Served(server.url, None, server)
+        headers = [(b"authorization", f"Bearer {served.token}".encode())] if served.token else None
         async with trio_websocket.open_websocket_url(
-            server.url, subprotocols=[_WS_SUBPROTOCOL], connect_timeout=START_TIMEOUT_S
+            served.url, subprotocols=[_WS_SUBPROTOCOL], extra_headers=headers, connect_timeout=START_TIMEOUT_S
         ) as connection:
-            client = WebsocketClient(connection, server)
+            client = WebsocketClient(connection, served.server)
             nursery.start_soon(client._read)
             yield client
         nursery.cancel_scope.cancel()

@@ -1,0 +1,5 @@
+"""A program module that does not import."""
+
+import no_such_dependency_anywhere  # noqa: F401
+
+PROGRAMS: dict[str, object] = {}

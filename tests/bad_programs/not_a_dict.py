@@ -1,0 +1,3 @@
+"""A program module whose PROGRAMS is not a dict."""
+
+PROGRAMS = ["rag"]

@@ -1,0 +1,3 @@
+"""A module that registers nothing."""
+
+VALUE = 1

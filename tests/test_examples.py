@@ -1,0 +1,59 @@
+"""The example applications run as their READMEs say: served with one command, used by their client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from tests.helpers import kill_quietly
+
+
+async def test_the_support_desk_is_served_with_one_command_and_used_by_its_client() -> None:
+    server = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "dspex_trio",
+            "serve",
+            "--port",
+            "0",
+            "--programs",
+            "examples.support.programs",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "DSPEX_WORKERS": "2"},
+    )
+    try:
+        assert server.stdout is not None
+        output = b""
+        with trio.fail_after(60):
+            while b"\n" not in output:
+                chunk = await server.stdout.receive_some(4096)
+                assert chunk, f"serve exited early: {server.returncode}"
+                output += chunk
+        url = output.decode().splitlines()[0].split()[2]
+        client = await trio.run_process(
+            [sys.executable, "-m", "examples.support.client", "--url", url],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert client.returncode == 0, client.stderr.decode()
+        text = client.stdout.decode()
+        assert "programs: answer, chat, triage" in text
+        assert "tools:    order_status, search_faq" in text
+        assert "metrics:  grounded" in text
+        assert "[respond.predict started]" in text  # the streamed answer's status event
+        assert "ticket: {" in text and '"category": ' in text
+        assert "agent used: " in text and "best of 3: " in text
+        server.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await server.wait() == 0
+    finally:
+        kill_quietly(server.pid)
+        await server.wait()
