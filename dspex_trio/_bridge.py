@@ -174,6 +174,9 @@ class BridgeBackend(ProgramHost):
     def _record_latency(self, method: str, seconds: float) -> None:
         """The bridge keeps no latency figures."""
 
+    def _record_outcome(self, method: str, outcome: str, seconds: float) -> None:
+        """The bridge keeps no per-method figures."""
+
     async def _aclose(self) -> None:
         self._closing = True
         if self.worker is not None:

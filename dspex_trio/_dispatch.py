@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from bridge_child import wire
+from dspex_trio._call_metrics import outcome_of
 from dspex_trio._errors import CallTimeout, DspexError
 from dspex_trio._programs_host import ProgramKey, completed_event
 from dspex_trio._retry import Attempts, RandomSource, RetryPolicy, Step
@@ -70,6 +71,10 @@ class Host(Protocol):
         ...
 
     def _record_latency(self, method: str, seconds: float) -> None: ...
+
+    def _record_outcome(self, method: str, outcome: str, seconds: float) -> None:
+        """A call ended (``ok``, ``cancelled`` or an error's type name; see ``_call_metrics.py``)."""
+        ...
 
 
 class Dispatch(Attempts):
@@ -156,7 +161,9 @@ class Dispatch(Attempts):
             lease.programs.add(self.key)
         host = self.host
         host._counts["completed"] += 1
-        host._record_latency(self.method, trio.current_time() - self.started_at)
+        elapsed = trio.current_time() - self.started_at
+        host._record_latency(self.method, elapsed)
+        host._record_outcome(self.method, "ok", elapsed)
 
     # -- a call ---------------------------------------------------------------------------------------
     async def result(self) -> Any:
@@ -181,8 +188,9 @@ class Dispatch(Attempts):
                 host._end_attempt(lease)
                 self._completed(lease)
                 return value
-        except BaseException:
+        except BaseException as exc:
             host._counts["failed"] += 1
+            host._record_outcome(self.method, outcome_of(exc), trio.current_time() - self.started_at)
             raise
 
     # -- a stream -------------------------------------------------------------------------------------
@@ -205,13 +213,14 @@ class Dispatch(Attempts):
             self._attempt = None
             lease.worker._abandon(call)
             self.host._end_attempt(lease)
-        self._finish(failed=True)
+        self._finish(failed=True, outcome="cancelled")
 
-    def _finish(self, *, failed: bool) -> None:
+    def _finish(self, *, failed: bool, outcome: str = "error") -> None:
         if not self._finished:
             self._finished = True
             if failed:
                 self.host._counts["failed"] += 1
+                self.host._record_outcome(self.method, outcome, trio.current_time() - self.started_at)
 
     async def _start(self) -> None:
         """Place and send the stream's next attempt."""
@@ -228,8 +237,8 @@ class Dispatch(Attempts):
                     raise
                 self._attempt = lease, call, CallStream(lease.worker, call)
                 return
-        except BaseException:
-            self._finish(failed=True)
+        except BaseException as exc:
+            self._finish(failed=True, outcome=outcome_of(exc))
             raise
 
     def __aiter__(self) -> Dispatch:
@@ -260,13 +269,14 @@ class Dispatch(Attempts):
                     self.host._end_attempt(lease)
                     if await self._again(exc, lease):
                         continue
-                    self._finish(failed=True)
+                    self._finish(failed=True, outcome=outcome_of(exc))
                     raise
                 self._attempt = None
                 self.host._end_attempt(lease)
                 self._finish(failed=False)
                 self._completed(lease)
                 return completed_event(value["outputs"], value.get("usage"), self.host.name)
+            self._finish(failed=True, outcome=CallTimeout.__name__)
             self.close()  # the deadline passed while waiting for the worker
             raise CallTimeout(f"{self.method} timed out after {self.timeout} s")
         raise StopAsyncIteration

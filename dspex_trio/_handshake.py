@@ -5,7 +5,8 @@ A server reachable by a browser is hostile territory: any web page the operator 
 ``Origin``), and a DNS-rebinding page reaches the server under a name of its own (``Host:
 evil.example:8765``). So :func:`check_handshake_untrusted` decides, from the request's headers alone:
 
-1. **Credentials.** ``Authorization: Bearer <token>`` compared in constant time with the admin token(s)
+1. **Credentials.** ``Authorization: Bearer <token>`` (or, from a browser, which cannot set that header
+   on a websocket, the proposed subprotocol ``dspex.bearer.<token>``) compared in constant time with the admin token(s)
    (role ``admin``: may also change pool-wide settings) and the client token(s) (role ``client``). A
    token that matches neither is refused (401), even where none is required. When client tokens are set,
    a connection without one is refused (401).
@@ -33,6 +34,10 @@ import attrs
 
 SUBPROTOCOL: Final = "dspex.v1"
 """The websocket subprotocol a client must propose (``Sec-WebSocket-Protocol``)."""
+BEARER_SUBPROTOCOL_PREFIX: Final = "dspex.bearer."
+"""A browser cannot set ``Authorization`` on a websocket: it proposes ``dspex.bearer.<token>`` beside
+``dspex.v1`` instead (the dashboard does). Read only when no ``Authorization`` header is sent; the
+server never selects it."""
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost."})
 MAX_HEADER_VALUE_CHARS: Final = 4096
 """Longest ``Host`` / ``Origin`` / ``Authorization`` value looked at, in characters (longer: refused)."""
@@ -191,6 +196,13 @@ def check_handshake_untrusted(
     role: Role = "client"
     authenticated = False
     authorization = values.get(b"authorization")
+    if authorization is None:  # a browser's token, proposed as a subprotocol
+        for proposed in subprotocols:
+            if proposed.startswith(BEARER_SUBPROTOCOL_PREFIX) and len(proposed) <= MAX_HEADER_VALUE_CHARS:
+                authorization = b"Bearer " + proposed[len(BEARER_SUBPROTOCOL_PREFIX) :].encode(
+                    "latin-1", "replace"
+                )
+                break
     if authorization is not None:
         scheme, _, credentials = authorization.strip().partition(b" ")
         credentials = credentials.strip()

@@ -25,6 +25,7 @@ import attrs
 import trio
 
 from dspex_trio._breaker import CircuitBreaker, CircuitState
+from dspex_trio._call_metrics import CallMetrics
 from dspex_trio._dispatch import Dispatch
 from dspex_trio._errors import (
     CallTimeout,
@@ -131,6 +132,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         self._waiting_slots = 0
         self._latency: dict[str, collections.deque[float]] = {}
         self._counts = collections.Counter[str]()
+        self.call_metrics = CallMetrics()
+        """Calls by method and outcome, duration histograms (read by the Prometheus collector)."""
         self._nursery: trio.Nursery | None = None
         self._slot_restarts = collections.Counter[int]()
         self.events = EventBus(backend="pool")
@@ -365,6 +368,9 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         if samples is None:
             samples = self._latency[method] = collections.deque(maxlen=LATENCY_WINDOW)
         samples.append(seconds)
+
+    def _record_outcome(self, method: str, outcome: str, seconds: float) -> None:
+        self.call_metrics.observe(method, outcome, seconds)
 
     def _check_admission(self) -> None:
         if self._closing:

@@ -42,6 +42,7 @@ from dspex_trio._handshake import (
     check_handshake_untrusted,
     is_loopback,
 )
+from dspex_trio._http_routes import HttpRoutes
 from dspex_trio._options import options_from
 from dspex_trio._plain_http import PlainHttpListener, upgrade_required
 from dspex_trio._ws_api import ApiConnection, ApiService, open_api_connection
@@ -134,6 +135,8 @@ class WebsocketServer:
     _all_closed: trio.Event = attrs.Factory(trio.Event)
     tls: bool = False
     """Whether it serves ``wss://`` (TLS in the server: ``ssl_context``)."""
+    routes: HttpRoutes | None = None
+    """The monitoring routes answered on this port (``http_routes=True``; ``_http_routes.py``)."""
 
     @property
     def url(self) -> str:
@@ -184,7 +187,12 @@ class WebsocketServer:
         return refused
 
     def _answer_plain(self, peer: str, head: bytes) -> bytes:
-        """A plain HTTP request (no websocket upgrade) reached the endpoint: say what it is (426)."""
+        """A plain HTTP request (no websocket upgrade) reached the endpoint: a monitoring route's answer,
+        or say what the endpoint is (426)."""
+        if self.routes is not None:
+            answer = self.routes.answer(peer, head)
+            if answer is not None:
+                return answer
         text = (
             "This is a dspex-trio websocket endpoint: connect with a websocket client (a ws:// or wss:// "
             f"URL; JSON-RPC 2.0, subprotocol {SUBPROTOCOL}).\n"
@@ -435,6 +443,8 @@ async def serve_websocket(
     options: WebsocketOptions | None = None,
     listeners: Sequence[trio.SocketListener] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    http_routes: bool = False,
+    metrics_token: str | None = None,
     task_status: trio.TaskStatus[WebsocketServer] = trio.TASK_STATUS_IGNORED,
     **option_fields: Any,
 ) -> NoReturn:
@@ -463,6 +473,10 @@ async def serve_websocket(
             ``dspex-trio serve --certfile --keyfile``). The TLS handshake is part of the websocket
             handshake, bounded by ``handshake_timeout``. TLS does not authenticate clients: off loopback a
             token is still required.
+        http_routes: also answer ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard (``/``) on
+            this port, under the same token, Host and Origin rules (``_http_routes.py``,
+            docs/monitoring.md).
+        metrics_token: a scraper's own token, accepted for ``/metrics`` only.
 
     A plain HTTP request (a browser, ``curl``) is answered ``426 Upgrade Required`` with a body saying
     what the endpoint is (``_plain_http.py``).
@@ -490,6 +504,16 @@ async def serve_websocket(
     service = ApiService(backend, opts, named)
     server = WebsocketServer(backend, host, port, opts, service, policy, tls=ssl_context is not None)
     service.server_statistics = lambda: attrs.asdict(server.statistics())
+    if http_routes:
+        server.routes = HttpRoutes.build(
+            backend,
+            token=token,
+            admin_token=admin_token,
+            metrics_token=metrics_token,
+            allowed_origins=opts.allowed_origins,
+            server=server,
+            on_refused=server._refuse,
+        )
     if listeners is None:
         listeners = await trio.open_tcp_listeners(port, host=host)
     server.port = listeners[0].socket.getsockname()[1]

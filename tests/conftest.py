@@ -75,6 +75,9 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_retry.py": frozenset(),
     "tests/dspex_trio/test_sessions.py": frozenset(),
     "tests/dspex_trio/test_validators.py": frozenset(),
+    "tests/dspex_trio/test_metrics.py": frozenset(
+        {"test_importing_the_runtime_does_not_import_prometheus_client"}
+    ),
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}

@@ -1,0 +1,302 @@
+"""Prometheus metrics: a custom collector that reads the runtime at scrape time.
+
+:class:`RuntimeCollector` builds every family from ``backend.statistics()`` (and the websocket server's
+``statistics()`` when given one) each time it is collected, so the call path pays nothing beyond the
+integer increments of ``_call_metrics.py`` (calls by method and outcome, duration histograms) and of the
+collector's own transition hook (worker starts and exits by cause, counted as they happen). Worker RSS
+and age are read from ``/proc`` at scrape time.
+
+prometheus-client is imported only when a collector is built or a scrape is rendered: the worker
+processes and an application that never scrapes do not import it.
+
+Embedding applications register the collector in their own registry::
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(dspex_trio.RuntimeCollector(pool))
+
+or serve ``/metrics`` (with ``/healthz``, ``/readyz`` and the dashboard) on a port of their own with
+:func:`dspex_trio.serve_http`.
+
+Extension point: ``collector.add_source(source)`` adds a callable that yields more metric families at
+each scrape (the LM layer's requests, tokens, errors, throttling and cache hits by model, when it has
+them: ``pool.statistics()`` carries none of those today).
+
+Every family and its labels is listed in ``docs/monitoring.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+from dspex_trio._breaker import CircuitState
+from dspex_trio._call_metrics import CallMetrics
+from dspex_trio._states import WorkerState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from dspex_trio._backend import Backend
+    from dspex_trio._websocket import WebsocketServer
+    from dspex_trio._worker import Worker
+
+__all__ = [
+    "EXIT_CAUSES",
+    "PREFIX",
+    "RuntimeCollector",
+    "exit_cause",
+    "render_metrics",
+    "worker_process_figures",
+]
+
+PREFIX: Final = "dspex"
+"""The namespace of every family."""
+EXIT_CAUSES: Final = ("stopped", "killed", "exited", "unresponsive", "protocol", "start_timeout")
+"""The ``cause`` label of ``dspex_worker_exits_total``: a closed set (see :func:`exit_cause`)."""
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+"""Bytes per page, for ``/proc/<pid>/statm``."""
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+"""Clock ticks per second, for ``/proc/<pid>/stat``'s start time."""
+
+Source = Callable[[], Iterable["Metric"]]
+"""An extra source of metric families, called at each scrape (``RuntimeCollector.add_source``)."""
+
+
+def exit_cause(new: WorkerState, reason: str) -> str:
+    """The cause of a worker's exit (its transition into a terminal state, with the transition's
+    reason), one of ``EXIT_CAUSES``."""
+    if new is WorkerState.STOPPED:
+        return "stopped"
+    if "heartbeat" in reason or "not acked" in reason:
+        return "unresponsive"
+    if reason.startswith("protocol error") or "frame stream" in reason:
+        return "protocol"
+    if "no hello" in reason:
+        return "start_timeout"
+    if "killed by" in reason:
+        return "killed"
+    return "exited"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def _uptime_seconds() -> float | None:
+    text = _read_text("/proc/uptime")
+    try:
+        return float(text.split()[0]) if text else None
+    except (ValueError, IndexError):
+        return None
+
+
+def worker_process_figures(pid: int, uptime: float | None) -> tuple[int | None, float | None]:
+    """``(resident bytes, age in seconds)`` of process ``pid`` from ``/proc`` (None where unknown: no
+    ``/proc``, or the process is gone)."""
+    rss: int | None = None
+    statm = _read_text(f"/proc/{pid}/statm")
+    if statm:
+        try:
+            rss = int(statm.split()[1]) * PAGE_SIZE
+        except (ValueError, IndexError):
+            rss = None
+    age: float | None = None
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat and uptime is not None:
+        try:  # the command name (field 2) may hold spaces: count fields after its closing parenthesis
+            start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+            age = max(0.0, uptime - start_ticks / CLOCK_TICKS)
+        except (ValueError, IndexError):
+            age = None
+    return rss, age
+
+
+class RuntimeCollector:
+    """A prometheus-client collector of a backend (a pool, best) and optionally its websocket server.
+
+    Register it in a ``CollectorRegistry`` (``registry.register(collector)``); each scrape calls
+    :meth:`collect`. Worker starts and exits are counted from the moment it is built (a pool's transition
+    hook); every other counter is the runtime's own, since the pool opened.
+    """
+
+    def __init__(self, backend: Backend, *, server: WebsocketServer | None = None) -> None:
+        import prometheus_client.metrics_core  # noqa: F401  (lazily: fail here, not at the first scrape)
+
+        self.backend = backend
+        self.server = server
+        self._sources: list[Source] = []
+        self.worker_starts = 0
+        self.worker_exits: collections.Counter[str] = collections.Counter({cause: 0 for cause in EXIT_CAUSES})
+        hooks = getattr(backend, "_transition_hooks", None)
+        if isinstance(hooks, list):
+            hooks.append(self._on_transition)
+
+    def add_source(self, source: Source) -> None:
+        """Yield the families of ``source()`` too at every scrape (an extension point: the LM layer's
+        figures by model)."""
+        self._sources.append(source)
+
+    def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
+        if old is WorkerState.STARTING and new is WorkerState.READY:
+            self.worker_starts += 1
+        elif new in (WorkerState.STOPPED, WorkerState.FAILED):
+            self.worker_exits[exit_cause(new, reason)] += 1
+
+    def describe(self) -> list[Metric]:
+        """Nothing: the registry then does not collect at registration (the families vary with the
+        backend)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        def gauge(name: str, doc: str, value: float | None = None, labels: tuple[str, ...] = ()) -> Any:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value, labels=labels or None)
+
+        def counter(name: str, doc: str, value: float | None = None, labels: tuple[str, ...] = ()) -> Any:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value, labels=labels or None)
+
+        stats = self.backend.statistics()
+        health = self.backend.health()
+        info = gauge(
+            "info",
+            "The runtime: version, backend, launcher (value 1).",
+            labels=("version", "backend", "launcher"),
+        )
+        from dspex_trio import __version__
+
+        info.add_metric([__version__, self.backend.name, str(getattr(stats, "launcher", ""))], 1)
+        yield info
+
+        # -- workers -------------------------------------------------------------------------------
+        by_state = collections.Counter(str(w.state) for w in health.workers)
+        workers = gauge("workers", "Live workers by state.", labels=("state",))
+        for state in WorkerState:
+            workers.add_metric([str(state)], by_state[str(state)])
+        yield workers
+        yield gauge("pool_size", "Configured worker slots.", health.size)
+        yield counter(
+            "worker_starts", "Workers that became ready (since the collector was built).", self.worker_starts
+        )
+        exits = counter(
+            "worker_exits", "Workers that ended, by cause (since the collector was built).", labels=("cause",)
+        )
+        for cause, count in sorted(self.worker_exits.items()):
+            exits.add_metric([cause], count)
+        yield exits
+        yield counter("worker_restarts", "Workers replaced after failing.", health.restarts)
+        yield counter(
+            "workers_recycled",
+            "Workers replaced by recycling (call count or memory).",
+            getattr(stats, "recycled", 0),
+        )
+
+        in_flight = gauge("worker_in_flight", "Calls in flight per worker.", labels=("worker_id",))
+        capacity = gauge("worker_capacity", "Calls a worker runs at once.", labels=("worker_id",))
+        rss = gauge(
+            "worker_resident_memory_bytes",
+            "Resident memory of each worker process (/proc).",
+            labels=("worker_id",),
+        )
+        age = gauge(
+            "worker_age_seconds", "Seconds since each worker process started (/proc).", labels=("worker_id",)
+        )
+        served = counter(
+            "worker_calls", "Calls each live worker ended, by outcome.", labels=("worker_id", "outcome")
+        )
+        uptime = _uptime_seconds()
+        for worker in getattr(stats, "workers", ()):
+            wid = worker.worker_id
+            in_flight.add_metric([wid], worker.in_flight)
+            capacity.add_metric([wid], worker.capacity)
+            served.add_metric([wid, "ok"], worker.calls_served)
+            served.add_metric([wid, "error"], worker.calls_failed)
+            resident, seconds = worker_process_figures(worker.pid, uptime)
+            if resident is not None:
+                rss.add_metric([wid], resident)
+            if seconds is not None:
+                age.add_metric([wid], seconds)
+        yield from (in_flight, capacity, rss, age, served)
+
+        # -- the circuit -------------------------------------------------------------------------------
+        circuit = gauge(
+            "circuit_state", "The pool's circuit breaker: 1 for its current state.", labels=("state",)
+        )
+        for circuit_state in CircuitState:
+            circuit.add_metric([str(circuit_state)], 1 if health.circuit is circuit_state else 0)
+        yield circuit
+        yield counter(
+            "circuit_opened",
+            "Times the circuit opened (trips and failed probes).",
+            getattr(stats, "circuit_opened", 0),
+        )
+
+        # -- calls -------------------------------------------------------------------------------------
+        yield gauge("in_flight", "Calls running on workers.", getattr(stats, "in_flight", 0))
+        yield gauge("queue_depth", "Calls waiting for a worker.", getattr(stats, "queued", 0))
+        yield gauge("sessions", "Sessions held by the host.", getattr(stats, "sessions", 0))
+        refusals = counter("refusals", "Calls refused at admission, by reason.", labels=("reason",))
+        refusals.add_metric(["overloaded"], getattr(stats, "overloaded", 0))
+        refusals.add_metric(["unavailable"], getattr(stats, "unavailable", 0))
+        yield refusals
+        yield counter(
+            "calls_redispatched",
+            "Calls re-sent after their worker died before acking them.",
+            getattr(stats, "redispatched", 0),
+        )
+        yield counter(
+            "calls_retried", "Idempotent calls retried on another worker.", getattr(stats, "retried", 0)
+        )
+        calls = counter("calls", "Calls that ended, by method and outcome.", labels=("method", "outcome"))
+        durations = HistogramMetricFamily(
+            f"{PREFIX}_call_duration_seconds",
+            "Call durations (admission to outcome), by method.",
+            labels=["method"],
+        )
+        metrics = getattr(self.backend, "call_metrics", None)
+        if isinstance(metrics, CallMetrics):
+            for (method, outcome), count in sorted(metrics.outcomes.items()):
+                calls.add_metric([method, outcome], count)
+            for method, histogram in sorted(metrics.histograms.items()):
+                durations.add_metric([method], histogram.cumulative(), histogram.total_seconds)
+        yield calls
+        yield durations
+
+        # -- the websocket server ----------------------------------------------------------------------
+        if self.server is not None:
+            ws = self.server.statistics()
+            yield gauge("websocket_connections", "Websocket connections open now.", ws.connections)
+            yield counter(
+                "websocket_connections_accepted", "Websocket connections accepted.", ws.connections_total
+            )
+            yield gauge("websocket_executions", "Executions in flight over the websocket.", ws.executions)
+            refused = counter(
+                "websocket_refusals",
+                "Handshakes and plain HTTP requests refused, by reason.",
+                labels=("reason",),
+            )
+            for reason, count in sorted(ws.refusals.items()):
+                refused.add_metric([reason], count)
+            yield refused
+
+        for source in self._sources:
+            yield from source()
+
+
+def render_metrics(collector: RuntimeCollector) -> tuple[bytes, str]:
+    """One scrape of ``collector`` in the Prometheus text format: ``(body, content type)``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]  # typed for its own Collector base
+    return generate_latest(registry), CONTENT_TYPE_LATEST
