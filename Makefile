@@ -39,3 +39,13 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# -- monitoring: the dashboard test drives Debian's chromium (docs/monitoring.md). `make test` installs it
+# when it can (root and apt-get); otherwise that test skips, or fails under CI=true.
+.PHONY: browser
+test: browser
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium and chromedriver missing (apt-get install chromium chromium-driver): the dashboard test skips"; fi

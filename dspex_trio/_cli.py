@@ -34,6 +34,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._cli_client import client_token, status
+from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from
 from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
 from dspex_trio._cli_settings import (
     DRAIN_GRACE_S,
@@ -184,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--keyfile", default=None, metavar="PATH", help="PEM file of the certificate's private key"
     )
+    add_monitoring_arguments(serve)
 
     run = commands.add_parser(
         "run",
@@ -321,10 +323,16 @@ def _signal_name(signum: int) -> str:
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
-async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | None = None) -> int:
+async def _serve(
+    settings: ServeSettings,
+    keys: Secrets,
+    tls: ssl.SSLContext | None = None,
+    monitoring: Monitoring | None = None,
+) -> int:
     """Bind, start the pool, serve until a signal, drain, shut down. Signals by phase: while starting,
     stop at once; while serving, drain (up to ``drain_grace``); while draining, skip the rest of the grace
     (running executions get their terminal ``cancelled`` event); while shutting down, stop at once."""
+    monitoring = monitoring or Monitoring()
     if keys.token is None and not is_loopback(settings.host):
         raise SettingsError(
             f"refusing to serve on {settings.host!r} without a token: set --token-file, DSPEX_TOKEN or "
@@ -391,8 +399,27 @@ async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | N
                                 options=options,
                                 listeners=listeners,
                                 ssl_context=tls,
+                                http_routes=monitoring.http_routes,
+                                metrics_token=monitoring.metrics_token,
                             )
                         )
+                        if monitoring.http_port is not None:
+                            http = await nursery.start(
+                                partial(
+                                    dspex_trio.serve_http,
+                                    pool,
+                                    settings.host,
+                                    monitoring.http_port,
+                                    token=keys.token,
+                                    admin_token=keys.admin_token,
+                                    metrics_token=monitoring.metrics_token,
+                                    allowed_origins=settings.allowed_origins,
+                                    websocket_url=server.url,
+                                )
+                            )
+                            print(
+                                f"dspex-trio monitoring {http.url} (/metrics /healthz /readyz /)", flush=True
+                            )
                         phase = "serving"
                         print(f"dspex-trio serving {server.url} (subprotocol {SUBPROTOCOL})", flush=True)
                         if keys.generated:
@@ -440,7 +467,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _warn("serve", "--token puts the token in the process list; prefer --token-file or DSPEX_TOKEN")
     for line in missing_key_warnings(settings, keys):
         _warn("serve", line)
-    return trio.run(_serve, settings, keys, tls)
+    return trio.run(_serve, settings, keys, tls, monitoring_from(args))
 
 
 def _warn(command: str, text: str) -> None:
