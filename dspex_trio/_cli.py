@@ -403,6 +403,10 @@ async def _serve(
                                 metrics_token=monitoring.metrics_token,
                             )
                         )
+                        phase = "serving"
+                        print(f"dspex-trio serving {server.url} (subprotocol {SUBPROTOCOL})", flush=True)
+                        if keys.generated:
+                            print(f"token (send 'Authorization: Bearer <token>'): {keys.token}", flush=True)
                         if monitoring.http_port is not None:
                             http = await nursery.start(
                                 partial(
@@ -420,10 +424,6 @@ async def _serve(
                             print(
                                 f"dspex-trio monitoring {http.url} (/metrics /healthz /readyz /)", flush=True
                             )
-                        phase = "serving"
-                        print(f"dspex-trio serving {server.url} (subprotocol {SUBPROTOCOL})", flush=True)
-                        if keys.generated:
-                            print(f"token (send 'Authorization: Bearer <token>'): {keys.token}", flush=True)
                         await drain_requested.wait()
                         with draining, trio.move_on_after(grace):
                             await server.drain()

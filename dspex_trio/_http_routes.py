@@ -21,9 +21,11 @@ Every answer closes its connection (``Connection: close``); only ``GET`` and ``H
 
 from __future__ import annotations
 
+import html
 import importlib.resources
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -59,6 +61,12 @@ DASHBOARD_FILES: Final = {
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
 """Request path -> (file in ``dspex_trio/dashboard/``, content type)."""
+WEBSOCKET_URL: Final = re.compile(
+    r"wss?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|wss?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
+"""What ``serve_http``'s ``websocket_url`` may be (it goes into a header and the page)."""
+WEBSOCKET_META: Final = b'<meta name="dspex-websocket" content=""'
+"""In ``index.html``: filled with the websocket's URL when the page is served from another port."""
 REQUEST_TIMEOUT_S: Final = 10.0
 """Seconds a client of :func:`serve_http` has to send its request head."""
 MAX_HTTP_CONNECTIONS: Final = 64
@@ -231,6 +239,9 @@ class HttpRoutes:
     def _dashboard(self, request: Request) -> bytes:
         name, content_type = DASHBOARD_FILES[request.path]
         body = _dashboard_file(name)
+        if name == "index.html" and self.connect_sources:  # the websocket is elsewhere: name it
+            named = html.escape(self.connect_sources[0], quote=True).encode()
+            body = body.replace(WEBSOCKET_META, WEBSOCKET_META[:-1] + named + b'"', 1)
         headers = [
             ("Content-Security-Policy", _csp(self.connect_sources)),
             ("X-Frame-Options", "DENY"),
@@ -319,6 +330,8 @@ async def serve_http(
     """
     from dspex_trio._handshake import is_loopback
 
+    if websocket_url is not None and not WEBSOCKET_URL.fullmatch(websocket_url):
+        raise ValueError(f"websocket_url must be ws://host:port or wss://host:port, not {websocket_url!r}")
     if token is None and not is_loopback(host):
         raise ValueError(
             f"refusing to serve HTTP on {host!r} without a token: pass token=..., or bind 127.0.0.1"

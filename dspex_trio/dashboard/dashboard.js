@@ -15,7 +15,9 @@
   const TOKEN_KEY = "dspex-trio-token";
 
   const params = new URLSearchParams(location.search);
-  const wsUrl = params.get("ws") || `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}`;
+  // the websocket: ?ws=<url>, else the one the server names (serve_http on a port of its own), else this origin
+  const named = document.querySelector('meta[name="dspex-websocket"]').content;
+  const wsUrl = params.get("ws") || named || `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}`;
   const metricsSameOrigin = !params.get("ws");
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
 

@@ -185,6 +185,10 @@ async def test_serve_http_serves_the_routes_on_a_port_of_its_own(pool: dspex_tri
         assert (await get(http.port, "/nothing"))[0] == 404
         _, headers, _ = await get(http.port, "/")
         assert "connect-src 'self' ws://127.0.0.1:8765;" in headers["content-security-policy"]
+        _, _, page = await get(http.port, "/")
+        assert b'<meta name="dspex-websocket" content="ws://127.0.0.1:8765">' in page
+        with pytest.raises(ValueError, match="websocket_url"):
+            await nursery.start(partial(serve_http, pool, websocket_url="ws://x; script-src *"))
         with pytest.raises(ValueError, match="without a token"):
             await nursery.start(partial(serve_http, pool, host="0.0.0.0"))
         nursery.cancel_scope.cancel()
