@@ -144,6 +144,19 @@ def plan(
                 "time_limit": 600.0,
             }
             steps.append(("websocket", "benchmarks.ws", spec, 70.0 if q else 150.0))
+    if want("metrics"):
+        for _ in range(rounds or (1 if q else 3)):
+            spec = {
+                "implementations": pick(["scrape", "noop"]),
+                "workers": 64,
+                "scrapes": 50 if q else 200,
+                "warmup": 640,
+                "calls": args.calls or (6_400 if q else 32_000),
+                "pairs": 2 if q else 3,
+                "cpus": all_cpus,
+                "time_limit": 300.0,
+            }
+            steps.append(("metrics", "benchmarks.metrics", spec, 30.0 if q else 60.0))
     return steps
 
 
@@ -174,6 +187,10 @@ def measure(family: str, spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import ws
 
         result = ws.measure(spec)
+    elif family == "metrics":
+        from benchmarks import metrics
+
+        result = metrics.measure(spec)
     else:
         raise SystemExit(f"unknown family {family!r}")
     result.setdefault("facts", {})["code_under_test"] = _common.code_under_test()
@@ -197,6 +214,8 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "8_dspex_way": ("dspex_way", "same"),
     "9_programs_cpu": ("2x_in_process_1_thread", "same"),
     "9_programs_cold": ("import_dspy_numpy", 1),
+    "11_scrape": ("statistics", "same"),
+    "11_noop_metrics": ("metrics_off", "same"),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)
@@ -372,6 +391,18 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
             f"remote client overhead <= 10% of the raw websockets client, {k} client{'s' if k > 1 else ''}",
         )
         for tid, k in (("g", 1), ("h", 16), ("i", 64))
+    ),
+    ("11a", "11_scrape", "collector", "p50", None, "<=", 5.0, None, "one scrape of 64 workers < 5 ms"),
+    (
+        "11b",
+        "11_noop_metrics",
+        "metrics_on",
+        "calls_per_s",
+        None,
+        ">=",
+        0.95,
+        ("metrics_off", None),
+        "no-op throughput with metrics on >= 0.95x off",
     ),
 ]
 
@@ -681,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="F[,F]",
-        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket",
+        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, metrics",
     )
     parser.add_argument("--impl", metavar="NAME[,NAME]", help="only these implementations (where they apply)")
     parser.add_argument(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 from dspex_trio._breaker import CircuitState
 from dspex_trio._call_metrics import CallMetrics
 from dspex_trio._states import WorkerState
+from dspex_trio._statistics import PoolStatistics
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -47,8 +48,9 @@ __all__ = [
     "PREFIX",
     "RuntimeCollector",
     "exit_cause",
+    "process_rss_bytes",
+    "process_start_seconds",
     "render_metrics",
-    "worker_process_figures",
 ]
 
 PREFIX: Final = "dspex"
@@ -59,6 +61,8 @@ PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 409
 """Bytes per page, for ``/proc/<pid>/statm``."""
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 """Clock ticks per second, for ``/proc/<pid>/stat``'s start time."""
+PROC_READ_BYTES: Final = 4096
+"""Bytes read of a /proc file (``statm``, ``stat``, ``uptime`` are far shorter)."""
 
 Source = Callable[[], Iterable["Metric"]]
 """An extra source of metric families, called at each scrape (``RuntimeCollector.add_source``)."""
@@ -80,41 +84,46 @@ def exit_cause(new: WorkerState, reason: str) -> str:
     return "exited"
 
 
-def _read_text(path: str) -> str | None:
+def _read_proc(path: str) -> bytes | None:
+    """A small /proc file's bytes (one unbuffered read: a scrape reads one per worker), or None."""
     try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            return file.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        return os.read(fd, PROC_READ_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _uptime_seconds() -> float | None:
-    text = _read_text("/proc/uptime")
+    text = _read_proc("/proc/uptime")
     try:
         return float(text.split()[0]) if text else None
     except (ValueError, IndexError):
         return None
 
 
-def worker_process_figures(pid: int, uptime: float | None) -> tuple[int | None, float | None]:
-    """``(resident bytes, age in seconds)`` of process ``pid`` from ``/proc`` (None where unknown: no
-    ``/proc``, or the process is gone)."""
-    rss: int | None = None
-    statm = _read_text(f"/proc/{pid}/statm")
-    if statm:
-        try:
-            rss = int(statm.split()[1]) * PAGE_SIZE
-        except (ValueError, IndexError):
-            rss = None
-    age: float | None = None
-    stat = _read_text(f"/proc/{pid}/stat")
-    if stat and uptime is not None:
-        try:  # the command name (field 2) may hold spaces: count fields after its closing parenthesis
-            start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
-            age = max(0.0, uptime - start_ticks / CLOCK_TICKS)
-        except (ValueError, IndexError):
-            age = None
-    return rss, age
+def process_start_seconds(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds after boot (``/proc/<pid>/stat``), or None."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    try:  # the command name (field 2) may hold spaces: count fields after its closing parenthesis
+        return int(stat[stat.rindex(b")") + 2 :].split()[19]) / CLOCK_TICKS
+    except (ValueError, IndexError):
+        return None
+
+
+def process_rss_bytes(pid: int) -> int | None:
+    """Resident memory of process ``pid`` (``/proc/<pid>/statm``), or None."""
+    statm = _read_proc(f"/proc/{pid}/statm")
+    try:
+        return int(statm.split()[1]) * PAGE_SIZE if statm else None
+    except (ValueError, IndexError):
+        return None
 
 
 class RuntimeCollector:
@@ -131,6 +140,8 @@ class RuntimeCollector:
         self.backend = backend
         self.server = server
         self._sources: list[Source] = []
+        self._started: dict[int, float | None] = {}
+        """pid -> start time after boot (read once per worker: it never changes)."""
         self.worker_starts = 0
         self.worker_exits: collections.Counter[str] = collections.Counter({cause: 0 for cause in EXIT_CAUSES})
         hooks = getattr(backend, "_transition_hooks", None)
@@ -167,7 +178,13 @@ class RuntimeCollector:
             return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value, labels=labels or None)
 
         stats = self.backend.statistics()
-        health = self.backend.health()
+        if isinstance(stats, PoolStatistics):  # it holds everything health() would give: spare the call
+            states = [w.state for w in stats.workers]
+            size, restarts, circuit_now = stats.size, stats.restarts, stats.circuit
+        else:
+            health = self.backend.health()
+            states = [w.state for w in health.workers]
+            size, restarts, circuit_now = health.size, health.restarts, health.circuit
         info = gauge(
             "info",
             "The runtime: version, backend, launcher (value 1).",
@@ -179,12 +196,12 @@ class RuntimeCollector:
         yield info
 
         # -- workers -------------------------------------------------------------------------------
-        by_state = collections.Counter(str(w.state) for w in health.workers)
+        by_state = collections.Counter(str(state) for state in states)
         workers = gauge("workers", "Live workers by state.", labels=("state",))
         for state in WorkerState:
             workers.add_metric([str(state)], by_state[str(state)])
         yield workers
-        yield gauge("pool_size", "Configured worker slots.", health.size)
+        yield gauge("pool_size", "Configured worker slots.", size)
         yield counter(
             "worker_starts", "Workers that became ready (since the collector was built).", self.worker_starts
         )
@@ -194,7 +211,7 @@ class RuntimeCollector:
         for cause, count in sorted(self.worker_exits.items()):
             exits.add_metric([cause], count)
         yield exits
-        yield counter("worker_restarts", "Workers replaced after failing.", health.restarts)
+        yield counter("worker_restarts", "Workers replaced after failing.", restarts)
         yield counter(
             "workers_recycled",
             "Workers replaced by recycling (call count or memory).",
@@ -202,7 +219,6 @@ class RuntimeCollector:
         )
 
         in_flight = gauge("worker_in_flight", "Calls in flight per worker.", labels=("worker_id",))
-        capacity = gauge("worker_capacity", "Calls a worker runs at once.", labels=("worker_id",))
         rss = gauge(
             "worker_resident_memory_bytes",
             "Resident memory of each worker process (/proc).",
@@ -211,29 +227,34 @@ class RuntimeCollector:
         age = gauge(
             "worker_age_seconds", "Seconds since each worker process started (/proc).", labels=("worker_id",)
         )
-        served = counter(
-            "worker_calls", "Calls each live worker ended, by outcome.", labels=("worker_id", "outcome")
-        )
         uptime = _uptime_seconds()
+        started = {}
         for worker in getattr(stats, "workers", ()):
             wid = worker.worker_id
             in_flight.add_metric([wid], worker.in_flight)
-            capacity.add_metric([wid], worker.capacity)
-            served.add_metric([wid, "ok"], worker.calls_served)
-            served.add_metric([wid, "error"], worker.calls_failed)
-            resident, seconds = worker_process_figures(worker.pid, uptime)
-            if resident is not None:
-                rss.add_metric([wid], resident)
-            if seconds is not None:
-                age.add_metric([wid], seconds)
-        yield from (in_flight, capacity, rss, age, served)
+            resident = process_rss_bytes(worker.pid)
+            if resident is None:
+                continue  # gone (or no /proc)
+            rss.add_metric([wid], resident)
+            start = started[worker.pid] = (
+                self._started[worker.pid]
+                if worker.pid in self._started
+                else process_start_seconds(worker.pid)
+            )
+            if start is not None and uptime is not None:
+                age.add_metric([wid], max(0.0, uptime - start))
+        self._started = started  # forget the workers that are gone (a pid may be reused)
+        yield from (in_flight, rss, age)
+        workers_now = getattr(stats, "workers", ())
+        if workers_now:  # the same for every worker of a pool: one sample, not one per worker
+            yield gauge("worker_capacity", "Calls each worker runs at once.", workers_now[0].capacity)
 
         # -- the circuit -------------------------------------------------------------------------------
         circuit = gauge(
             "circuit_state", "The pool's circuit breaker: 1 for its current state.", labels=("state",)
         )
         for circuit_state in CircuitState:
-            circuit.add_metric([str(circuit_state)], 1 if health.circuit is circuit_state else 0)
+            circuit.add_metric([str(circuit_state)], 1 if circuit_now is circuit_state else 0)
         yield circuit
         yield counter(
             "circuit_opened",

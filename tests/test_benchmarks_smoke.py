@@ -49,3 +49,27 @@ def test_entry_point_runs_one_tiny_scenario(tmp_path: Path, monkeypatch: pytest.
     assert result["run"]["code_under_test"].get("sha256_12")
     assert {t["id"] for t in result["targets"]} >= {"1", "2a", "4", "5"}
     assert os.path.exists(tmp_path / "results" / "noop.png")
+
+
+def test_family_11_metrics_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 11 (monitoring's cost): a round with 4 workers, a few scrapes and a few calls."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import metrics
+
+    spec = {
+        "implementations": ["scrape", "noop"],
+        "workers": 4,
+        "scrapes": 3,
+        "warmup": 64,
+        "calls": 256,
+        "pairs": 1,
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "time_limit": 120.0,
+    }
+    result = metrics.measure(spec)
+    assert result["errors"] == []
+    rows = {(r["scenario"], r["implementation"], r["metric"]): r["value"] for r in result["rows"]}
+    for name in ("statistics", "collector", "http"):
+        assert rows[("11_scrape", name, "p50")] > 0
+    assert rows[("11_noop_metrics", "metrics_on", "calls_per_s")] > 0
+    assert rows[("11_noop_metrics", "metrics_off", "calls_per_s")] > 0

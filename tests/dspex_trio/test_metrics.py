@@ -33,7 +33,6 @@ EXPECTED_TYPES = {
     "dspex_worker_capacity": "gauge",
     "dspex_worker_resident_memory_bytes": "gauge",
     "dspex_worker_age_seconds": "gauge",
-    "dspex_worker_calls": "counter",
     "dspex_circuit_state": "gauge",
     "dspex_circuit_opened": "counter",
     "dspex_in_flight": "gauge",
