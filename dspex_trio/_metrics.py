@@ -142,7 +142,9 @@ class RuntimeCollector:
         self._sources: list[Source] = []
         self._started: dict[int, float | None] = {}
         """pid -> start time after boot (read once per worker: it never changes)."""
-        self.worker_starts = 0
+        live = getattr(backend, "workers", None)
+        self.worker_starts = len(live()) if callable(live) else 0
+        """Workers that became ready: those live when the collector was built, and each start since."""
         self.worker_exits: collections.Counter[str] = collections.Counter({cause: 0 for cause in EXIT_CAUSES})
         hooks = getattr(backend, "_transition_hooks", None)
         if isinstance(hooks, list):
@@ -203,7 +205,9 @@ class RuntimeCollector:
         yield workers
         yield gauge("pool_size", "Configured worker slots.", size)
         yield counter(
-            "worker_starts", "Workers that became ready (since the collector was built).", self.worker_starts
+            "worker_starts",
+            "Workers that became ready (those live when the collector was built, and each since).",
+            self.worker_starts,
         )
         exits = counter(
             "worker_exits", "Workers that ended, by cause (since the collector was built).", labels=("cause",)
