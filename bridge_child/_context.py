@@ -53,6 +53,7 @@ class CallContext:
         "params",
         "seq",
         "stream",
+        "trace",
     )
 
     def __init__(
@@ -64,6 +65,8 @@ class CallContext:
         self.method = call.method
         self.params = call.params
         self.stream = bool(call.flags & wire.FLAG_STREAM)
+        self.trace = call.trace if type(call) is wire.TracedCall else ""
+        """The caller's W3C ``traceparent`` (a ``TracedCall``), else empty (``_tracing.py``)."""
         self.deadline = None if call.timeout is None else time.monotonic() + call.timeout
         self.cancelled = threading.Event()
         self.finished = False

@@ -23,6 +23,7 @@ no LM, no arbitrary attributes). Every call runs under its own ``dspy.context(lm
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -419,9 +420,12 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     from bridge_child._lmguard import current_call
 
     settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
+    recorder = _recorder(ctx)
+    if recorder is not None:
+        settings["callbacks"] = [recorder.dspy_callback()]
     with current_call(ctx) as call, running(ctx):
         try:
-            with dspy.context(**settings):
+            with dspy.context(**settings), _traced(recorder):
                 prediction = (
                     run_streamed(ctx, program.module, kwargs, plain)
                     if ctx.stream
@@ -444,7 +448,26 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
             ) from exc
     if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
-    return {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    answer = {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    if recorder is not None:
+        answer["trace_spans"] = recorder.finished()
+    return answer
+
+
+def _recorder(ctx: CallContext) -> Any:
+    """A span recorder for a traced call (``bridge_child/_tracing.py``), else None."""
+    if not ctx.trace:
+        return None
+    from bridge_child._tracing import SpanRecorder, parse_traceparent_untrusted
+
+    parsed = parse_traceparent_untrusted(ctx.trace)
+    return None if parsed is None else SpanRecorder(*parsed)
+
+
+def _traced(recorder: Any) -> Any:
+    if recorder is None:
+        return contextlib.nullcontext()
+    return recorder.span("dspex.worker execute", **{"dspex.worker.pid": os.getpid()})
 
 
 def on_cpu_lane(worker: Worker, ctx: CallContext) -> bool:

@@ -59,6 +59,7 @@ __all__ = [
     "Result",
     "Role",
     "Shutdown",
+    "TracedCall",
     "UnencodableMessage",
     "decode_frames_untrusted",
     "encode_frame",
@@ -156,6 +157,16 @@ class Call(_Message, frozen=True, tag="call"):
     """Bit set of ``FLAG_*``."""
 
 
+class TracedCall(Call, frozen=True, tag="tcall"):
+    """A ``Call`` that carries the caller's trace context (OpenTelemetry, opt-in; docs/monitoring.md).
+
+    Its own kind, so that an untraced call's frame stays byte for byte what it was; the child answers it
+    as any ``Call`` (and, for ``execute``, with its spans in the result's ``trace_spans``)."""
+
+    trace: str = ""
+    """The W3C ``traceparent`` of the caller's span: ``00-<trace id>-<span id>-<flags>``."""
+
+
 class Ack(_Message, frozen=True, tag="ack"):
     """Child -> parent: the call was received and accepted; exactly one terminal frame will follow."""
 
@@ -212,7 +223,7 @@ class Shutdown(_Message, frozen=True, tag="shutdown"):
     grace: float
 
 
-ParentMessage: TypeAlias = Call | Cancel | Ping | Shutdown
+ParentMessage: TypeAlias = Call | TracedCall | Cancel | Ping | Shutdown
 """What the parent sends and the child receives."""
 ChildMessage: TypeAlias = Hello | Ack | Event | Result | Error | Pong
 """What the child sends and the parent receives."""
@@ -240,7 +251,7 @@ PARENT_KINDS: Final[tuple[type, ...]] = get_args(ParentMessage)
 """The kinds the parent sends (and the child receives)."""
 CHILD_KINDS: Final[tuple[type, ...]] = get_args(ChildMessage)
 """The kinds the child sends (and the parent receives)."""
-CALL_KINDS: Final = frozenset({Call, Ack, Event, Result, Error})
+CALL_KINDS: Final = frozenset({Call, TracedCall, Ack, Event, Result, Error})
 """The kinds that belong to one call (by ``id``) and move it through ``CALL_TRANSITIONS``."""
 
 
@@ -255,10 +266,12 @@ CONNECTION_TRANSITIONS: Final[dict[tuple[ConnectionState, type], ConnectionState
     (ConnectionState.AWAITING_HELLO, Hello): ConnectionState.OPEN,
     # The parent need not wait for the hello: it may send calls (and pings, ...) at once.
     (ConnectionState.AWAITING_HELLO, Call): ConnectionState.AWAITING_HELLO,
+    (ConnectionState.AWAITING_HELLO, TracedCall): ConnectionState.AWAITING_HELLO,
     (ConnectionState.AWAITING_HELLO, Cancel): ConnectionState.AWAITING_HELLO,
     (ConnectionState.AWAITING_HELLO, Ping): ConnectionState.AWAITING_HELLO,
     (ConnectionState.AWAITING_HELLO, Shutdown): ConnectionState.AWAITING_HELLO,
     (ConnectionState.OPEN, Call): ConnectionState.OPEN,
+    (ConnectionState.OPEN, TracedCall): ConnectionState.OPEN,
     (ConnectionState.OPEN, Cancel): ConnectionState.OPEN,
     (ConnectionState.OPEN, Ping): ConnectionState.OPEN,
     (ConnectionState.OPEN, Shutdown): ConnectionState.OPEN,
@@ -283,6 +296,7 @@ class CallState(enum.StrEnum):
 
 CALL_TRANSITIONS: Final[dict[tuple[CallState, type], CallState]] = {
     (CallState.DONE, Call): CallState.AWAITING_ACK,
+    (CallState.DONE, TracedCall): CallState.AWAITING_ACK,
     (CallState.AWAITING_ACK, Ack): CallState.RUNNING,
     (CallState.AWAITING_ACK, Error): CallState.DONE,  # rejected before any work
     (CallState.RUNNING, Event): CallState.RUNNING,  # with the next seq: 0, 1, 2, ...
@@ -539,7 +553,7 @@ class Connection:
         call_state = self._calls.get(call_id, CallState.DONE)
         next_call_state = CALL_TRANSITIONS.get((call_state, kind))
         if next_call_state is None:
-            if kind is Call:
+            if kind is Call or kind is TracedCall:
                 raise error(f"call id {call_id} is already pending")
             if call_state is CallState.DONE:
                 raise error(

@@ -34,7 +34,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._cli_client import client_token, status
-from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from
+from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from, serve_tracing
 from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
 from dspex_trio._cli_settings import (
     DRAIN_GRACE_S,
@@ -467,7 +467,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _warn("serve", "--token puts the token in the process list; prefer --token-file or DSPEX_TOKEN")
     for line in missing_key_warnings(settings, keys):
         _warn("serve", line)
-    return trio.run(_serve, settings, keys, tls, monitoring_from(args))
+    monitoring = monitoring_from(args)
+    with serve_tracing(monitoring):
+        return trio.run(_serve, settings, keys, tls, monitoring)
 
 
 def _warn(command: str, text: str) -> None:

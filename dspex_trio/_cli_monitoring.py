@@ -1,4 +1,5 @@
-"""``dspex-trio serve``'s monitoring flags: ``--metrics-token-file``, ``--http-port``, ``--no-http-routes``.
+"""``dspex-trio serve``'s monitoring flags: ``--metrics-token-file``, ``--http-port``, ``--tracing``,
+``--no-http-routes``.
 
 ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard are answered on the websocket's port by
 default; ``--http-port`` serves them on a port of their own too (same host, same token rules), and
@@ -8,12 +9,14 @@ default; ``--http-port`` serves them on a port of their own too (same host, same
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import attrs
 
-from dspex_trio._cli_settings import read_secret
+from dspex_trio._cli_settings import SettingsError, read_secret
 
-__all__ = ["Monitoring", "add_monitoring_arguments", "monitoring_from"]
+__all__ = ["Monitoring", "add_monitoring_arguments", "monitoring_from", "serve_tracing"]
 
 
 @attrs.frozen
@@ -26,6 +29,8 @@ class Monitoring:
     """Also serve them on this port (0: a free one)."""
     metrics_token: str | None = attrs.field(default=None, repr=False)
     """A scraper's own token for ``/metrics``."""
+    tracing: bool = False
+    """Trace executions with OpenTelemetry, configured by the standard ``OTEL_*`` variables."""
 
 
 def add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
@@ -44,6 +49,12 @@ def add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
         help="also serve /metrics, /healthz, /readyz and the dashboard on PORT (same host and token rules)",
     )
     group.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry traces of every execution, configured by OTEL_TRACES_EXPORTER (otlp, console), "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...",
+    )
+    group.add_argument(
         "--no-http-routes",
         action="store_true",
         help="answer no monitoring route on the websocket's port (plain HTTP requests get 426)",
@@ -52,4 +63,29 @@ def add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
 
 def monitoring_from(args: argparse.Namespace) -> Monitoring:
     token = read_secret(args.metrics_token_file, "metrics token") if args.metrics_token_file else None
-    return Monitoring(http_routes=not args.no_http_routes, http_port=args.http_port, metrics_token=token)
+    return Monitoring(
+        http_routes=not args.no_http_routes,
+        http_port=args.http_port,
+        metrics_token=token,
+        tracing=args.tracing,
+    )
+
+
+@contextlib.contextmanager
+def serve_tracing(monitoring: Monitoring) -> Iterator[None]:
+    """Around ``serve``: tracing configured from the environment when asked for, flushed and shut down
+    at the end (``SettingsError`` naming what is missing when the exporter cannot be built)."""
+    if not monitoring.tracing:
+        yield
+        return
+    from dspex_trio import _tracing
+
+    try:
+        provider = _tracing.configure_from_environment()
+    except (ImportError, RuntimeError) as exc:
+        raise SettingsError(f"--tracing: {exc}") from None
+    try:
+        yield
+    finally:
+        _tracing.disable_tracing()
+        provider.shutdown()

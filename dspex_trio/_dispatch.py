@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import trio
 
 from bridge_child import wire
+from dspex_trio import _tracing
 from dspex_trio._call_metrics import outcome_of
 from dspex_trio._errors import CallTimeout, DspexError
 from dspex_trio._programs_host import ProgramKey, completed_event
@@ -93,6 +94,7 @@ class Dispatch(Attempts):
         "params",
         "program",
         "started_at",
+        "trace",
         "wait",
     )
 
@@ -124,6 +126,8 @@ class Dispatch(Attempts):
         """A stream's attempt in progress."""
         self._finished = False
         """A stream's outcome was counted."""
+        self.trace = ""
+        """The ``traceparent`` its attempts carry to the worker (tracing on), else empty."""
         host._counts["calls"] += 1
 
     # -- one attempt ----------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class Dispatch(Attempts):
             with_spec = self.with_spec or self.key not in lease.programs
             params = {**params, "program": self.program.wire_ref(with_spec=with_spec)}
         left = None if self.timeout is None else self.time_left(trio.current_time(), self.method)
-        return lease.worker._submit(self.method, params, timeout=left, flags=self.flags)
+        return lease.worker._submit(self.method, params, timeout=left, flags=self.flags, trace=self.trace)
 
     async def _again(self, error: DspexError, lease: Lease) -> bool:
         """After an attempt on ``lease`` failed with ``error`` (and ended): False if the error is the
@@ -171,6 +175,13 @@ class Dispatch(Attempts):
 
         Cancelling the caller cancels the call in its worker (plain ``trio.Cancelled``).
         """
+        if _tracing.STATE.tracer is None:
+            return await self._result()
+        with _tracing.span(f"dspex.pool {self.method}", {"dspex.method": self.method}):
+            self.trace = _tracing.current_traceparent()
+            return await self._result()
+
+    async def _result(self) -> Any:
         host = self.host
         try:
             while True:
@@ -199,6 +210,8 @@ class Dispatch(Attempts):
         when a worker is free at once: a cancelled caller sends nothing. (Once per stream, not per event;
         a call's ``result()`` needs none of its own: it always waits for its reply.)"""
         await trio.lowlevel.checkpoint()
+        if _tracing.STATE.tracer is not None:  # the stream's attempts carry the caller's span
+            self.trace = _tracing.current_traceparent()
         await self._start()
         return self
 

@@ -61,6 +61,7 @@ from dspex_trio._states import (
 )
 from dspex_trio._statistics import WorkerStatistics
 from dspex_trio._stderr import StderrRelay
+from dspex_trio._tracing import ingest_worker_spans
 from dspex_trio._util import open_service_nursery
 
 logger = logging.getLogger("dspex_trio.worker")
@@ -97,6 +98,8 @@ class _Call:
     events: collections.deque[Any] | None = None
     """Stream events not yet consumed (streamed calls only)."""
     event_arrived: trio.Event | None = None
+    trace: str = ""
+    """The ``traceparent`` it was sent with (a traced call), else empty."""
 
     def finish(self, result: outcome.Outcome[Any]) -> None:
         if self.done.is_set():
@@ -298,7 +301,9 @@ class Worker(metaclass=NoPublicConstructor):
                 self._torn_down.set()
 
     # -- calls ----------------------------------------------------------------------------------------
-    def _submit(self, method: str, params: Any, *, timeout: float | None, flags: int) -> _Call:
+    def _submit(
+        self, method: str, params: Any, *, timeout: float | None, flags: int, trace: str = ""
+    ) -> _Call:
         if not self.accepting:
             raise self._refusal()
         if len(self._calls) >= self.options.max_pending_calls:
@@ -308,11 +313,16 @@ class Worker(metaclass=NoPublicConstructor):
         call_id = next(self._ids)
         now = trio.current_time()
         try:
-            frame = self._conn.send(wire.Call(call_id, method, params, _wire_timeout(timeout, now), flags))
+            wire_timeout = _wire_timeout(timeout, now)
+            frame = self._conn.send(
+                wire.TracedCall(call_id, method, params, wire_timeout, flags, trace)
+                if trace
+                else wire.Call(call_id, method, params, wire_timeout, flags)
+            )
         except wire.UnencodableMessage as exc:
             raise InvalidParams(f"{method}: {exc}") from exc
         stream = bool(flags & wire.FLAG_STREAM)
-        call = _Call(call_id, method, now, timeout, stream)
+        call = _Call(call_id, method, now, timeout, stream, trace=trace)
         if stream:
             call.events = collections.deque()
             call.event_arrived = trio.Event()
@@ -463,7 +473,10 @@ class Worker(metaclass=NoPublicConstructor):
         elif type(message) is wire.Result:
             del self._calls[call.id]
             self._calls_served += 1
-            call.finish(outcome.Value(message.value))
+            value = message.value
+            if call.trace and isinstance(value, dict) and "trace_spans" in value:
+                ingest_worker_spans(value.pop("trace_spans"), call.trace)
+            call.finish(outcome.Value(value))
             self._update_load()
         elif type(message) is wire.Error:
             del self._calls[call.id]

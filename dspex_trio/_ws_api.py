@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from dspex_trio import _jsonrpc as rpc
+from dspex_trio import _tracing
 from dspex_trio._backend import Backend
 from dspex_trio._client_lm import DEFAULT, ClientLMPolicy, LMPolicyRefused, NamedLM, describe_catalog
 from dspex_trio._errors import (
@@ -413,9 +414,10 @@ class ApiConnection:
         self.runs += 1
         self.service.execution_started()
         try:
-            answer = await self.backend.execute(
-                p.program, p.inputs, session=session, timeout=self._timeout(p), with_usage=True
-            )
+            with _tracing.span("dspex.websocket execution/run", {"dspex.program": p.program}, server=True):
+                answer = await self.backend.execute(
+                    p.program, p.inputs, session=session, timeout=self._timeout(p), with_usage=True
+                )
         except DspexError as exc:
             _log_failed(f"run of {p.program}", failure(exc))
             raise
@@ -462,8 +464,12 @@ class ApiConnection:
     async def _execute(self, execution: _Execution, p: rpc.ExecutionParams, session: str) -> None:
         terminal: tuple[str, dict[str, Any]] | None = None
         self.service.execution_started()
+        attributes = {"dspex.program": p.program, "dspex.execution": execution.id}
         try:
-            with execution.scope:
+            with (
+                execution.scope,
+                _tracing.span("dspex.websocket execution/submit", attributes, server=True),
+            ):
                 try:
                     if p.stream:
                         async with self.backend.stream(

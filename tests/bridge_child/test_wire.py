@@ -47,6 +47,7 @@ from bridge_child.wire import (
     Result,
     Role,
     Shutdown,
+    TracedCall,
     UnencodableMessage,
     decode_frames_untrusted,
     encode_frame,
@@ -59,11 +60,11 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 ROUND_TRIP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-PARENT_KINDS = (Call, Cancel, Ping, Shutdown)
+PARENT_KINDS = (Call, TracedCall, Cancel, Ping, Shutdown)
 """What the parent sends and the child receives."""
 CHILD_KINDS = (Hello, Ack, Event, Result, Error, Pong)
 """What the child sends and the parent receives."""
-CALL_KINDS = (Call, Ack, Event, Result, Error)
+CALL_KINDS = (Call, TracedCall, Ack, Event, Result, Error)
 """The frames that move a call through ``CALL_TRANSITIONS``."""
 REPLY_KINDS = (Ack, Event, Result, Error)
 """The child's frames of a call."""
@@ -103,6 +104,15 @@ calls = st.builds(
     timeout=st.none() | floats,
     flags=st.integers(0, 2**31),
 )
+traced_calls = st.builds(
+    TracedCall,
+    id=int64s,
+    method=texts,
+    params=json_values,
+    timeout=st.none() | floats,
+    flags=st.integers(0, 2**31),
+    trace=texts,
+)
 acks = st.builds(Ack, id=int64s)
 events = st.builds(Event, id=int64s, seq=st.integers(0, 2**32), data=json_values)
 results = st.builds(Result, id=int64s, value=json_values)
@@ -122,6 +132,7 @@ shutdowns = st.builds(Shutdown, grace=floats)
 MESSAGES: dict[type, st.SearchStrategy[Any]] = {
     Hello: hellos,
     Call: calls,
+    TracedCall: traced_calls,
     Ack: acks,
     Event: events,
     Result: results,
@@ -134,6 +145,7 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
 TAGS: dict[type, str] = {
     Hello: "hello",
     Call: "call",
+    TracedCall: "tcall",
     Ack: "ack",
     Event: "event",
     Result: "result",
@@ -218,6 +230,8 @@ def call_frame(kind: type, call_id: int, seq: int = 0) -> Any:
     """A frame of ``kind`` (one of ``CALL_KINDS``) for call ``call_id``."""
     if kind is Call:
         return Call(id=call_id, method="m")
+    if kind is TracedCall:
+        return TracedCall(id=call_id, method="m", trace="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
     if kind is Event:
         return Event(id=call_id, seq=seq, data={"chunk": seq})
     if kind is Error:
@@ -743,8 +757,10 @@ def test_the_tables_cover_the_kinds_the_messages_declare() -> None:
 
 
 def test_call_transitions_table_shape() -> None:
-    assert not any(state is CallState.DONE for state, kind in CALL_TRANSITIONS if kind is not Call)
-    assert [state for state, kind in CALL_TRANSITIONS if kind is Call] == [CallState.DONE]  # a free id
+    calls = (Call, TracedCall)
+    assert not any(state is CallState.DONE for state, kind in CALL_TRANSITIONS if kind not in calls)
+    for call in calls:
+        assert [state for state, kind in CALL_TRANSITIONS if kind is call] == [CallState.DONE]  # a free id
     assert CALL_TRANSITIONS[CallState.AWAITING_ACK, Ack] is CallState.RUNNING
     assert CALL_TRANSITIONS[CallState.AWAITING_ACK, Error] is CallState.DONE
     assert (CallState.AWAITING_ACK, Result) not in CALL_TRANSITIONS
@@ -1114,3 +1130,16 @@ def test_importing_wire_imports_neither_trio_nor_dspy() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
     )
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_an_untraced_call_is_encoded_as_before_and_a_traced_one_is_its_own_kind() -> None:
+    # the frame of a plain call is byte for byte what it was before tracing existed
+    assert encode_frame(Call(id=1, method="m")).hex() == "d5010000000c96a463616c6c01a16dc0c000"
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    traced = TracedCall(id=1, method="m", trace=traceparent)
+    assert decode_frames_untrusted(encode_frame(traced), Role.CHILD) == [traced]
+    assert isinstance(traced, Call)  # the child serves it as any call
+    pair = ConnectionPair.connected()
+    assert pair.to_child(traced) == traced
+    with pytest.raises(LocalProtocolError, match="already pending"):
+        pair.parent.send(Call(id=1, method="m"))

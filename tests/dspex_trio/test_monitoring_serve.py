@@ -95,3 +95,61 @@ async def test_serve_answers_the_routes_on_both_ports_with_the_scrapers_token(tm
             assert await process.wait() == 0
     finally:
         kill_quietly(process.pid)
+
+
+async def test_serve_tracing_exports_the_spans_as_the_otel_variables_say() -> None:
+    from tests.dspex_trio.test_tracing import ws_call
+
+    env = {
+        **os.environ,
+        "DSPEX_WORKERS": "1",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_SERVICE_NAME": "t-srv",
+    }
+    process = await trio.lowlevel.open_process(
+        [*CLI, "serve", "--port", "0", "--tracing"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(START_TIMEOUT_S):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, f"serve exited early: {process.returncode}"
+                output += chunk
+        url = output.decode().splitlines()[0].split()[2]
+        params = {"signature": "question -> answer"}
+        reply = await trio.to_thread.run_sync(ws_call, url, "execution/run", params)
+        assert "outputs" in reply["result"]
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while chunk := await process.stdout.receive_some(65536):
+                output += chunk
+            assert await process.wait() == 0
+        text = output.decode()
+        for name in (
+            "dspex.websocket execution/run",
+            "dspex.pool execute",
+            "dspex.worker execute",
+            "dspy.lm request",
+        ):
+            assert f'"name": "{name}"' in text, name
+        assert '"service.name": "t-srv"' in text
+    finally:
+        kill_quietly(process.pid)
+
+
+async def test_serve_tracing_names_a_missing_exporter() -> None:
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "zipkin"}
+    result = await trio.run_process(
+        [*CLI, "serve", "--port", "0", "--tracing"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert b"OTEL_TRACES_EXPORTER='zipkin'" in result.stderr

@@ -1,0 +1,135 @@
+"""Tracing (``_tracing.py``, ``bridge_child/_tracing.py``): one websocket execution on a real pool gives
+one trace whose spans cover the server, the pool, the worker, each predictor and each LM request, with
+their parents intact; exported through the SDK's in-memory exporter. Off, nothing is traced and no trace
+context reaches the worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import dspex_trio
+from dspex_trio import _tracing
+from dspex_trio._tracing import ingest_worker_spans
+
+pytestmark = pytest.mark.real_processes
+
+START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _tracing.enable_tracing(provider)
+    try:
+        yield exporter
+    finally:
+        _tracing.disable_tracing()
+
+
+def ws_call(url: str, method: str, params: dict[str, Any]) -> Any:
+    from websockets.sync.client import connect
+
+    with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "program/create", "params": params}))
+        program = json.loads(ws.recv(timeout=30))["result"]["program"]
+        inputs = {"question": "What is traced?"}
+        ws.send(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": method,
+                    "params": {"program": program, "inputs": inputs},
+                }
+            )
+        )
+        return json.loads(ws.recv(timeout=30))
+
+
+async def test_one_websocket_execution_is_one_trace_from_the_server_to_each_lm_request(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool, trio.open_nursery() as nursery:
+            server = await nursery.start(partial(dspex_trio.serve_websocket, pool, port=0))
+            worker_pid = pool.workers()[0].pid
+            params = {"signature": "question -> answer", "module": "chain_of_thought"}
+            reply = await trio.to_thread.run_sync(ws_call, server.url, "execution/run", params)
+            assert "trace_spans" not in json.dumps(reply)  # the worker's spans never reach the client
+            assert set(reply["result"]["outputs"]) == {"reasoning", "answer"}
+            nursery.cancel_scope.cancel()
+
+    spans = exporter.get_finished_spans()
+    run = [s for s in spans if s.name == "dspex.websocket execution/run"]
+    assert len(run) == 1
+    trace_id = run[0].context.trace_id
+    ours = [s for s in spans if s.context.trace_id == trace_id]
+    by_id = {s.context.span_id: s for s in ours}
+    names = [s.name for s in ours]
+
+    def parent_name(span: Any) -> str | None:
+        return by_id[span.parent.span_id].name if span.parent is not None else None
+
+    assert run[0].parent is None and run[0].kind.name == "SERVER"
+    (pool_span,) = [s for s in ours if s.name == "dspex.pool execute"]
+    assert parent_name(pool_span) == "dspex.websocket execution/run"
+    (worker_span,) = [s for s in ours if s.name == "dspex.worker execute"]
+    assert parent_name(worker_span) == "dspex.pool execute"
+    assert worker_span.attributes["dspex.worker.pid"] == worker_pid
+    (program_span,) = [s for s in ours if s.name == "dspy.module ChainOfThought"]
+    assert parent_name(program_span) == "dspex.worker execute"
+    predictors = [s for s in ours if s.name == "dspy.module Predict"]
+    assert predictors and all(parent_name(s) == "dspy.module ChainOfThought" for s in predictors)
+    lm_requests = [s for s in ours if s.name == "dspy.lm request"]
+    assert lm_requests and all(parent_name(s) == "dspy.module Predict" for s in lm_requests)
+    assert all(s.attributes["gen_ai.request.model"] for s in lm_requests)
+    # every span of the trace has its parent in the trace (or is the root), and starts within it
+    for span in ours:
+        assert span.parent is None or span.parent.span_id in by_id, (span.name, names)
+        assert span.start_time >= run[0].start_time - 50_000_000  # worker clocks: same machine
+        assert span.end_time >= span.start_time
+
+
+async def test_off_nothing_is_traced_and_calls_carry_no_trace_context() -> None:
+    assert _tracing.STATE.tracer is None
+    assert _tracing.current_traceparent() == ""
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool:
+            pid = await pool.create_program("question -> answer", session="s")
+            answer = await pool.execute(pid, {"question": "q"}, session="s", with_usage=True)
+            assert "trace_spans" not in answer
+
+
+def test_malformed_worker_spans_are_skipped(exporter: InMemorySpanExporter) -> None:
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    good = {
+        "name": "x",
+        "span_id": "c" * 16,
+        "parent_id": "b" * 16,
+        "start_ns": 1,
+        "end_ns": 2,
+        "attributes": {"k": "v", "bad": {"nested": 1}},
+        "error": None,
+    }
+    bad = [
+        "not a dict",
+        {**good, "span_id": "zz"},
+        {**good, "end_ns": 0},
+        {**good, "name": 3},
+    ]
+    assert ingest_worker_spans([good, *bad], traceparent) == 1
+    (span,) = exporter.get_finished_spans()
+    assert span.context.trace_id == int("a" * 32, 16) and span.parent.span_id == int("b" * 16, 16)
+    assert dict(span.attributes) == {"k": "v"}
+    assert ingest_worker_spans("nonsense", traceparent) == 0
