@@ -53,6 +53,8 @@ from dspex_trio._statistics import FallbackStatistics as FallbackStatistics
 from dspex_trio._statistics import LatencySummary as LatencySummary
 from dspex_trio._statistics import PoolStatistics as PoolStatistics
 from dspex_trio._statistics import WorkerStatistics as WorkerStatistics
+from dspex_trio._tracing import disable_tracing as disable_tracing
+from dspex_trio._tracing import enable_tracing as enable_tracing
 from dspex_trio._websocket import WebsocketServer as WebsocketServer
 from dspex_trio._websocket import WebsocketStatistics as WebsocketStatistics
 from dspex_trio._websocket import serve_websocket as serve_websocket
