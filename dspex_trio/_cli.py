@@ -50,6 +50,7 @@ from dspex_trio._cli_settings import (
     server_ssl_context,
 )
 from dspex_trio._handshake import SUBPROTOCOL, is_loopback
+from dspex_trio._log_context import fields as log_fields
 
 __all__ = ["CliError", "ServeSettings", "SettingsError", "main", "resolve_secrets", "resolve_settings"]
 
@@ -532,8 +533,9 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, and
-    ``exception`` (the traceback) when there is one."""
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, what the
+    line is about when it is known (``worker_id``, ``execution``, ``session``, ``trace_id``:
+    ``_log_context.py``), and ``exception`` (the traceback) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -542,6 +544,7 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **log_fields(),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -34,6 +34,7 @@ import outcome
 import trio
 
 from bridge_child import wire
+from dspex_trio import _log_context as log_context
 from dspex_trio._errors import (
     CallTimeout,
     DspexError,
@@ -741,7 +742,8 @@ async def start_worker(
     worker = Worker._create(
         spec.worker_id, process, options, launcher_name=launcher.name, on_transition=on_transition
     )
-    result: Worker = await nursery.start(worker._serve)
+    with log_context.bound(worker_id=spec.worker_id):  # the worker's tasks log with its id
+        result: Worker = await nursery.start(worker._serve)
     return result
 
 

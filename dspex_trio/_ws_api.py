@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from dspex_trio import _jsonrpc as rpc
+from dspex_trio import _log_context as log_context
 from dspex_trio import _tracing
 from dspex_trio._backend import Backend
 from dspex_trio._client_lm import DEFAULT, ClientLMPolicy, LMPolicyRefused, NamedLM, describe_catalog
@@ -42,7 +43,7 @@ from dspex_trio._errors import (
     SessionNotFound,
 )
 from dspex_trio._handshake import SUBPROTOCOL, Role
-from dspex_trio._sessions import MINTED_PREFIX
+from dspex_trio._sessions import MINTED_PREFIX, public_session_id
 from dspex_trio._ws_errors import failure, rpc_error_from
 from dspex_trio._ws_options import WebsocketOptions
 
@@ -411,6 +412,10 @@ class ApiConnection:
 
     async def execution_run(self, p: rpc.ExecutionParams) -> Any:
         session = self._admit_execution(p)
+        with log_context.bound(session=public_session_id(session)):
+            return await self._execution_run(p, session)
+
+    async def _execution_run(self, p: rpc.ExecutionParams, session: str) -> Any:
         self.runs += 1
         self.service.execution_started()
         try:
@@ -462,6 +467,7 @@ class ApiConnection:
             self.finished.popitem(last=False)
 
     async def _execute(self, execution: _Execution, p: rpc.ExecutionParams, session: str) -> None:
+        log_context.bind(execution=execution.id, session=public_session_id(session))  # this task's own
         terminal: tuple[str, dict[str, Any]] | None = None
         self.service.execution_started()
         attributes = {"dspex.program": p.program, "dspex.execution": execution.id}
