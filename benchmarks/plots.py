@@ -171,6 +171,25 @@ def plot_dspex_way(plt: Any, rows: Rows) -> Any:
     return fig
 
 
+def plot_metrics(plt: Any, rows: Rows) -> Any:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.0))
+    _bars(
+        a,
+        _select(rows, "11_scrape", "p50"),
+        "11. one scrape, 64 workers (p50)",
+        "ms",
+        highlight=("collector",),
+    )
+    _bars(
+        b,
+        _select(rows, "11_noop_metrics", "calls_per_s"),
+        "11. no-op throughput, metrics on / off",
+        "calls/s",
+        highlight=("metrics_on",),
+    )
+    return fig
+
+
 FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, Rows], Any]]] = {
     "noop": (("1_round_trip", "2_throughput"), plot_noop),
     "cold_start": (("3_cold_start",), plot_cold_start),
@@ -179,6 +198,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, Rows], Any]]] = {
     "dspy": (("6_dspy_cpu", "6_dspy_io"), plot_dspy),
     "websocket": (("7_websocket",), plot_websocket),
     "dspex_way": (("8_dspex_way",), plot_dspex_way),
+    "metrics": (("11_scrape", "11_noop_metrics"), plot_metrics),
 }
 
 
