@@ -149,13 +149,15 @@ def _json(method: str, status: int, value: Any) -> bytes:
 
 
 def readiness(backend: Backend) -> dict[str, Any]:
-    """What ``/readyz`` says: ready when a worker takes calls and the circuit is closed."""
+    """What ``/readyz`` says: ready when a worker takes calls (or the backend has no worker processes,
+    as the mock) and the circuit is closed."""
     health = backend.health()
     ready = sum(
         1 for w in health.workers if w.state in (WorkerState.READY, WorkerState.BUSY) and not w.retiring
     )
+    serving = ready > 0 or health.size == 0  # a backend without worker processes (mock) needs none
     return {
-        "ready": ready > 0 and health.circuit is CircuitState.CLOSED,
+        "ready": serving and health.circuit is CircuitState.CLOSED,
         "ready_workers": ready,
         "circuit": str(health.circuit),
         "circuit_reason": health.circuit_reason,

@@ -305,6 +305,14 @@ class RuntimeCollector:
                 "websocket_connections_accepted", "Websocket connections accepted.", ws.connections_total
             )
             yield gauge("websocket_executions", "Executions in flight over the websocket.", ws.executions)
+            ended = counter(
+                "websocket_executions_ended",
+                "Executions over the websocket that ended, by outcome.",
+                labels=("outcome",),
+            )
+            for outcome in ("completed", "failed", "cancelled"):
+                ended.add_metric([outcome], ws.execution_outcomes.get(outcome, 0))
+            yield ended
             refused = counter(
                 "websocket_refusals",
                 "Handshakes and plain HTTP requests refused, by reason.",

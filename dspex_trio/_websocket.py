@@ -108,6 +108,8 @@ class WebsocketStatistics:
     """Executions in flight, all connections together."""
     closing: bool
     """True once ``drain()`` began: new executions are refused with ``unavailable``."""
+    execution_outcomes: dict[str, int] = attrs.Factory(dict)
+    """Executions ended since the server started, by outcome (``completed``, ``failed``, ``cancelled``)."""
 
 
 def _peer(endpoint: object) -> str:
@@ -151,6 +153,7 @@ class WebsocketServer:
             refusals=dict(self._refusals),
             executions=self._service.executions,
             closing=self._service.closing,
+            execution_outcomes=dict(self._service.outcomes),
         )
 
     async def drain(self) -> None:

@@ -81,6 +81,8 @@ class ApiService:
     """Set by ``drain()``: new executions are refused with ``unavailable``."""
     executions: int = 0
     """Executions in flight, all connections together."""
+    outcomes: collections.Counter[str] = attrs.Factory(collections.Counter)
+    """Executions ended, by outcome (``completed``, ``failed``, ``cancelled``; ``/metrics``)."""
     server_statistics: Callable[[], Mapping[str, Any]] = dict
     """The transport's own figures (connections, refusals), for ``runtime/status``."""
     _idle: trio.Event = attrs.Factory(trio.Event)
@@ -92,7 +94,8 @@ class ApiService:
     def execution_started(self) -> None:
         self.executions += 1
 
-    def execution_ended(self) -> None:
+    def execution_ended(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
         self.executions -= 1
         if self.executions == 0:
             self._idle.set()
@@ -418,17 +421,20 @@ class ApiConnection:
     async def _execution_run(self, p: rpc.ExecutionParams, session: str) -> Any:
         self.runs += 1
         self.service.execution_started()
+        outcome = "cancelled"
         try:
             with _tracing.span("dspex.websocket execution/run", {"dspex.program": p.program}, server=True):
                 answer = await self.backend.execute(
                     p.program, p.inputs, session=session, timeout=self._timeout(p), with_usage=True
                 )
+            outcome = "completed"
         except DspexError as exc:
+            outcome = "failed"
             _log_failed(f"run of {p.program}", failure(exc))
             raise
         finally:
             self.runs -= 1
-            self.service.execution_ended()
+            self.service.execution_ended(outcome)
         return {"outputs": answer["outputs"], "usage": answer.get("usage")}
 
     async def execution_cancel(self, p: rpc.ExecutionCancelParams) -> Any:
@@ -461,7 +467,7 @@ class ApiConnection:
 
     def _record(self, execution: _Execution, state: str) -> None:
         execution.recorded = True
-        self.service.execution_ended()
+        self.service.execution_ended(state)
         self.finished[execution.id] = state
         while len(self.finished) > self.options.remember_finished:
             self.finished.popitem(last=False)

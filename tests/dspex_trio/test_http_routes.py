@@ -222,3 +222,32 @@ def test_a_browser_sends_its_token_as_a_proposed_subprotocol() -> None:
     both = [*host, (b"authorization", b"Bearer nope")]
     refused = check_handshake_untrusted(policy, both, ["dspex.v1", BEARER_SUBPROTOCOL_PREFIX + TOKEN])
     assert isinstance(refused, dspex_trio._handshake.Refused)
+
+
+async def test_a_mock_backend_is_scraped_too_and_websocket_executions_count_by_outcome() -> None:
+    from websockets.sync.client import connect
+
+    def run_two(url: str) -> None:
+        with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:
+            messages = [
+                {"id": 1, "method": "program/create", "params": {"signature": "question -> answer"}},
+            ]
+            ws.send(json.dumps({"jsonrpc": "2.0", **messages[0]}))
+            program = json.loads(ws.recv(timeout=10))["result"]["program"]
+            good = {"program": program, "inputs": {"question": "q"}}
+            bad = {"program": program, "inputs": {"nope": 1}}
+            for i, params in enumerate((good, bad), 2):
+                ws.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": "execution/run", "params": params}))
+                ws.recv(timeout=10)
+
+    async with dspex_trio.open_backend("mock") as backend, trio.open_nursery() as nursery:
+        server = await serve(backend, nursery)
+        await trio.to_thread.run_sync(run_two, server.url)
+        status, _, body = await get(server.port, "/metrics")
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        ended = {s.labels["outcome"]: s.value for s in families["dspex_websocket_executions_ended"].samples}
+        assert ended == {"completed": 1, "failed": 1, "cancelled": 0}
+        assert families["dspex_info"].samples[0].labels["backend"] == "mock"
+        assert (await get(server.port, "/readyz"))[0] == 200
+        nursery.cancel_scope.cancel()
