@@ -53,15 +53,20 @@ class SpanRecorder:
         """DSPy's callback call id -> its span, while open."""
         self._stack = threading.local()
         self._lock = threading.Lock()
+        self._root = ""
+        """The first span started (the call's own): the parent of spans opened in other threads."""
 
     def _parent(self) -> str:
         stack = getattr(self._stack, "ids", None)
-        return stack[-1] if stack else self.parent_id
+        if stack:
+            return str(stack[-1])
+        return self._root or self.parent_id
 
     def start(self, name: str, attributes: dict[str, Any] | None = None) -> dict[str, Any]:
-        span = {
+        span_id = _new_span_id()
+        span: dict[str, Any] = {
             "name": name,
-            "span_id": _new_span_id(),
+            "span_id": span_id,
             "parent_id": self._parent(),
             "start_ns": time.time_ns(),
             "end_ns": None,
@@ -71,7 +76,9 @@ class SpanRecorder:
         stack = getattr(self._stack, "ids", None)
         if stack is None:
             stack = self._stack.ids = []
-        stack.append(span["span_id"])
+        stack.append(span_id)
+        if not self._root:
+            self._root = span_id
         return span
 
     def end(self, span: dict[str, Any], error: BaseException | None = None) -> None:

@@ -133,3 +133,36 @@ def test_malformed_worker_spans_are_skipped(exporter: InMemorySpanExporter) -> N
     assert span.context.trace_id == int("a" * 32, 16) and span.parent.span_id == int("b" * 16, 16)
     assert dict(span.attributes) == {"k": "v"}
     assert ingest_worker_spans("nonsense", traceparent) == 0
+
+
+def submit_streamed(url: str) -> str:
+    from websockets.sync.client import connect
+
+    with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:
+        create = {"signature": "question -> answer", "module": "chain_of_thought"}
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "program/create", "params": create}))
+        program = json.loads(ws.recv(timeout=30))["result"]["program"]
+        params = {"program": program, "inputs": {"question": "q"}}  # stream: true by default
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "execution/submit", "params": params}))
+        while True:
+            message = json.loads(ws.recv(timeout=30))
+            event = message.get("params", {}).get("event")
+            if event in ("completed", "failed", "cancelled"):
+                assert "trace_spans" not in json.dumps(message)
+                return str(event)
+
+
+async def test_a_streamed_execution_is_one_trace_too(exporter: InMemorySpanExporter) -> None:
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool, trio.open_nursery() as nursery:
+            server = await nursery.start(partial(dspex_trio.serve_websocket, pool, port=0))
+            assert await trio.to_thread.run_sync(submit_streamed, server.url) == "completed"
+            nursery.cancel_scope.cancel()
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "dspex.websocket execution/submit"]
+    ours = {s.context.span_id: s for s in spans if s.context.trace_id == root.context.trace_id}
+    parents = {s.name: ours[s.parent.span_id].name for s in ours.values() if s.parent is not None}
+    assert parents["dspex.worker execute"] == "dspex.websocket execution/submit"  # streams: no pool span
+    assert parents["dspy.module ChainOfThought"] == "dspex.worker execute"
+    assert parents["dspy.module Predict"] == "dspy.module ChainOfThought"
+    assert parents["dspy.lm request"] == "dspy.module Predict"
