@@ -236,3 +236,32 @@ def test_the_dashboard_asks_for_the_token_when_one_is_set(driver: Any, tmp_path:
         except subprocess.TimeoutExpired:
             kill_quietly(process.pid)
             process.wait()
+
+
+def test_the_dashboard_served_from_http_port_reads_the_websocket_port(driver: Any) -> None:
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--workers", "1", "--http-port", "0", "--no-http-routes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    )
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()  # dspex-trio serving ws://...
+        http_url = process.stdout.readline().decode().split()[2]
+        driver.get(http_url + "/")
+        wait_for(
+            driver,
+            lambda b: len([r for r in rows(b) if r["state"] == "ready"]) == 1,
+            PAGE_TIMEOUT_S,
+            "the worker",
+        )
+        wait_for(driver, lambda b: rows(b)[0]["rss"].endswith("MiB"), 5, "RSS from this port's /metrics")
+        assert severe_console_entries(driver) == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            kill_quietly(process.pid)
+            process.wait()
