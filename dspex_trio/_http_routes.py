@@ -199,7 +199,11 @@ class HttpRoutes:
         metrics_policy = HandshakePolicy.build(
             tokens=scraper, admin_tokens=admins, allowed_origins=allowed_origins
         )
-        return cls(backend, policy, metrics_policy, server, tuple(connect_sources), on_refused)
+        from dspex_trio._metrics import RuntimeCollector
+
+        # built now, not at the first scrape: worker starts and exits count from the server's start
+        collector = RuntimeCollector(backend, server=server)
+        return cls(backend, policy, metrics_policy, server, tuple(connect_sources), on_refused, collector)
 
     def answer(self, peer: str, head: bytes) -> bytes | None:
         """The response to a plain HTTP request ``head`` (peer bytes), or None when its path is none of

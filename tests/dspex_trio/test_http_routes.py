@@ -163,6 +163,14 @@ async def test_readyz_is_unready_while_the_circuit_is_open_and_ready_after_it_cl
         assert status == 503
         assert json.loads(body)["ready"] is False and json.loads(body)["circuit"] == "open"
         assert (await get(server.port, "/healthz"))[0] == 200  # alive all the same
+        _, _, body = await get(server.port, "/metrics")  # the first scrape, after the exits
+        exits = {
+            s.labels["cause"]: s.value
+            for f in text_string_to_metric_families(body.decode())
+            if f.name == "dspex_worker_exits"
+            for s in f.samples
+        }
+        assert exits["exited"] == 1  # the worker that died before any scrape: counted from the server's start
         launcher.fail_at_start = None  # the next probe succeeds: the circuit closes
         await wait_until(lambda: pool.circuit is dspex_trio.CircuitState.CLOSED, 10)
         await wait_until(lambda: pool.statistics().ready == 1, 10)
