@@ -7,8 +7,9 @@
   ``pool.health()`` alone: what any status page pays) as the anchor. Target: ``collector`` p50 < 5 ms.
 - ``11_noop_metrics``: no-op throughput (64 callers, ``pool.call("echo")``, 2 workers), ``metrics_on``
   (the call path's counting, plus a scrape every ``SCRAPE_INTERVAL_S``) against ``metrics_off`` (the
-  call path's counting switched off on that pool, no collector), alternating on, off, off, on, ... in
-  one process; the ratio should be 1 within the noise of repeated rounds.
+  call path's counting switched off on that pool, no collector), many short runs alternating on, off,
+  off, on, ... in one process; ``ratio_to_off`` is the median of the ratios of neighbouring on and off
+  runs, which should be 1 within the noise.
 """
 
 from __future__ import annotations
@@ -141,6 +142,20 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             errors.append(f"noop: {type(exc).__name__}: {exc}")
         else:
+            # the runs went on, off, off, on, on, off, ...: the k-th on run and the k-th off run are
+            # neighbours in time, so their ratio is what a drift of the machine's load disturbs least
+            ratios = [on / off for on, off in zip(rates["metrics_on"], rates["metrics_off"], strict=True)]
+            rows.append(
+                {
+                    "scenario": "11_noop_metrics",
+                    "implementation": "metrics_on",
+                    "workers": NOOP_WORKERS,
+                    "metric": "ratio_to_off",
+                    "value": statistics.median(ratios),
+                    "unit": "x",
+                    "spread": [round(min(ratios), 3), round(max(ratios), 3)],
+                }
+            )
             for name, values in rates.items():
                 rows.append(
                     {

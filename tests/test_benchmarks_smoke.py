@@ -73,3 +73,4 @@ def test_family_11_metrics_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
         assert rows[("11_scrape", name, "p50")] > 0
     assert rows[("11_noop_metrics", "metrics_on", "calls_per_s")] > 0
     assert rows[("11_noop_metrics", "metrics_off", "calls_per_s")] > 0
+    assert rows[("11_noop_metrics", "metrics_on", "ratio_to_off")] > 0
