@@ -28,7 +28,7 @@
   let metricsOk = metricsSameOrigin;
   const workers = new Map();  // worker_id -> {worker_id, pid, state, calls, in_flight, endedAt}
   const processFigures = new Map();  // worker_id -> {rss, age}
-  const history = [];  // {rate, p50, p99}
+  const history = [];  // {rate, executions, p50, p99}
   let lastTotals = null;
 
   const $ = (id) => document.getElementById(id);
@@ -181,11 +181,18 @@
       applySnapshot(status.health);
     }
     const now = performance.now() / 1000;
-    const done = (stats.completed || 0) + (stats.failed || 0);
+    const done = (stats.completed || 0) + (stats.failed || 0);  // calls of every method
+    const outcomes = server.execution_outcomes || {};  // executions over the websocket
+    const executed = Object.values(outcomes).reduce((sum, n) => sum + n, 0);
     let rate = 0;
-    if (lastTotals && now > lastTotals.t) rate = Math.max(0, (done - lastTotals.done) / (now - lastTotals.t));
-    lastTotals = { t: now, done };
+    let executions = 0;
+    if (lastTotals && now > lastTotals.t) {
+      rate = Math.max(0, (done - lastTotals.done) / (now - lastTotals.t));
+      executions = Math.max(0, (executed - lastTotals.executed) / (now - lastTotals.t));
+    }
+    lastTotals = { t: now, done, executed };
     $("rate").textContent = rate.toFixed(1);
+    $("execution-rate").textContent = executions.toFixed(1);
     const latency = stats.latency || {};
     let method = latency.execute ? "execute" : null;
     if (!method) {
@@ -195,9 +202,12 @@
     }
     const summary = method ? latency[method] : null;
     $("latency-method").textContent = method ? `(${method}, latest calls, ms)` : "(no calls yet)";
-    history.push({ rate, p50: summary ? summary.p50 * 1000 : 0, p99: summary ? summary.p99 * 1000 : 0 });
+    history.push({ rate, executions, p50: summary ? summary.p50 * 1000 : 0, p99: summary ? summary.p99 * 1000 : 0 });
     while (history.length > HISTORY_POINTS) history.shift();
-    plot($("rate-plot"), [{ values: history.map((h) => h.rate), color: "#1a7f37" }], "/s");
+    plot($("rate-plot"), [
+      { values: history.map((h) => h.executions), color: "#1a7f37" },
+      { values: history.map((h) => h.rate), color: "#8a94a6" },
+    ], "/s");
     plot($("latency-plot"), [
       { values: history.map((h) => h.p50), color: "#2f6fdf" },
       { values: history.map((h) => h.p99), color: "#d9480f" },

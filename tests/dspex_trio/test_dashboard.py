@@ -192,6 +192,8 @@ def test_the_dashboard_shows_the_workers_and_a_killed_one_failed_then_replaced(
     wait_for(
         driver, lambda b: b.find_element("id", "latency-method").text.startswith("(execute"), 5, "latency"
     )
+    rate = driver.find_element("id", "execution-rate")
+    wait_for(driver, lambda b: float(rate.text) > 0, 5, "executions per second")
     screenshot = tmp_path / "dashboard.png"
     assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
     if os.environ.get("DSPEX_UPDATE_SCREENSHOT") == "1":
