@@ -11,15 +11,50 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex_trio
 from dspex_trio._handshake import BEARER_SUBPROTOCOL_PREFIX, HandshakePolicy, check_handshake_untrusted
-from dspex_trio._http_routes import DASHBOARD_FILES, parse_request_head_untrusted, serve_http
+from dspex_trio._http_routes import DASHBOARD_FILES, HttpRoutes, parse_request_head_untrusted, serve_http
 from tests.fakes import open_fake_launcher
 from tests.helpers import wait_until
 
 TOKEN = "s3cret-token"
+HEAD_PIECES = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"/metrics",
+    b"/readyz",
+    b"/",
+    b"?a=b",
+    b" HTTP/1.1",
+    b"\r\n",
+    b"Host: 127.0.0.1",
+    b"Authorization: Bearer " + TOKEN.encode(),
+    b"Origin: https://evil.example",
+    b":",
+    b"\xff",
+]
+"""Pieces of request heads, to build plausible and broken ones."""
+
+
+class FakeBackend:
+    """Just enough of a backend for the routes: an idle mock's health and statistics."""
+
+    name = "mock"
+
+    def health(self) -> Any:
+        from dspex_trio._health import HealthSnapshot
+
+        return HealthSnapshot("mock", (), 0, 0, dspex_trio.CircuitState.CLOSED, "", "in-process", 0)
+
+    def statistics(self) -> Any:
+        return None
+
+
 METRICS_TOKEN = "scraper-token"
 
 
@@ -259,3 +294,14 @@ async def test_a_mock_backend_is_scraped_too_and_websocket_executions_count_by_o
         assert families["dspex_info"].samples[0].labels["backend"] == "mock"
         assert (await get(server.port, "/readyz"))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.binary(max_size=300) | st.lists(st.sampled_from(HEAD_PIECES), max_size=8).map(b"".join))
+def test_any_request_head_is_answered_or_passed_on_never_raises(head: bytes) -> None:
+    """Peer bytes: parsed or refused (None), and the routes answer them (bytes) or pass them on (None)."""
+    request = parse_request_head_untrusted(head)
+    assert request is None or request.path.startswith("/")
+    routes = HttpRoutes.build(FakeBackend(), token=TOKEN)
+    answer = routes.answer("127.0.0.1", head)
+    assert answer is None or answer.startswith(b"HTTP/1.1 ")

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -166,3 +168,25 @@ async def test_a_streamed_execution_is_one_trace_too(exporter: InMemorySpanExpor
     assert parents["dspy.module ChainOfThought"] == "dspex.worker execute"
     assert parents["dspy.module Predict"] == "dspy.module ChainOfThought"
     assert parents["dspy.lm request"] == "dspy.module Predict"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spans=json_values, trace=st.text(max_size=60))
+def test_whatever_a_worker_returns_as_spans_never_breaks_the_host(
+    exporter: InMemorySpanExporter, spans: Any, trace: str
+) -> None:
+    from bridge_child._tracing import parse_traceparent_untrusted
+
+    parsed = parse_traceparent_untrusted(trace)
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    assert parsed is None or (len(parsed[0]), len(parsed[1])) == (32, 16)
+    assert 0 <= ingest_worker_spans(spans, traceparent) <= 256
