@@ -78,6 +78,8 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_metrics.py": frozenset(
         {"test_importing_the_runtime_does_not_import_prometheus_client"}
     ),
+    "tests/dspex_trio/test_http_routes.py": frozenset(),
+    "tests/dspex_trio/test_log_context.py": frozenset(),  # its real-process test is marked
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}
