@@ -220,5 +220,9 @@ def test_importing_the_runtime_does_not_import_prometheus_client() -> None:
     import subprocess
     import sys
 
-    code = "import sys, dspex_trio; assert 'prometheus_client' not in sys.modules, 'imported'"
+    code = (
+        "import sys, dspex_trio, bridge_child.wire\n"
+        "for name in ('prometheus_client', 'opentelemetry'):\n"
+        "    assert name not in sys.modules, name + ' imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
