@@ -130,8 +130,9 @@ class RuntimeCollector:
     """A prometheus-client collector of a backend (a pool, best) and optionally its websocket server.
 
     Register it in a ``CollectorRegistry`` (``registry.register(collector)``); each scrape calls
-    :meth:`collect`. Worker starts and exits are counted from the moment it is built (a pool's transition
-    hook); every other counter is the runtime's own, since the pool opened.
+    :meth:`collect`. Worker exits are counted from the moment it is built, and starts from the workers
+    live then (a pool's transition hook); every other counter is the runtime's own, since the pool
+    opened.
     """
 
     def __init__(self, backend: Backend, *, server: WebsocketServer | None = None) -> None:
