@@ -23,6 +23,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/bridge_child/test_wire.py": frozenset({"test_importing_wire_imports_neither_trio_nor_dspy"}),
     "tests/bridge_child/testnetaddr.py": frozenset(),
     "tests/bridge_child/test_lmrules.py": frozenset(),
+    "tests/bridge_child/test_tcp_auth.py": frozenset(),
     "tests/dspex_trio/test_egress.py": frozenset(),
     "tests/bridge_child/test_programs.py": frozenset(
         {
