@@ -45,14 +45,19 @@ class WorkerHealth:
 
 
 def worker_state_data(worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> dict[str, Any]:
-    """The data of a ``worker_state`` health event (the same for every backend)."""
-    return {
+    """The data of a ``worker_state`` health event (the same for every backend); with ``node`` for a
+    worker that runs on another node (a Ray cluster: ``_ray_launcher``)."""
+    data = {
         "worker_id": worker.worker_id,
         "pid": worker.pid,
         "from": str(old),
         "to": str(new),
         "reason": reason,
     }
+    node = getattr(worker.process, "node", "")
+    if node:
+        data["node"] = node
+    return data
 
 
 @attrs.frozen

@@ -6,9 +6,11 @@ Real processes mean real time: waits are ``wait_until`` polls or ``trio.fail_aft
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 from collections import Counter
 
 import pytest
@@ -89,7 +91,10 @@ async def test_a_tcp_worker_killed_mid_call_fails_typed_or_is_redispatched() -> 
     with trio.fail_after(60):
         async with open_worker_listener() as listener:
             launcher = TcpLauncher(listener)
-            async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+            async with (
+                dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool,
+                pool.subscribe_health() as health,
+            ):
                 async with trio.open_nursery() as nursery:
                     for n, idem in enumerate((True, True, False, False), 1):
                         nursery.start_soon(call, idem)
@@ -108,6 +113,13 @@ async def test_a_tcp_worker_killed_mid_call_fails_typed_or_is_redispatched() -> 
                 assert stats.retried >= 1
                 assert victim.pid not in {w.pid for w in pool.statistics().workers}
                 assert await pool.call("echo", {"value": "after"}) == "after"
+                events = []
+                with contextlib.suppress(trio.WouldBlock):
+                    while True:
+                        events.append(health.receive_nowait())
+                failed = [e for e in events if e.kind == "worker_state" and e.data["to"] == "failed"]
+                assert [e.data["pid"] for e in failed] == [victim.pid], events
+                assert failed[0].data["node"] == socket.gethostname() == victim.node  # where it ran
 
 
 async def test_a_wrong_secret_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
