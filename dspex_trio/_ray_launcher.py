@@ -3,7 +3,7 @@
 Each worker is held by a :class:`WorkerHost` actor that Ray places with the worker's resources
 (``num_cpus``, ``num_gpus``, custom ``resources``, a node ``label_selector``; spread across nodes by
 default): Ray's placement, GPU assignment and autoscaler see every worker's demand. The actor starts the
-worker on its node as ``python -m bridge_child._tcp``, which dials back to the host's
+worker on its node as ``python -m bridge_child.tcp``, which dials back to the host's
 :class:`~dspex_trio._tcp_worker.WorkerListener` on the address the operator chose, authenticates with
 the pool's secret and speaks the same framed protocol as a local worker. So the pool's acks,
 re-dispatch, supervision, restart budget and circuit behave as locally.
@@ -82,7 +82,7 @@ class WorkerHost:
         for name in ("CUDA_VISIBLE_DEVICES",):  # the GPUs Ray gave this actor are the worker's
             if name in os.environ:
                 env[name] = os.environ[name]
-        command = [sys.executable, "-m", "bridge_child._tcp", "--connect", connect_to, "--token", token]
+        command = [sys.executable, "-m", "bridge_child.tcp", "--connect", connect_to, "--token", token]
         process = subprocess.Popen(
             [*command, "--node", node, *argv],
             stdin=subprocess.PIPE,

@@ -1,9 +1,9 @@
 """Workers over TCP: the host's worker listener, the ``WorkerProcess`` of a connected worker, and a
-launcher that starts local workers which dial back (``python -m bridge_child._tcp``).
+launcher that starts local workers which dial back (``python -m bridge_child.tcp``).
 
 A worker that does not run beside its host (a Ray node: ``_ray_launcher``) connects to the host's
 :class:`WorkerListener` on the address the operator chose, proves it knows the pool's secret
-(challenge-response, HMAC-SHA256, compared in constant time: ``bridge_child._tcp``) and then speaks the
+(challenge-response, HMAC-SHA256, compared in constant time: ``bridge_child.tcp``) and then speaks the
 same framed protocol as a stdio worker over the socket. The listener hands each authenticated
 connection to the launch that expects its token (a launch expects one token, once); a connection with a
 wrong secret, an unknown token, or that says nothing within ``HANDSHAKE_TIMEOUT_S`` is closed and
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import attrs
 import trio
 
-from bridge_child import _tcp
+from bridge_child import tcp
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import (
     Launcher,
@@ -139,7 +139,7 @@ class WorkerListener:
 
     @property
     def connect_to(self) -> str:
-        """``HOST:PORT`` for ``bridge_child._tcp --connect``."""
+        """``HOST:PORT`` for ``bridge_child.tcp --connect``."""
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -195,7 +195,7 @@ class WorkerListener:
                 self._refuse(stream, f"unknown or already connected token {claims['token']!r}")
                 return
             try:
-                await stream.send_all(_tcp.ACCEPT)
+                await stream.send_all(tcp.ACCEPT)
                 expected.send.send_nowait((stream, claims))
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock) as exc:
                 self._refuse(stream, f"gone during the handshake: {exc!r}")
@@ -207,12 +207,12 @@ class WorkerListener:
                 await trio.aclose_forcefully(stream)
 
     async def _authenticate(self, stream: trio.SocketStream) -> dict[str, Any] | None:
-        nonce = secrets.token_bytes(_tcp.NONCE_BYTES)
+        nonce = secrets.token_bytes(tcp.NONCE_BYTES)
         try:
-            await stream.send_all(_tcp.challenge(nonce))
-            length = _tcp.parse_auth_header(await _receive_exactly(stream, _tcp.AUTH_HEADER.size))
-            return _tcp.verify_auth(self.secret, nonce, await _receive_exactly(stream, length))
-        except _tcp.AuthError as exc:
+            await stream.send_all(tcp.challenge(nonce))
+            length = tcp.parse_auth_header(await _receive_exactly(stream, tcp.AUTH_HEADER.size))
+            return tcp.verify_auth(self.secret, nonce, await _receive_exactly(stream, length))
+        except tcp.AuthError as exc:
             self._refuse(stream, str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as exc:
             self._refuse(stream, f"connection lost during the handshake ({exc!r})")
@@ -284,8 +284,8 @@ async def open_worker_listener(
     closes the listener; the connections already handed to launches are their workers'."""
     if secret is None:
         secret = new_secret()
-    if len(secret) < _tcp.MIN_SECRET_BYTES:
-        raise ValueError(f"a pool secret is at least {_tcp.MIN_SECRET_BYTES} bytes")
+    if len(secret) < tcp.MIN_SECRET_BYTES:
+        raise ValueError(f"a pool secret is at least {tcp.MIN_SECRET_BYTES} bytes")
     if not math.isfinite(handshake_timeout) or handshake_timeout <= 0:
         raise ValueError("handshake_timeout must be a positive number of seconds")
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -301,7 +301,7 @@ async def open_worker_listener(
 
 @attrs.define(eq=False)
 class TcpLauncher:
-    """Start each worker on this machine as ``<python> -m bridge_child._tcp``, which dials back to
+    """Start each worker on this machine as ``<python> -m bridge_child.tcp``, which dials back to
     ``listener``: the TCP path of the Ray launcher without Ray (tests, benchmarks, a host whose workers
     must be reached through a socket). Its stderr is relayed like a stdio worker's."""
 
@@ -316,7 +316,7 @@ class TcpLauncher:
         return [
             self.python,
             "-m",
-            "bridge_child._tcp",
+            "bridge_child.tcp",
             "--connect",
             self.listener.connect_to,
             "--token",

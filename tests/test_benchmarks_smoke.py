@@ -49,3 +49,29 @@ def test_entry_point_runs_one_tiny_scenario(tmp_path: Path, monkeypatch: pytest.
     assert result["run"]["code_under_test"].get("sha256_12")
     assert {t["id"] for t in result["targets"]} >= {"1", "2a", "4", "5"}
     assert os.path.exists(tmp_path / "results" / "noop.png")
+
+
+def test_family_13_ray_pool_runs_tiny(tmp_path: Path) -> None:
+    """Family 13 (``benchmarks.ray_pool``, its own entry point): one tiny round in its namespace."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed: pip install -e '.[ray]'")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (Ray runs in a loopback-only network namespace)")
+    out = tmp_path / "ray.json"
+    argv = ["--rounds", "1", "--calls", "640", "--warmup", "64", "--starts", "1", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ray_pool", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary["13a_throughput_calls_per_s"]) == {"zygote", "ray", "tcp"}
+    assert summary["13a_ratio_ray_vs_zygote"] > 0 and summary["13b_ratio_ray_vs_zygote"] > 0

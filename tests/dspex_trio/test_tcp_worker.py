@@ -1,4 +1,4 @@
-"""Workers over TCP (``_tcp_worker``, ``bridge_child._tcp``) with real processes on loopback: calls, a
+"""Workers over TCP (``_tcp_worker``, ``bridge_child.tcp``) with real processes on loopback: calls, a
 worker killed mid-call, a wrong secret, an unknown token, a peer that says nothing.
 
 Real processes mean real time: waits are ``wait_until`` polls or ``trio.fail_after`` bounds.
@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import dspex_trio
-from bridge_child import _tcp
+from bridge_child import tcp
 from dspex_trio._errors import WorkerCrashed
 from dspex_trio._states import WorkerState
 from dspex_trio._tcp_worker import TcpLauncher, TcpWorker, WorkerListener, new_secret, open_worker_listener
@@ -30,12 +30,12 @@ async def _raw_handshake(listener: WorkerListener, secret: bytes, token: str) ->
     stream = await trio.open_tcp_stream(*listener.address)
     async with stream:
         data = b""
-        while len(data) < _tcp.CHALLENGE_BYTES:
-            chunk = await stream.receive_some(_tcp.CHALLENGE_BYTES - len(data))
+        while len(data) < tcp.CHALLENGE_BYTES:
+            chunk = await stream.receive_some(tcp.CHALLENGE_BYTES - len(data))
             assert chunk
             data += chunk
-        nonce = _tcp.parse_challenge(data)
-        await stream.send_all(_tcp.auth_message(secret, nonce, {"token": token, "pid": 1, "node": "n"}))
+        nonce = tcp.parse_challenge(data)
+        await stream.send_all(tcp.auth_message(secret, nonce, {"token": token, "pid": 1, "node": "n"}))
         try:
             return await stream.receive_some(1)
         except trio.BrokenResourceError:
@@ -131,7 +131,7 @@ async def test_a_wrong_secret_is_refused_and_logged(caplog: pytest.LogCaptureFix
             assert listener.refused == 1
             assert "wrong secret" in caplog.text
             # the launch expecting that token is still waiting: the right secret still gets in
-            assert await _raw_handshake(listener, listener.secret, "tok") == _tcp.ACCEPT
+            assert await _raw_handshake(listener, listener.secret, "tok") == tcp.ACCEPT
             stream, claims = receive.receive_nowait()
             assert claims == {"token": "tok", "pid": 1, "node": "n"}
             await stream.aclose()
@@ -143,7 +143,7 @@ async def test_an_unknown_token_and_a_second_connection_are_refused(caplog: pyte
         async with open_worker_listener() as listener:
             assert await _raw_handshake(listener, listener.secret, "nobody") == b""
             receive = listener.expect("once")
-            assert await _raw_handshake(listener, listener.secret, "once") == _tcp.ACCEPT
+            assert await _raw_handshake(listener, listener.secret, "once") == tcp.ACCEPT
             assert await _raw_handshake(listener, listener.secret, "once") == b""  # a token is used once
             assert listener.refused == 2
             assert caplog.text.count("unknown or already connected token") == 2
@@ -162,7 +162,7 @@ async def test_a_silent_peer_is_closed_after_the_handshake_timeout() -> None:
                     if not chunk:
                         break
                     received += chunk
-                assert received.startswith(_tcp.MAGIC)
+                assert received.startswith(tcp.MAGIC)
                 assert 0.4 <= trio.current_time() - start < 5
             assert listener.refused == 1
 

@@ -1,4 +1,4 @@
-"""``python -m bridge_child._tcp``: a worker that serves the framed protocol over a TCP connection.
+"""``python -m bridge_child.tcp``: a worker that serves the framed protocol over a TCP connection.
 
 Used where the worker does not run beside its host (a Ray node, ``dspex_trio._ray_launcher``) and by
 the host's TCP launcher (``dspex_trio._tcp_worker``). The process is started with a pipe on its stdin:
@@ -203,7 +203,7 @@ def main(argv: list[str]) -> int:
 
     from bridge_child import _server
 
-    parser = argparse.ArgumentParser(prog="python -m bridge_child._tcp", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m bridge_child.tcp", add_help=False)
     parser.add_argument("--connect", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--node", default="")
