@@ -67,6 +67,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
         {"test_cli_main_serves_until_sigterm", "test_cli_warns_on_stderr_when_bound_to_all_interfaces"}
     ),
     "tests/dspex_trio/test_cli_messages.py": frozenset(),
+    "tests/dspex_trio/test_cli_ray.py": frozenset(),
     "tests/dspex_trio/test_handshake.py": frozenset(),
     "tests/dspex_trio/test_jsonrpc.py": frozenset(),
     "tests/dspex_trio/test_ws_api.py": frozenset(),
