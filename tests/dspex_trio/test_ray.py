@@ -41,7 +41,8 @@ NETNS_RUN_TIMEOUT_S = 420
 """The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
 NODES = 3
 NODE_CPUS = 2
-CLUSTER_TESTS = 4
+CLUSTER_TESTS = 5
+SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
 
@@ -201,6 +202,45 @@ def _ppid(pid: int) -> int | None:
         return int(data[data.rindex(b")") + 2 :].split()[1])
     except (OSError, ValueError):
         return None
+
+
+def _status_over_websocket(url: str) -> dict[str, Any]:
+    from websockets.sync.client import connect
+
+    with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "runtime/status"}))
+        result: dict[str, Any] = json.loads(ws.recv(timeout=10))["result"]
+        return result
+
+
+@inside
+async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> None:
+    process = await trio.lowlevel.open_process(
+        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(120):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, f"serve exited early: {process.returncode}"
+                output += chunk
+        url = output.decode().splitlines()[0].split()[2]
+        status = await trio.to_thread.run_sync(_status_over_websocket, url)
+        assert status["health"]["launcher"] == "ray", status
+        pids = [w["pid"] for w in status["health"]["workers"]]
+        assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+        await wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5, "a worker outlived serve")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 @inside
