@@ -52,6 +52,8 @@ CONNECT_TIMEOUT_S: Final = 30.0
 connects; a Ray node may first have to start its agent)."""
 MAX_HANDSHAKES: Final = 64
 """Connections in their handshake at once; more are closed at once (no one can hold the listener)."""
+ACCEPT_RETRY_S: Final = 0.1
+"""After a failed ``accept`` (out of file descriptors): the pause before the next one."""
 SECRET_BYTES: Final = 32
 """Length of a generated pool secret."""
 STDERR_TAIL_BYTES: Final = 4096
@@ -164,7 +166,12 @@ class WorkerListener:
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # out of fds or buffers: wait, as trio.serve_listeners does
+                    logger.error("worker listener: accept failed (%s); retrying in %s s", exc, ACCEPT_RETRY_S)
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
                 if self._handshakes >= MAX_HANDSHAKES:
                     self._refuse(stream, f"more than {MAX_HANDSHAKES} handshakes at once")
                     await trio.aclose_forcefully(stream)
