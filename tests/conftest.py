@@ -69,6 +69,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_cli_messages.py": frozenset(),
     "tests/dspex_trio/test_cli_ray.py": frozenset(),
     "tests/dspex_trio/test_ray_control.py": frozenset(),
+    "tests/dspex_trio/test_resize.py": frozenset(),
     "tests/dspex_trio/test_handshake.py": frozenset(),
     "tests/dspex_trio/test_jsonrpc.py": frozenset(),
     "tests/dspex_trio/test_ws_api.py": frozenset(),
