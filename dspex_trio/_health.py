@@ -29,6 +29,8 @@ class WorkerHealth:
     restarts: int
     """Restarts of its slot so far."""
     retiring: bool
+    node: str = ""
+    """Where it runs when not on this machine (the Ray node id of a worker on a cluster), else ""."""
 
     @classmethod
     def of(cls, worker: Worker, *, restarts: int, retiring: bool = False) -> WorkerHealth:
@@ -41,6 +43,7 @@ class WorkerHealth:
             last_heartbeat_age=max(0.0, trio.current_time() - worker.last_seen),
             restarts=restarts,
             retiring=retiring,
+            node=getattr(worker.process, "node", ""),
         )
 
 
@@ -92,6 +95,7 @@ class HealthSnapshot:
                     "last_heartbeat_age": round(w.last_heartbeat_age, 3),
                     "restarts": w.restarts,
                     "retiring": w.retiring,
+                    **({"node": w.node} if w.node else {}),
                 }
                 for w in self.workers
             ],

@@ -120,6 +120,9 @@ async def test_a_tcp_worker_killed_mid_call_fails_typed_or_is_redispatched() -> 
                 failed = [e for e in events if e.kind == "worker_state" and e.data["to"] == "failed"]
                 assert [e.data["pid"] for e in failed] == [victim.pid], events
                 assert failed[0].data["node"] == socket.gethostname() == victim.node  # where it ran
+                health = pool.health()
+                assert {w.node for w in health.workers} == {socket.gethostname()}
+                assert all(w["node"] == socket.gethostname() for w in health.to_json()["workers"])
 
 
 async def test_a_wrong_secret_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
