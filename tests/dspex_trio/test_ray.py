@@ -122,6 +122,19 @@ async def test_calls_and_dspy_executions_spread_over_all_nodes(cluster: Any) -> 
                     nursery.start_soon(pool.call, "echo", {"value": i})
             served = [w.calls_served for w in workers(pool)]
             assert sum(served) >= 60 and all(n > 0 for n in served), served
+            # resized down and up again (Ray's SPREAD is round robin: the new workers may share a
+            # node with the one left, not with each other)
+            await pool.resize(1)
+            await wait_until(lambda: len(workers(pool)) == 1, 30)
+            await wait_until(lambda: sum(pid_alive(pid) for pid in pids) == 1, 10)
+            await pool.resize(NODES)
+            again = workers(pool)
+            assert len(again) == NODES and all(w.state is WorkerState.READY for w in again), again
+            assert len({w.node for w in again}) >= 2 and {w.node for w in again} <= alive_nodes(), again
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(pool.call, "echo", {"value": i})
+            pids |= {w.pid for w in again}
         await wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10)
 
 
