@@ -41,7 +41,7 @@ NETNS_RUN_TIMEOUT_S = 420
 """The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
 NODES = 3
 NODE_CPUS = 2
-CLUSTER_TESTS = 5
+CLUSTER_TESTS = 6
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -257,6 +257,27 @@ async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> No
 
 
 @inside
+async def test_a_worker_no_node_can_host_fails_to_start_within_its_bound(cluster: Any) -> None:
+    import ray
+
+    with trio.fail_after(60):
+        async with dspex_trio.RayLauncher(
+            address=cluster.address, resources={"no_such_resource": 1}, start_timeout=2
+        ) as launcher:
+            async with dspex_trio.open_pool(workers=1, launcher=launcher, restart_intensity=0) as pool:
+                assert pool.statistics().circuit is dspex_trio.CircuitState.OPEN
+                assert "could not start on Ray" in pool.statistics().circuit_reason
+                with pytest.raises(dspex_trio.PoolUnavailable):
+                    await pool.call("echo", {"value": 1})
+            job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+
+            def pending() -> list[Any]:
+                return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
+
+            await wait_until(lambda: not pending(), 10, lambda: f"left: {pending()}")
+
+
+@inside
 async def test_a_node_removed_under_load(cluster: Any) -> None:
     """Last: it removes a node. No call hangs, none is misdelivered, idempotent calls all succeed, the
     lost workers are replaced on the surviving nodes and nothing of them is left."""
@@ -273,6 +294,13 @@ async def test_a_node_removed_under_load(cluster: Any) -> None:
             echoed = await pool.call("echo", {"value": value}, idempotent=True)
             if echoed != value:
                 wrong.append((value, echoed))
+            try:  # not idempotent: its own result, or a typed failure if its worker was lost
+                once = await pool.call("sleep", {"seconds": 0.02})
+            except dspex_trio.WorkerCrashed:
+                results["crashed"] += 1
+            else:
+                if once != 0.02:
+                    wrong.append(once)
             results["ok"] += 1
             n += 1
 
