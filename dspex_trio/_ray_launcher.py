@@ -360,13 +360,6 @@ class RayLauncher:
         return TcpWorker(stream, RayControl(actor, pid, exit_ref), node=str(claims["node"]))
 
 
-@asynccontextmanager
-async def open_ray_launcher(**fields: Any) -> AsyncIterator[RayLauncher]:
-    """``async with RayLauncher(**fields)``: the same, as a function."""
-    async with RayLauncher(**fields) as launcher:
-        yield launcher
-
-
 if TYPE_CHECKING:
 
     def _implements(launcher: RayLauncher) -> Launcher:
