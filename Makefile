@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench]' -c constraints/lower-bounds.txt  # CI tests the lower bounds
+	$(BIN)/python -m pip install -q -e '.[test,bench,ray]' -c constraints/lower-bounds.txt  # CI tests the lower bounds
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

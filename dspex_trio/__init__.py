@@ -46,6 +46,7 @@ from dspex_trio._options import PoolOptions as PoolOptions
 from dspex_trio._options import WorkerOptions as WorkerOptions
 from dspex_trio._pool import Pool as Pool
 from dspex_trio._pool import open_pool as open_pool
+from dspex_trio._ray_launcher import RayLauncher as RayLauncher
 from dspex_trio._retry import RetryPolicy as RetryPolicy
 from dspex_trio._states import WorkerState as WorkerState
 from dspex_trio._statistics import BackendStatistics as BackendStatistics

@@ -35,6 +35,7 @@ import trio
 import dspex_trio
 from dspex_trio._cli_client import client_token, status
 from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from, serve_tracing
+from dspex_trio._cli_ray import open_pool_launcher
 from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
 from dspex_trio._cli_settings import (
     DRAIN_GRACE_S,
@@ -166,6 +167,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODULE",
         help="a program module to serve (repeatable; an importable module exposing PROGRAMS, TOOLS, METRICS)",
+    )
+    serve.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers on this Ray cluster: auto, HOST:PORT or ray://HOST:PORT (extra dspex-trio[ray])",
+    )
+    serve.add_argument(
+        "--ray-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the Ray nodes reach this server's workers listener (default 127.0.0.1:0)",
     )
     serve.add_argument(
         "--lm-api-key-file",
@@ -380,12 +393,15 @@ async def _serve(
                             return
 
                 everything.start_soon(on_signals)
-                async with dspex_trio.open_pool(
-                    workers=settings.workers,
-                    diagnostics=settings.diagnostics,
-                    worker_env=settings.worker_env,
-                    programs=settings.programs,
-                ) as pool:
+                async with (
+                    open_pool_launcher(settings) as where,
+                    dspex_trio.open_pool(
+                        workers=settings.workers,
+                        diagnostics=settings.diagnostics,
+                        programs=settings.programs,
+                        **where,
+                    ) as pool,
+                ):
                     await _configure_default_lm(pool, settings, keys.lm_key)
                     async with trio.open_nursery() as nursery:
                         server = await nursery.start(

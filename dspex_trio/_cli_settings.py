@@ -79,6 +79,10 @@ class ServeSettings:
     certfile: str | None = None
     """PEM file of the server's certificate chain (and its key, unless ``keyfile``): serve ``wss://``."""
     keyfile: str | None = None
+    ray: str | None = None
+    """Run the workers on this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"): docs/scale-out.md."""
+    ray_listen: str | None = None
+    """``HOST:PORT`` the Ray nodes reach this server's worker listener on (default 127.0.0.1:0)."""
 
 
 attrs.resolve_types(ServeSettings)

@@ -29,6 +29,8 @@ class WorkerHealth:
     restarts: int
     """Restarts of its slot so far."""
     retiring: bool
+    node: str = ""
+    """Where it runs when not on this machine (the Ray node id of a worker on a cluster), else ""."""
 
     @classmethod
     def of(cls, worker: Worker, *, restarts: int, retiring: bool = False) -> WorkerHealth:
@@ -41,18 +43,24 @@ class WorkerHealth:
             last_heartbeat_age=max(0.0, trio.current_time() - worker.last_seen),
             restarts=restarts,
             retiring=retiring,
+            node=getattr(worker.process, "node", ""),
         )
 
 
 def worker_state_data(worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> dict[str, Any]:
-    """The data of a ``worker_state`` health event (the same for every backend)."""
-    return {
+    """The data of a ``worker_state`` health event (the same for every backend); with ``node`` for a
+    worker that runs on another node (a Ray cluster: ``_ray_launcher``)."""
+    data = {
         "worker_id": worker.worker_id,
         "pid": worker.pid,
         "from": str(old),
         "to": str(new),
         "reason": reason,
     }
+    node = getattr(worker.process, "node", "")
+    if node:
+        data["node"] = node
+    return data
 
 
 @attrs.frozen
@@ -87,6 +95,7 @@ class HealthSnapshot:
                     "last_heartbeat_age": round(w.last_heartbeat_age, 3),
                     "restarts": w.restarts,
                     "retiring": w.retiring,
+                    **({"node": w.node} if w.node else {}),
                 }
                 for w in self.workers
             ],

@@ -136,6 +136,9 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         """Calls by method and outcome, duration histograms (read by the Prometheus collector)."""
         self._nursery: trio.Nursery | None = None
         self._slot_restarts = collections.Counter[int]()
+        self._slots: set[int] = set(range(options.workers))
+        """The slots the pool keeps filled (``resize`` adds and removes some)."""
+        self._next_slot = options.workers
         self.events = EventBus(backend="pool")
         """Health events: every worker state transition and circuit change."""
         self._transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
@@ -145,7 +148,48 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
     # -- public API -----------------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self.options.workers
+        """The workers the pool keeps (``options.workers``, until ``resize``)."""
+        return len(self._slots)
+
+    async def resize(self, workers: int) -> None:
+        """Keep ``workers`` workers (at least 1) from now on.
+
+        Growing starts the new slots and returns once each has started its worker (or spent its first
+        attempt: a slot that cannot start one retries under the restart budget, as any slot). Shrinking
+        retires the workers of the removed slots (the newest slots first) and returns at once: they take
+        no new calls, finish theirs (up to ``drain_grace``) and are torn down in the background.
+        With ``RayLauncher``, new workers are Ray's to place (its autoscaler may add a node for them).
+
+        Raises:
+            ValueError: ``workers`` is not an int of at least 1.
+            WorkerClosed: the pool is closing.
+        """
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, not {workers!r}")
+        if self._closing or self._nursery is None:
+            raise WorkerClosed("the pool is closing")
+        current = sorted(self._slots)
+        logger.info("pool resized from %d to %d workers", len(current), workers)
+        if workers < len(current):
+            for slot in current[workers:]:
+                self._slots.discard(slot)
+                for tenure in list(self._live.values()):
+                    if tenure.slot == slot:
+                        self._retire_for_resize(tenure)
+            self._wake_supervisors()
+            return
+        added = range(self._next_slot, self._next_slot + workers - len(current))
+        self._next_slot += len(added)
+        self._slots.update(added)
+        async with trio.open_nursery() as starting:
+            for slot in added:
+                starting.start_soon(self._nursery.start, self._supervise_slot, slot)
+
+    def _retire_for_resize(self, tenure: _Tenure) -> None:
+        if not tenure.retiring:
+            logger.info("worker %s retiring: its slot was removed by resize", tenure.worker.worker_id)
+            tenure.retiring = True
+            tenure.ended.set()
 
     @property
     def circuit(self) -> CircuitState:
@@ -269,7 +313,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         return HealthSnapshot(
             backend="pool",
             workers=workers,
-            size=self.options.workers,
+            size=self.size,
             restarts=self._counts["restarts"],
             circuit=self.breaker.state,
             circuit_reason=self.breaker.reason,
@@ -286,7 +330,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         checkouts = self._counts["checkouts"]
         return PoolStatistics(
             workers=workers,
-            size=self.options.workers,
+            size=self.size,
             ready=sum(1 for t in self._live.values() if not t.retiring and t.worker.accepting),
             in_flight=self._in_flight,
             queued=self.options.max_queue - self._queue_slots.value,
@@ -445,7 +489,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         breaker = self.breaker
         started = False
         previous: _Tenure | None = None  # the worker the next one replaces
-        while not self._closing:
+        while not self._closing and slot in self._slots:
             probing = False
             if not breaker.allows_calls:
                 if not breaker.try_probe():
@@ -474,6 +518,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
                 else:
                     breaker.record_failure(reason)
                 continue  # a first start retries within the budget; after it, the breaker decides
+            if slot not in self._slots:  # removed by resize while its worker started
+                self._retire_for_resize(tenure)
             if probing:
                 breaker.probe_succeeded()
                 if breaker.state is CircuitState.HALF_OPEN and self._waiting_slots == 0:
@@ -509,6 +555,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
                 breaker.record_failure(
                     f"worker {tenure.worker.worker_id} failed after {uptime:.3f} s without serving a call"
                 )
+        if not started:  # removed by resize (or the pool closed) before its first worker
+            task_status.started()
 
     def _set_circuit(self, old: CircuitState, new: CircuitState, reason: str) -> None:
         """The breaker changed state: log, publish a ``circuit`` event, wake whoever waits on it."""

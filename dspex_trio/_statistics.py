@@ -42,6 +42,8 @@ class WorkerStatistics:
     """Times its pool slot replaced a worker (0 for a standalone worker)."""
     launcher: str = ""
     """Which launcher started it."""
+    node: str = ""
+    """Where it runs when not on this machine (the Ray node id of a worker on a cluster), else ""."""
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -216,6 +216,7 @@ class Worker(metaclass=NoPublicConstructor):
             calls_failed=self._calls_failed,
             late_frames=self._conn.late_frames,
             launcher=self.launcher_name,
+            node=getattr(self.process, "node", ""),
         )
 
     async def call(

@@ -23,6 +23,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/bridge_child/test_wire.py": frozenset({"test_importing_wire_imports_neither_trio_nor_dspy"}),
     "tests/bridge_child/testnetaddr.py": frozenset(),
     "tests/bridge_child/test_lmrules.py": frozenset(),
+    "tests/bridge_child/test_tcp_auth.py": frozenset(),
     "tests/dspex_trio/test_egress.py": frozenset(),
     "tests/bridge_child/test_programs.py": frozenset(
         {
@@ -66,6 +67,9 @@ IN_PROCESS: dict[str, frozenset[str]] = {
         {"test_cli_main_serves_until_sigterm", "test_cli_warns_on_stderr_when_bound_to_all_interfaces"}
     ),
     "tests/dspex_trio/test_cli_messages.py": frozenset(),
+    "tests/dspex_trio/test_cli_ray.py": frozenset(),
+    "tests/dspex_trio/test_ray_control.py": frozenset(),
+    "tests/dspex_trio/test_resize.py": frozenset(),
     "tests/dspex_trio/test_handshake.py": frozenset(),
     "tests/dspex_trio/test_jsonrpc.py": frozenset(),
     "tests/dspex_trio/test_ws_api.py": frozenset(),

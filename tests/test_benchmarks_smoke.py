@@ -74,3 +74,29 @@ def test_family_11_metrics_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows[("11_noop_metrics", "metrics_on", "calls_per_s")] > 0
     assert rows[("11_noop_metrics", "metrics_off", "calls_per_s")] > 0
     assert rows[("11_noop_metrics", "metrics_on", "ratio_to_off")] > 0
+
+
+def test_family_13_ray_pool_runs_tiny(tmp_path: Path) -> None:
+    """Family 13 (``benchmarks.ray_pool``, its own entry point): one tiny round in its namespace."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed: pip install -e '.[ray]'")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (Ray runs in a loopback-only network namespace)")
+    out = tmp_path / "ray.json"
+    argv = ["--rounds", "1", "--calls", "640", "--warmup", "64", "--starts", "1", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ray_pool", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary["13a_throughput_calls_per_s"]) == {"zygote", "ray", "tcp"}
+    assert summary["13a_ratio_ray_vs_zygote"] > 0 and summary["13b_ratio_ray_vs_zygote"] > 0

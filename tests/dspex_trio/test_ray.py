@@ -1,0 +1,340 @@
+"""RayLauncher on a real Ray cluster of 3 nodes on this machine (``ray.cluster_utils.Cluster``).
+
+Ray binds the machine's external address unless it has none, and tests here may only talk to loopback:
+so the cluster tests run in a network namespace of their own with only loopback up. The one test run
+normally, ``test_the_ray_tests_in_a_loopback_only_network_namespace``, re-runs this file under
+``unshare -n sh -c 'ip link set lo up && ...'`` (root needed) with ``DSPEX_RAY_NETNS=1``, where the
+cluster tests run (and that test skips). Without Ray they skip, saying how to get it.
+
+Run them alone: ``.venv/bin/pytest tests/dspex_trio/test_ray.py -q`` (see docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import dspex_trio
+from dspex_trio._states import WorkerState
+from tests.helpers import pid_alive, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+IN_NETNS = os.environ.get("DSPEX_RAY_NETNS") == "1"
+NEEDS_RAY = "Ray is not installed: pip install -e '.[ray]' (the extra dspex-trio[ray])"
+NETNS_RUN_TIMEOUT_S = 420
+"""The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
+NODES = 3
+NODE_CPUS = 2
+CLUSTER_TESTS = 6
+SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
+"""The tests below, which must all pass inside the namespace."""
+
+
+def test_the_ray_tests_in_a_loopback_only_network_namespace() -> None:
+    if IN_NETNS:
+        pytest.skip("inside the namespace already: the tests below run")
+    if not HAVE_RAY:
+        pytest.skip(NEEDS_RAY)
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip to make a loopback-only network namespace")
+    env = {**os.environ, "DSPEX_RAY_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    command = 'ip link set lo up && exec "$0" -m pytest "$1" -q -p no:cacheprovider -x'
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", command, sys.executable, str(Path(__file__).relative_to(ROOT))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NETNS_RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-6000:], result.stderr[-3000:])
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) == CLUSTER_TESTS, result.stdout[-3000:]
+    assert "1 skipped" in summary, summary  # this test, inside: every cluster test ran
+    print(result.stdout[-3000:])
+
+
+inside = pytest.mark.skipif(not (IN_NETNS and HAVE_RAY), reason="runs in a loopback-only namespace (above)")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False},
+    )
+    for _ in range(NODES - 1):
+        c.add_node(num_cpus=NODE_CPUS)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, include_dashboard=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def workers(pool: dspex_trio.Pool) -> list[Any]:
+    return list(pool.statistics().workers)
+
+
+@inside
+async def test_calls_and_dspy_executions_spread_over_all_nodes(cluster: Any) -> None:
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,
+            dspex_trio.open_pool(workers=NODES, diagnostics=True, launcher=launcher) as pool,
+        ):
+            stats = workers(pool)
+            assert {w.node for w in stats} == alive_nodes(), stats  # spread: one on each node
+            assert all(w.launcher == "ray" for w in stats)
+            pids = {w.pid for w in stats}
+            assert all(pid_alive(pid) for pid in pids)
+            async with trio.open_nursery() as nursery:
+                for i in range(60):
+                    nursery.start_soon(pool.call, "echo", {"value": i})
+            served = [w.calls_served for w in workers(pool)]
+            assert sum(served) >= 60 and all(n > 0 for n in served), served
+            # resized down and up again (Ray's SPREAD is round robin: the new workers may share a
+            # node with the one left, not with each other)
+            await pool.resize(1)
+            await wait_until(lambda: len(workers(pool)) == 1, 30)
+            await wait_until(lambda: sum(pid_alive(pid) for pid in pids) == 1, 10)
+            await pool.resize(NODES)
+            again = workers(pool)
+            assert len(again) == NODES and all(w.state is WorkerState.READY for w in again), again
+            assert len({w.node for w in again}) >= 2 and {w.node for w in again} <= alive_nodes(), again
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(pool.call, "echo", {"value": i})
+            pids |= {w.pid for w in again}
+        await wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10)
+
+
+@inside
+async def test_the_pool_exit_leaves_no_actor_and_no_process(cluster: Any) -> None:
+    import ray
+
+    with trio.fail_after(120):
+        async with dspex_trio.RayLauncher(address=cluster.address) as launcher:
+            async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+                assert await pool.call("echo", {"value": 1}) == 1
+                pids = {w.pid for w in workers(pool)}
+                actor_pids = {p for pid in pids if (p := _ppid(pid)) is not None}
+                assert len(actor_pids) == 2 and all(pid_alive(pid) for pid in actor_pids)
+            # every actor process this driver started (the workers' parents) and every worker is gone
+            await wait_until(lambda: not any(pid_alive(pid) for pid in pids | actor_pids), 10)
+            # and the cluster's own view (the GCS): no actor of this job is alive
+            job = ray.get_runtime_context().get_job_id()
+
+            def alive_actors() -> list[Any]:
+                actors = ray._private.state.actors(job_id=ray.JobID.from_hex(job)).values()
+                return [a for a in actors if a["State"] != "DEAD"]
+
+            await wait_until(lambda: not alive_actors(), 10, lambda: f"alive: {alive_actors()}")
+            assert ray.is_initialized()
+
+
+@inside
+async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path: Path) -> None:
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, os, sys, trio, dspex_trio, ray
+
+            async def main():
+                async with dspex_trio.RayLauncher(address={cluster.address!r}) as launcher:
+                    async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+                        await pool.call("echo", {{"value": 1}})
+                        pids = [w.pid for w in pool.statistics().workers]
+                        print(json.dumps(pids), flush=True)
+                        await trio.sleep_forever()
+
+            trio.run(main)
+            """
+        )
+    )
+    host = await trio.lowlevel.open_process(
+        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert host.stdout is not None
+        line = b""
+        with trio.fail_after(120):
+            while not line.endswith(b"\n"):
+                chunk = await host.stdout.receive_some(4096)
+                assert chunk, "the host exited before starting its pool"
+                line += chunk
+        pids = json.loads(line)
+        assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+        actor_pids = {p for pid in pids if (p := _ppid(pid)) is not None}
+        assert actor_pids and all(pid_alive(pid) for pid in actor_pids)
+        host.send_signal(signal.SIGKILL)
+        await host.wait()
+        killed_at = time.monotonic()
+        await wait_until(lambda: not any(pid_alive(pid) for pid in (*pids, *actor_pids)), 5)
+        print(f"all gone {time.monotonic() - killed_at:.2f} s after the host's SIGKILL")
+    finally:
+        if host.returncode is None:
+            host.kill()
+            await host.wait()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def _status_over_websocket(url: str) -> dict[str, Any]:
+    from websockets.sync.client import connect
+
+    with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:  # type: ignore[list-item]
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "runtime/status"}))
+        result: dict[str, Any] = json.loads(ws.recv(timeout=10))["result"]
+        return result
+
+
+@inside
+async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> None:
+    process = await trio.lowlevel.open_process(
+        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(120):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, f"serve exited early: {process.returncode}"
+                output += chunk
+        url = output.decode().splitlines()[0].split()[2]
+        status = await trio.to_thread.run_sync(_status_over_websocket, url)
+        assert status["health"]["launcher"] == "ray", status
+        pids = [w["pid"] for w in status["health"]["workers"]]
+        assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+        await wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5, "a worker outlived serve")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@inside
+async def test_a_worker_no_node_can_host_fails_to_start_within_its_bound(cluster: Any) -> None:
+    import ray
+
+    with trio.fail_after(60):
+        async with dspex_trio.RayLauncher(
+            address=cluster.address, resources={"no_such_resource": 1}, start_timeout=2
+        ) as launcher:
+            async with dspex_trio.open_pool(workers=1, launcher=launcher, restart_intensity=0) as pool:
+                assert pool.statistics().circuit is dspex_trio.CircuitState.OPEN
+                assert "could not start on Ray" in pool.statistics().circuit_reason
+                with pytest.raises(dspex_trio.PoolUnavailable):
+                    await pool.call("echo", {"value": 1})
+            job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+
+            def pending() -> list[Any]:
+                return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
+
+            await wait_until(lambda: not pending(), 10, lambda: f"left: {pending()}")
+
+
+@inside
+async def test_a_node_removed_under_load(cluster: Any) -> None:
+    """Last: it removes a node. No call hangs, none is misdelivered, idempotent calls all succeed, the
+    lost workers are replaced on the surviving nodes and nothing of them is left."""
+    results: Counter[str] = Counter()
+    wrong: list[Any] = []
+
+    async def caller(i: int, stop: trio.Event) -> None:
+        n = 0
+        while not stop.is_set():
+            value = f"{i}-{n}"
+            got = await pool.call("sleep", {"seconds": 0.02}, idempotent=True)
+            if got != 0.02:
+                wrong.append(got)
+            echoed = await pool.call("echo", {"value": value}, idempotent=True)
+            if echoed != value:
+                wrong.append((value, echoed))
+            try:  # not idempotent: its own result, or a typed failure if its worker was lost
+                once = await pool.call("sleep", {"seconds": 0.02})
+            except dspex_trio.WorkerCrashed:
+                results["crashed"] += 1
+            else:
+                if once != 0.02:
+                    wrong.append(once)
+            results["ok"] += 1
+            n += 1
+
+    with trio.fail_after(180):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,
+            dspex_trio.open_pool(workers=NODES, diagnostics=True, launcher=launcher) as pool,
+        ):
+            before = workers(pool)
+            head_id = cluster.head_node.node_id
+            victim_node = next(n for n in cluster.worker_nodes)
+            victim_id = victim_node.node_id
+            lost = {w.pid for w in before if w.node == victim_id}
+            assert lost, before
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(caller, i, stop)
+                await wait_until(lambda: results["ok"] >= 20, 30)
+                await trio.to_thread.run_sync(cluster.remove_node, victim_node)
+                await wait_until(lambda: not any(pid_alive(pid) for pid in lost), 30)
+
+                def replaced() -> bool:
+                    now = workers(pool)
+                    return len(
+                        [w for w in now if w.state in (WorkerState.READY, WorkerState.BUSY)]
+                    ) == NODES and (not {w.pid for w in now} & lost)
+
+                await wait_until(replaced, 60, lambda: f"not replaced: {workers(pool)}")
+                mark = results["ok"]
+                await wait_until(lambda: results["ok"] >= mark + 20, 30)  # load on the replacements
+                stop.set()
+            after = workers(pool)
+            assert not wrong, wrong
+            assert {w.node for w in after} <= alive_nodes() and victim_id not in {w.node for w in after}
+            assert head_id in {w.node for w in after}
+            assert pool.statistics().restarts >= len(lost)
