@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench,ray]' -c constraints/lower-bounds.txt  # CI tests the lower bounds
+	$(BIN)/python -m pip install -q -e '.[test,bench]' -c constraints/lower-bounds.txt  # CI tests the lower bounds
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -49,3 +49,14 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "chromium and chromedriver missing (apt-get install chromium chromium-driver): the dashboard test skips"; fi
+
+# -- Ray (docs/scale-out.md): the Ray tests' extra, installed for `make test` only (it is large; `make run`
+# does not need it). Its tests run in a loopback-only network namespace (root and unshare) or skip saying why.
+RAY_STAMP := $(VENV)/.ray-$(shell cat pyproject.toml constraints/lower-bounds.txt | cksum | cut -d' ' -f1)
+.PHONY: ray-extra
+test: ray-extra
+ray-extra: $(RAY_STAMP)
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[ray]' -c constraints/lower-bounds.txt
+	rm -f $(VENV)/.ray-*
+	touch $(RAY_STAMP)
