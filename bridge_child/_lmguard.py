@@ -59,6 +59,7 @@ from dspy.clients import execution
 from dspy.clients.backend_selection import select_backend
 from dspy.clients.engines.lm15_engine import AsyncLM15Engine, LM15Engine
 
+from bridge_child import _leases, wire
 from bridge_child._lmrules import NO_CREDENTIAL
 from bridge_child.netaddr import address_class
 
@@ -82,6 +83,9 @@ MAX_RETRY_WAIT_S: Final = 60.0
 KEY_POLICIES: Final = frozenset({"key", "oauth-unless-explicit"})
 """lm15 credential policies under which an explicit key is the only credential used (the second
 reads a stored login only when no key is given, and a hermetic LM always gives one)."""
+HOST_PAUSED_ERRORS: Final = frozenset({"LMRateLimitError", "LMServerError"})
+"""DSPy's errors for a ``429`` and a ``5xx``: after one, the host pauses the LM for every worker (with
+the answer's ``Retry-After``, or its backoff), so a leasing worker retries without a wait of its own."""
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
 """Request headers that carry a provider credential (lm15's ``auth_header`` renderings)."""
 
@@ -109,6 +113,32 @@ class LMGuard:
     public_only: bool
     api_key: str | None = dataclasses.field(repr=False)
     api_base: str | None
+    lease_key: str | None = None
+    """The LM's budget key (``wire.lm_key``) when the worker leases before each request."""
+    leases: _leases.Leases | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The worker's leases (``--lease-lms``), or None."""
+
+    def lease(self, request: Any) -> _leases.Lease | None:
+        """Wait for the host's lease for ``request`` (None when this LM does not lease).
+
+        Raises:
+            LeaseAbandoned: the call was cancelled or reached its deadline while waiting.
+            LeaseRefused: the host said no.
+        """
+        if self.leases is None or self.lease_key is None:
+            return None
+        call = _CALL.get()
+        try:
+            lease = self.leases.acquire(
+                None if call is None else call.ctx, self.lease_key, _leases.estimate_tokens(request.body)
+            )
+        except (_leases.LeaseAbandoned, _leases.LeaseRefused) as exc:
+            if call is not None:
+                call.refusal = exc
+            raise
+        if call is not None:
+            call.leased = True
+        return lease
 
     def router_config(self, config: Any) -> Any:
         """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM)."""
@@ -189,11 +219,17 @@ class GuardedTransport(_Guarded, StdlibTransport):
 
     def stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
+        lease = self._guard.lease(request)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
         try:
-            return super().stream(request)
+            response = super().stream(request)
+        except BaseException:
+            if lease is not None:
+                lease.release()  # no answer (connect error, timeout)
+            raise
         finally:
             _CONNECTING.reset(token)
+        return response if lease is None else _leases.attach(lease, response)
 
 
 class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
@@ -324,9 +360,12 @@ class CallGuard:
     """What the guards know of the worker call a context runs (made by :func:`current_call`)."""
 
     ctx: CallContext
-    refusal: EgressRefused | CredentialRefused | None = None
+    refusal: EgressRefused | CredentialRefused | _leases.LeaseAbandoned | _leases.LeaseRefused | None = None
     """The last guard refusal during the call: the reason its LM failed. (DSPy reports it as an
     ``LMUnexpectedError``, and a streamed call drops the exception's cause.)"""
+    leased: bool = False
+    """One of its LM requests waited for a host lease: the host's pause after a ``429``/``5xx`` is
+    the wait before DSPy's retry (DSPy's own backoff is skipped)."""
 
 
 _CALL: contextvars.ContextVar[CallGuard | None] = contextvars.ContextVar("dspex_call", default=None)
@@ -371,6 +410,11 @@ def _bounded_delay(exc: BaseException, attempt: int) -> float:
         raise exc
     if ctx is None:
         return delay
+    if call is not None and call.leased and type(exc).__name__ in HOST_PAUSED_ERRORS:
+        if ctx.cancelled.is_set():
+            exc.add_note("dspex: not retried: the call was cancelled")
+            raise exc
+        return 0.0  # the retry's lease waits out the host's pause of this LM (every worker's)
     if ctx.cancelled.wait(delay):
         exc.add_note("dspex: not retried: the call was cancelled")
         raise exc
@@ -430,8 +474,9 @@ def _route(lm: Any) -> tuple[str, str, bool]:
     return provider, definition.access.credential_policy, bool(definition.hosted)
 
 
-def guarded_lm(dspy: Any, config: dict[str, Any]) -> Any:
-    """The ``dspy.LM`` of a configuration with ``hermetic`` and/or ``public_only`` set.
+def guarded_lm(dspy: Any, config: dict[str, Any], leases: _leases.Leases | None = None) -> Any:
+    """The ``dspy.LM`` of a configuration with ``hermetic`` and/or ``public_only`` set, or of any
+    network LM of a worker that leases (``leases``: it asks the host before each request).
 
     Raises:
         ValueError: a hermetic configuration whose provider's credential would be a stored login or
@@ -451,5 +496,14 @@ def guarded_lm(dspy: Any, config: dict[str, Any]) -> Any:
         )
     if public_only:
         _install_audit_hook()
-    lm._dspex_guard = LMGuard(provider, hermetic, public_only, config.get("api_key"), config.get("api_base"))
+    lease_key = None if leases is None else wire.lm_key(config["model"], config.get("api_base"))
+    lm._dspex_guard = LMGuard(
+        provider,
+        hermetic,
+        public_only,
+        config.get("api_key"),
+        config.get("api_base"),
+        lease_key=lease_key,
+        leases=leases,
+    )
     return lm

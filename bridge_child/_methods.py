@@ -42,6 +42,8 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         pending = sorted(worker.contexts.keys() - {ctx.id})
         abandoned = sorted(i for i in executing if i not in worker.contexts)
         counters = dict(worker.counters)
+        if worker.leases is not None:  # --lease-lms: leases taken, refused, abandoned; threads waiting
+            counters["leases"] = {**worker.leases.counters, "waiting": worker.leases.waiting}
     return {
         "pid": os.getpid(),
         "worker_id": worker.worker_id,

@@ -123,7 +123,7 @@ def lm_for(worker: Worker, config: dict[str, Any] | None) -> Any:
         lm = lms.get(key)
         if lm is not None:
             return lm
-    lm = _build_lm(config)
+    lm = _build_lm(config, getattr(worker, "leases", None))  # stand-in workers in tests have none
     with _lm_lock:
         lms = worker.state.setdefault("lms", {})
         if len(lms) >= MAX_CACHED_LMS:
@@ -131,7 +131,9 @@ def lm_for(worker: Worker, config: dict[str, Any] | None) -> Any:
         return lms.setdefault(key, lm)
 
 
-def _build_lm(config: dict[str, Any]) -> Any:
+def _build_lm(config: dict[str, Any], leases: Any = None) -> Any:
+    """A ``dspy.LM`` for ``config``; ``leases`` (the worker's, with ``--lease-lms``) makes every request
+    of a network LM wait for the host's lease (``bridge_child._lmguard``)."""
     dspy = _import_dspy()
     settings = {k: v for k, v in config.items() if k != "model"}
     if config["model"] == OFFLINE:
@@ -140,10 +142,10 @@ def _build_lm(config: dict[str, Any]) -> Any:
         client_settings = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
         return offline_lm(**client_settings)
     try:
-        if config.get("hermetic") or config.get("public_only"):
+        if config.get("hermetic") or config.get("public_only") or leases is not None:
             from bridge_child._lmguard import guarded_lm
 
-            return guarded_lm(dspy, config)
+            return guarded_lm(dspy, config, leases)
         return dspy.LM(config["model"], engine="lm15", cache=False, **settings)
     except Exception as exc:
         raise MethodError(

@@ -35,6 +35,7 @@ from typing import Any, Final, NoReturn
 from bridge_child import __version__, wire
 from bridge_child._context import CallContext, Method, MethodError
 from bridge_child._lane import MAX_RESULT_HOLD_S, CpuLane, Job
+from bridge_child._leases import Leases
 from bridge_child._methods import build_registry
 
 READ_CHUNK_BYTES: Final = 256 * 1024
@@ -107,6 +108,7 @@ class Worker:
         diagnostics: bool = False,
         worker_id: str = "",
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+        lease_lms: bool = False,
     ) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
@@ -149,6 +151,8 @@ class Worker:
         self.lane = CpuLane(self)
         self.state: dict[str, Any] = {}
         """Per-worker state owned by method modules (program cache, LM configuration)."""
+        self.leases: Leases | None = Leases(self.send_now) if lease_lms else None
+        """Asks the host before each LM request (``--lease-lms``: the pool has LM budgets)."""
 
     # -- output ---------------------------------------------------------------------------------------
     def _queue(self, message: wire.ChildMessage) -> None:
@@ -170,6 +174,11 @@ class Worker:
             _write_all(self.write_fd, data)
         except OSError:
             _parent_gone()
+
+    def send_now(self, message: wire.ChildMessage) -> None:
+        """Any thread: write one frame now (a lease's request or release)."""
+        with self.lock:
+            self._write(self.conn.send(message))
 
     def write_raw(self, data: bytes) -> None:
         """Diagnostics: write bytes onto the frame stream itself, bypassing the codec."""
@@ -290,6 +299,8 @@ class Worker:
         if ctx is None:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
+        if self.leases is not None:
+            self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
 
     def _on_shutdown(self, grace: float) -> None:
@@ -324,6 +335,8 @@ class Worker:
             self._on_cancel(message)
         elif isinstance(message, wire.Shutdown):
             self._on_shutdown(message.grace)
+        elif isinstance(message, wire.LeaseGrant) and self.leases is not None:
+            self.leases.on_grant(message)
 
     # -- the loops ------------------------------------------------------------------------------------
     def hello(self) -> wire.Hello:
@@ -360,7 +373,13 @@ class Worker:
                     _parent_gone()  # stdin reached EOF: exit promptly, also while busy
                 try:
                     self.conn.receive_data(data)
-                    while (message := self.conn.next_event()) is not wire.NEED_DATA:
+                    while True:
+                        # Under the send lock: threads send lease frames, and a lease's answer and its
+                        # release move the same entry of the connection's lease table.
+                        with self.lock:
+                            message = self.conn.next_event()
+                        if message is wire.NEED_DATA:
+                            break
                         self.dispatch(message)  # type: ignore[arg-type]
                 except wire.ProtocolError as exc:
                     print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
@@ -433,6 +452,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES)
     parser.add_argument("--preload", action="store_true", help="import dspy before the hello")
     parser.add_argument(
+        "--lease-lms", action="store_true", help="ask the host for a lease before each LM request"
+    )
+    parser.add_argument(
         "--programs", default="", help="program modules to import before the hello, comma-separated"
     )
     parser.add_argument(
@@ -484,6 +506,7 @@ def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
         diagnostics=args.diagnostics,
         worker_id=args.worker_id,
         max_frame_bytes=args.max_frame_bytes,
+        lease_lms=args.lease_lms,
     )
     return worker.serve()
 

@@ -113,6 +113,8 @@ class WorkerSpec:
     """Diagnostics: the worker exits with this code before its handshake (restart-storm tests)."""
     programs: tuple[str, ...] = ()
     """The operator's program modules, imported before the handshake (``bridge_child.registry``)."""
+    lease_lms: bool = False
+    """The worker asks the host for a lease before each LM request (the pool's LM budgets)."""
 
     def argv(self) -> list[str]:
         """The ``bridge_child`` command-line arguments for this spec."""
@@ -124,6 +126,8 @@ class WorkerSpec:
             args += ["--fail-at-start", str(self.fail_at_start)]
         if self.programs:
             args += ["--programs", ",".join(self.programs)]
+        if self.lease_lms:
+            args.append("--lease-lms")
         return args
 
 
