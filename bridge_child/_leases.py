@@ -143,18 +143,21 @@ def _remaining(ctx: CallContext | None) -> float | None:
 class Lease:
     """A granted lease; :meth:`release` it exactly once (further calls do nothing)."""
 
-    __slots__ = ("_leases", "_released", "id")
+    __slots__ = ("_leases", "_released", "id", "sent_at")
 
     def __init__(self, leases: Leases, lease: int) -> None:
         self._leases = leases
         self.id = lease
         self._released = False
+        self.sent_at: float | None = None
+        """``time.monotonic()`` when the request's last byte was written (None: not sent yet)."""
 
     def release(self, *, status: int = 0, retry_after: float | None = None, tokens: int = 0) -> None:
         if self._released:
             return
         self._released = True
-        self._leases._send(wire.LeaseRelease(self.id, status, retry_after, max(0, tokens)))
+        sent_ago = None if self.sent_at is None else max(0.0, time.monotonic() - self.sent_at)
+        self._leases._send(wire.LeaseRelease(self.id, status, retry_after, max(0, tokens), sent_ago))
 
 
 def estimate_tokens(body: bytes) -> int:

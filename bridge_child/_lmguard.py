@@ -51,6 +51,7 @@ import dataclasses
 import importlib
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -182,6 +183,8 @@ class LMGuard:
 # -- the transports ---------------------------------------------------------------------------------
 
 _CONNECTING: contextvars.ContextVar[LMGuard | None] = contextvars.ContextVar("dspex_connecting", default=None)
+_SENDING: contextvars.ContextVar[_leases.Lease | None] = contextvars.ContextVar("dspex_sending", default=None)
+"""The lease of the request this context is sending (its send time is recorded on it)."""
 """The guard of the request this context is opening a connection for (read by the audit hook)."""
 
 
@@ -221,6 +224,7 @@ class GuardedTransport(_Guarded, StdlibTransport):
         request = self._guard.outgoing(request)
         lease = self._guard.lease(request)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
+        sending = _SENDING.set(lease)
         try:
             response = super().stream(request)
         except BaseException:
@@ -228,8 +232,15 @@ class GuardedTransport(_Guarded, StdlibTransport):
                 lease.release()  # no answer (connect error, timeout)
             raise
         finally:
+            _SENDING.reset(sending)
             _CONNECTING.reset(token)
         return response if lease is None else _leases.attach(lease, response)
+
+    def _send_request(self, *args: Any, **kwargs: Any) -> None:
+        super()._send_request(*args, **kwargs)
+        lease = _SENDING.get()
+        if lease is not None:  # the host counts the request against the LM's rate from now
+            lease.sent_at = time.monotonic()
 
 
 class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):

@@ -265,6 +265,10 @@ class LeaseRelease(_Message, frozen=True, tag="release"):
     """The answer's ``Retry-After``, in seconds, when it had one."""
     tokens: int = 0
     """Tokens the request used, as the answer reported them (0: unknown)."""
+    sent_ago: float | None = None
+    """Seconds since the request was sent (its last byte written); None: it was never sent. The host
+    counts the request against the LM's rate from then, not from its grant: a worker may be slow to
+    send what it was granted."""
 
 
 def lm_key(model: str, api_base: str | None = None) -> str:

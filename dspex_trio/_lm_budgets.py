@@ -9,7 +9,11 @@ per worker or thread, and a ``429`` pauses that LM for every worker at once.
 
 The decisions are in :class:`_LMState` (times passed in, no I/O): a request may start when the LM is not
 paused, fewer than ``max_concurrent`` of its requests are in flight, and the requests (and tokens)
-started within the last ``window_s`` seconds, plus ``RATE_MARGIN_S``, leave room for it. Waiters queue in
+within the last ``window_s`` seconds, plus ``RATE_MARGIN_S``, leave room for it. For the request rate,
+a request counts from its grant while it is in flight, then from when it was sent (the worker says, in
+its release): so the provider never sees more than the budget in any window, however late a busy
+worker sends what it was granted (a request the provider saw at ``a`` counts until ``a + window``,
+and one that may not have reached it yet counts anyway). Waiters queue in
 arrival order (a ``trio.Lock`` is fair), so nobody starves. A pause after a failure without a
 ``Retry-After`` follows one :class:`~dspex_trio._retry.RetryPolicy` (exponential backoff with jitter),
 counted over consecutive failures of that LM.
@@ -21,6 +25,7 @@ when a failure pauses an LM) and counted in :meth:`LMBudgets.statistics`.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import math
 import random
@@ -147,8 +152,9 @@ class _LMState:
     key: str
     budget: LMBudget | None
     in_flight: int = 0
-    starts: collections.deque[float] = attrs.Factory(collections.deque)
-    """Start times of the requests within the rate window (bounded by ``requests_per_window``)."""
+    sent: list[float] = attrs.Factory(list)
+    """A heap of the times its finished requests were sent, while within the rate window (bounded by
+    ``requests_per_window``: requests in flight and these never exceed it)."""
     token_entries: collections.deque[list[float]] = attrs.Factory(collections.deque)
     """``[start time, tokens]`` of the requests within the rate window (only with a token rate)."""
     token_sum: float = 0.0
@@ -181,8 +187,8 @@ class _LMState:
         if self.budget is None:
             return
         horizon = now - self._span()
-        while self.starts and self.starts[0] <= horizon:
-            self.starts.popleft()
+        while self.sent and self.sent[0] <= horizon:
+            heapq.heappop(self.sent)
         while self.token_entries and self.token_entries[0][0] <= horizon:
             self.token_sum -= self.token_entries.popleft()[1]
 
@@ -200,8 +206,11 @@ class _LMState:
         if budget.max_concurrent is not None and self.in_flight >= budget.max_concurrent:
             return math.inf, "concurrency"
         per_window = budget.requests_per_window()
-        if per_window is not None and len(self.starts) >= per_window:
-            until = self.starts[len(self.starts) - per_window] + self._span() - now
+        if per_window is not None and self.in_flight + len(self.sent) >= per_window:
+            leaving = self.in_flight + len(self.sent) - per_window + 1  # must leave the window first
+            if leaving > len(self.sent):  # those in flight count until they end
+                return math.inf, "requests"
+            until = heapq.nsmallest(leaving, self.sent)[-1] + self._span() - now
             if until > wait:
                 wait, why = until, "requests"
         tokens_per_window = budget.tokens_per_window()
@@ -224,12 +233,9 @@ class _LMState:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.granted += 1
         entry = [now, float(tokens)]
-        if self.budget is not None:
-            if self.budget.requests_per_minute is not None:
-                self.starts.append(now)
-            if self.budget.tokens_per_minute is not None:
-                self.token_entries.append(entry)
-                self.token_sum += tokens
+        if self.budget is not None and self.budget.tokens_per_minute is not None:
+            self.token_entries.append(entry)
+            self.token_sum += tokens
         return _Grant(self, entry)
 
     def finish(
@@ -240,13 +246,17 @@ class _LMState:
         status: int,
         retry_after: float | None,
         tokens: int,
+        sent_ago: float | None,
         rng: RandomSource,
     ) -> float:
-        """Count the end of a request; returns the pause it starts (0: none)."""
+        """Count the end of a request (sent ``sent_ago`` seconds ago, None: never sent); returns the
+        pause it starts (0: none)."""
         self.in_flight = max(0, self.in_flight - 1)
+        budget = self.budget
+        if sent_ago is not None and budget is not None and budget.requests_per_minute is not None:
+            heapq.heappush(self.sent, now - min(max(0.0, sent_ago), self._span()))
         if tokens > 0:
             self.tokens_reported += tokens
-            budget = self.budget
             counted = budget is not None and budget.tokens_per_minute is not None
             if counted and grant.tokens[0] > now - self._span():  # still in the window: correct it
                 self.token_sum += tokens - grant.tokens[1]
@@ -371,15 +381,28 @@ class LMBudgets:
             state.waiting -= 1
 
     def release(
-        self, grant: _Grant, *, status: int = 0, retry_after: float | None = None, tokens: int = 0
+        self,
+        grant: _Grant,
+        *,
+        status: int = 0,
+        retry_after: float | None = None,
+        tokens: int = 0,
+        sent_ago: float | None = None,
     ) -> None:
         """The granted request ended: with the HTTP ``status`` of its answer (0: none), the answer's
-        ``Retry-After`` in seconds, and the tokens it reported. A ``429`` or ``5xx`` pauses the LM."""
+        ``Retry-After`` in seconds, the tokens it reported, and how long ago it was sent (None: never
+        sent). A ``429`` or ``5xx`` pauses the LM."""
         state = grant.state
         if state is None:
             return
         pause = state.finish(
-            grant, trio.current_time(), status=status, retry_after=retry_after, tokens=tokens, rng=self._rng
+            grant,
+            trio.current_time(),
+            status=status,
+            retry_after=retry_after,
+            tokens=tokens,
+            sent_ago=sent_ago,
+            rng=self._rng,
         )
         if pause > 0:
             logger.info("LM %s answered %s: paused for %.2f s (every worker)", state.key, status, pause)
@@ -484,5 +507,9 @@ class LeaseDesk:
         grant = self._granted.pop(message.lease, None)
         if grant is not None:
             self._budgets.release(
-                grant, status=message.status, retry_after=message.retry_after, tokens=max(0, message.tokens)
+                grant,
+                status=message.status,
+                retry_after=message.retry_after,
+                tokens=max(0, message.tokens),
+                sent_ago=message.sent_ago,
             )

@@ -49,7 +49,7 @@ async def start_all(budgets: LMBudgets, n: int, *, tokens: int = 0, hold: float 
         grant = await budgets.acquire(KEY, tokens)
         started.append(trio.current_time())
         await trio.sleep(hold)
-        budgets.release(grant, status=200)
+        budgets.release(grant, status=200, sent_ago=hold)
 
     async with trio.open_nursery() as nursery:
         for _ in range(n):
@@ -244,3 +244,30 @@ async def test_the_lease_desk(autojump_clock: trio.testing.MockClock) -> None:
     assert (stats.in_flight, stats.refused, stats.tokens) == (0, 1, 5)
     desk.request(wire.LeaseRequest(4, call=4, lm=KEY))
     assert answers.grants[-1] == wire.LeaseGrant(4, ok=False, reason="the pool is closing")
+
+
+async def test_a_request_counts_from_when_it_was_sent(autojump_clock: trio.testing.MockClock) -> None:
+    # A busy worker may send what it was granted late: the rate counts a request while it is in
+    # flight, then from when it was sent, so the provider never sees more than the budget per window.
+    budgets = LMBudgets([budget(requests_per_minute=120, window_s=1.0)])  # 2 per window
+    t0 = trio.current_time()
+    a = await budgets.acquire(KEY)
+    b = await budgets.acquire(KEY)
+    budgets.release(a, status=200, sent_ago=0.0)  # a reached the provider at t0
+    async with trio.open_nursery() as nursery:
+
+        async def late_sender() -> None:
+            await trio.sleep(1.5)
+            budgets.release(b, status=200, sent_ago=0.0)  # b reached it only at t0 + 1.5
+
+        nursery.start_soon(late_sender)
+        c = await budgets.acquire(KEY)  # once a leaves the window
+        assert math.isclose(trio.current_time() - t0, 1.0 + RATE_MARGIN_S)
+        d = await budgets.acquire(KEY)  # c (in flight) and b (sent at 1.5) fill the window until b leaves
+        assert math.isclose(trio.current_time() - t0, 1.5 + 1.0 + RATE_MARGIN_S)
+        budgets.release(c, status=200, sent_ago=0.0)
+        budgets.release(d, status=0)  # never sent: counts nothing more
+    never_sent = await budgets.acquire(KEY)
+    budgets.release(never_sent, status=0)
+    [stats] = budgets.statistics()
+    assert stats.granted == 5 and stats.in_flight == 0
