@@ -49,6 +49,7 @@ from dspex_trio._cli_settings import (
     server_ssl_context,
 )
 from dspex_trio._handshake import SUBPROTOCOL, is_loopback
+from dspex_trio._lm_budgets import parse_lm_budget
 
 __all__ = ["CliError", "ServeSettings", "SettingsError", "main", "resolve_secrets", "resolve_settings"]
 
@@ -157,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="pass this environment variable to the workers (repeatable; by default they get an allow-list)",
+    )
+    serve.add_argument(
+        "--lm-budget",
+        dest="lm_budgets",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a pool-wide LM budget: 'MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS]' "
+        "(repeatable; docs/lm.md)",
     )
     serve.add_argument(
         "--programs",
@@ -376,6 +386,7 @@ async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | N
                     diagnostics=settings.diagnostics,
                     worker_env=settings.worker_env,
                     programs=settings.programs,
+                    lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
                 ) as pool:
                     await _configure_default_lm(pool, settings, keys.lm_key)
                     async with trio.open_nursery() as nursery:

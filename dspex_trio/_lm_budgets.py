@@ -104,6 +104,53 @@ class LMBudget:
         return max(1, math.floor(self.tokens_per_minute * self.window_s / 60.0 + 1e-9))
 
 
+_SPEC_FIELDS: Final = {
+    "concurrent": ("max_concurrent", int),
+    "rpm": ("requests_per_minute", float),
+    "tpm": ("tokens_per_minute", int),
+    "window": ("window_s", float),
+}
+"""The limits of an LM budget's text form, and the :class:`LMBudget` fields they set."""
+
+
+def parse_lm_budget(text: str) -> LMBudget:
+    """An :class:`LMBudget` from its text form (``--lm-budget``, ``DSPEX_LM_BUDGETS``, the config file):
+    ``MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS]``, e.g.
+    ``"openai/gpt-4o-mini@https://api.openai.com/v1 concurrent=16 rpm=500 tpm=200000"``.
+
+    Raises:
+        ValueError: the text is not of that form, or a limit is invalid (the message says which).
+    """
+    parts = text.split()
+    if not parts:
+        raise ValueError("an LM budget needs at least the LM: MODEL[@BASE] [concurrent=N] [rpm=N] ...")
+    model, _, base = parts[0].partition("@")
+    if "/" not in model:
+        raise ValueError(f"LM budget {text!r}: the model must be provider/name, not {model!r}")
+    if base and not base.startswith(("http://", "https://")):
+        raise ValueError(f"LM budget {text!r}: the base after @ must be an http(s) URL, not {base!r}")
+    fields: dict[str, Any] = {}
+    for part in parts[1:]:
+        name, eq, value = part.partition("=")
+        if not eq or name not in _SPEC_FIELDS:
+            raise ValueError(
+                f"LM budget {text!r}: {part!r} is not one of {', '.join(f'{k}=' for k in _SPEC_FIELDS)}"
+            )
+        field, kind = _SPEC_FIELDS[name]
+        if field in fields:
+            raise ValueError(f"LM budget {text!r}: {name} is given twice")
+        try:
+            fields[field] = kind(value)
+        except ValueError:
+            raise ValueError(f"LM budget {text!r}: {name} must be a number, not {value!r}") from None
+    if len(fields) == (1 if "window_s" in fields else 0):
+        raise ValueError(f"LM budget {text!r}: give at least one limit (concurrent=, rpm= or tpm=)")
+    try:
+        return LMBudget(model=model, api_base=base or None, **fields)
+    except ValueError as exc:
+        raise ValueError(f"LM budget {text!r}: {exc}") from None
+
+
 @attrs.frozen
 class LMStatistics:
     """A snapshot of one LM's budgets and throttling."""

@@ -271,3 +271,44 @@ async def test_a_request_counts_from_when_it_was_sent(autojump_clock: trio.testi
     budgets.release(never_sent, status=0)
     [stats] = budgets.statistics()
     assert stats.granted == 5 and stats.in_flight == 0
+
+
+def test_the_text_form_of_a_budget() -> None:
+    from dspex_trio._lm_budgets import parse_lm_budget
+
+    parsed = parse_lm_budget("openai/fake@http://127.0.0.1:1/v1 concurrent=4 rpm=600 tpm=1000 window=1")
+    assert parsed == budget(max_concurrent=4, requests_per_minute=600, tokens_per_minute=1000, window_s=1.0)
+    assert parse_lm_budget("openai/x rpm=60") == LMBudget(model="openai/x", requests_per_minute=60)
+    for bad, says in [
+        ("", "at least the LM"),
+        ("gpt4 rpm=1", "provider/name"),
+        ("openai/x@ftp://h rpm=1", "http"),
+        ("openai/x", "at least one limit"),
+        ("openai/x window=1", "at least one limit"),
+        ("openai/x rps=1", "not one of"),
+        ("openai/x rpm=fast", "must be a number"),
+        ("openai/x rpm=1 rpm=2", "twice"),
+        ("openai/x concurrent=0", "max_concurrent"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            parse_lm_budget(bad)
+
+
+def test_lm_budgets_setting(tmp_path: Any) -> None:
+    from dspex_trio._cli import _parser
+    from dspex_trio._cli_settings import SettingsError, resolve_settings
+
+    config = tmp_path / "serve.toml"
+    config.write_text('lm_budgets = ["openai/a rpm=10"]\n')
+    from_file = resolve_settings(file=str(config), environ={}, flags={})
+    assert from_file.lm_budgets == ("openai/a rpm=10",)
+    from_env = resolve_settings(
+        file=None, environ={"DSPEX_LM_BUDGETS": "openai/a rpm=1, openai/b tpm=5"}, flags={}
+    )
+    assert from_env.lm_budgets == ("openai/a rpm=1", "openai/b tpm=5")
+    args = _parser().parse_args(
+        ["serve", "--lm-budget", "openai/c concurrent=2", "--lm-budget", "openai/d rpm=3"]
+    )
+    assert args.lm_budgets == ["openai/c concurrent=2", "openai/d rpm=3"]
+    with pytest.raises(SettingsError, match="rps="):
+        resolve_settings(file=None, environ={}, flags={"lm_budgets": ("openai/a rps=1",)})
