@@ -225,12 +225,23 @@ class Tail:
         return total_tokens(bytes(self.data[-USAGE_TAIL_BYTES:]))
 
 
-def attach(lease: Lease, response: Any) -> Any:
-    """Release ``lease`` when lm15's ``TransportResponse`` ``response`` is released (its body read or
-    the response closed), with the answer's status, ``Retry-After`` and token count."""
+def attach(lease: Lease | None, response: Any, *, on_release: Callable[[], None]) -> Any:
+    """Call ``on_release`` and release ``lease`` (if any) when lm15's ``TransportResponse``
+    ``response`` is released (its body read or the response closed), the lease with the answer's
+    status, ``Retry-After`` and token count."""
+    original = response._release
+    if lease is None:
+
+        def release_only(body_consumed: bool) -> Any:
+            try:
+                return original(body_consumed)
+            finally:
+                on_release()
+
+        response._release = release_only
+        return response
     tail = Tail()
     response._chunks = tail.follow(response._chunks)
-    original = response._release
     status = int(response.status)
     retry_after = retry_after_seconds(list(response.headers)) if status == 429 or status >= 500 else None
 
@@ -238,6 +249,7 @@ def attach(lease: Lease, response: Any) -> Any:
         try:
             return original(body_consumed)
         finally:
+            on_release()
             lease.release(status=status, retry_after=retry_after, tokens=tail.tokens())
 
     response._release = release

@@ -60,7 +60,7 @@ from dspy.clients import execution
 from dspy.clients.backend_selection import select_backend
 from dspy.clients.engines.lm15_engine import AsyncLM15Engine, LM15Engine
 
-from bridge_child import _leases, wire
+from bridge_child import _inflight, _leases, wire
 from bridge_child._lmrules import NO_CREDENTIAL
 from bridge_child.netaddr import address_class
 
@@ -183,8 +183,8 @@ class LMGuard:
 # -- the transports ---------------------------------------------------------------------------------
 
 _CONNECTING: contextvars.ContextVar[LMGuard | None] = contextvars.ContextVar("dspex_connecting", default=None)
-_SENDING: contextvars.ContextVar[_leases.Lease | None] = contextvars.ContextVar("dspex_sending", default=None)
-"""The lease of the request this context is sending (its send time is recorded on it)."""
+_SENDING: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar("dspex_sending", default=None)
+"""The request this context is sending (its socket and send time are recorded on it)."""
 """The guard of the request this context is opening a connection for (read by the audit hook)."""
 
 
@@ -223,24 +223,55 @@ class GuardedTransport(_Guarded, StdlibTransport):
     def stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
         lease = self._guard.lease(request)
+        call = _CALL.get()
+        sending = _Sending(lease, None if call is None else call.ctx)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
-        sending = _SENDING.set(lease)
+        marker = _SENDING.set(sending)
         try:
             response = super().stream(request)
         except BaseException:
-            if lease is not None:
-                lease.release()  # no answer (connect error, timeout)
+            sending.done()  # no answer (connect error, timeout, or closed by a cancel)
             raise
         finally:
-            _SENDING.reset(sending)
+            _SENDING.reset(marker)
             _CONNECTING.reset(token)
-        return response if lease is None else _leases.attach(lease, response)
+        return _leases.attach(sending.lease, response, on_release=sending.forget)
 
-    def _send_request(self, *args: Any, **kwargs: Any) -> None:
-        super()._send_request(*args, **kwargs)
-        lease = _SENDING.get()
-        if lease is not None:  # the host counts the request against the LM's rate from now
-            lease.sent_at = time.monotonic()
+    def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        sending = _SENDING.get()
+        if sending is not None:
+            sending.track(conn.sock)  # a cancel of the call closes this connection
+        super()._send_request(conn, *args, **kwargs)
+        if sending is not None and sending.lease is not None:
+            sending.lease.sent_at = time.monotonic()  # the host counts it against the LM's rate from now
+
+
+class _Sending:
+    """One request being sent by a guarded transport: its lease (or None), and its socket, registered
+    with ``bridge_child._inflight`` under its call until its answer is released."""
+
+    __slots__ = ("ctx", "lease", "sock")
+
+    def __init__(self, lease: _leases.Lease | None, ctx: CallContext | None) -> None:
+        self.lease = lease
+        self.ctx = ctx
+        self.sock: Any = None
+
+    def track(self, sock: Any) -> None:
+        self.forget()  # a stale pooled connection is replaced by a fresh one
+        self.sock = sock
+        if self.ctx is not None:
+            _inflight.register(self.ctx, sock)
+
+    def forget(self) -> None:
+        if self.sock is not None and self.ctx is not None:
+            _inflight.unregister(self.ctx, self.sock)
+        self.sock = None
+
+    def done(self) -> None:
+        self.forget()
+        if self.lease is not None:
+            self.lease.release()
 
 
 class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):

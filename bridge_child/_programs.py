@@ -142,11 +142,11 @@ def _build_lm(config: dict[str, Any], leases: Any = None) -> Any:
         client_settings = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
         return offline_lm(**client_settings)
     try:
-        if config.get("hermetic") or config.get("public_only") or leases is not None:
-            from bridge_child._lmguard import guarded_lm
+        from bridge_child._lmguard import guarded_lm
 
-            return guarded_lm(dspy, config, leases)
-        return dspy.LM(config["model"], engine="lm15", cache=False, **settings)
+        # Every network LM goes through the guarded transport: a cancel closes its requests'
+        # connections (bridge_child._inflight), and with leases each request waits for the host's.
+        return guarded_lm(dspy, config, leases)
     except Exception as exc:
         raise MethodError(
             wire.ErrorCode.INVALID_PARAMS,

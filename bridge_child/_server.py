@@ -32,7 +32,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
 
-from bridge_child import __version__, wire
+from bridge_child import __version__, _inflight, wire
 from bridge_child._context import CallContext, Method, MethodError
 from bridge_child._lane import MAX_RESULT_HOLD_S, CpuLane, Job
 from bridge_child._leases import Leases
@@ -299,6 +299,7 @@ class Worker:
         if ctx is None:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
+        _inflight.abort(ctx.id)  # its LM requests' connections close: the provider stops generating
         if self.leases is not None:
             self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
