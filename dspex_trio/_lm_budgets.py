@@ -37,7 +37,7 @@ import trio
 
 from bridge_child import wire
 from dspex_trio._retry import RandomSource, RetryPolicy
-from dspex_trio._validators import at_least, positive
+from dspex_trio._validators import at_least, finite_non_negative, positive
 
 logger = logging.getLogger("dspex_trio.lm")
 
@@ -85,6 +85,9 @@ class LMBudget:
     """Tokens used per minute (estimated when a request starts, corrected by what its answer reports)."""
     window_s: float = attrs.field(default=60.0, validator=positive)
     """Seconds over which the rates are held (see the class docstring)."""
+    margin_s: float = attrs.field(default=RATE_MARGIN_S, validator=finite_non_negative)
+    """Seconds added to each window for the time a request takes to reach the provider, and how much
+    that time varies (a provider far away, or a loaded machine, may need more than the default)."""
 
     @property
     def key(self) -> str:
@@ -109,13 +112,14 @@ _SPEC_FIELDS: Final = {
     "rpm": ("requests_per_minute", float),
     "tpm": ("tokens_per_minute", int),
     "window": ("window_s", float),
+    "margin": ("margin_s", float),
 }
 """The limits of an LM budget's text form, and the :class:`LMBudget` fields they set."""
 
 
 def parse_lm_budget(text: str) -> LMBudget:
     """An :class:`LMBudget` from its text form (``--lm-budget``, ``DSPEX_LM_BUDGETS``, the config file):
-    ``MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS]``, e.g.
+    ``MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS] [margin=SECONDS]``, e.g.
     ``"openai/gpt-4o-mini@https://api.openai.com/v1 concurrent=16 rpm=500 tpm=200000"``.
 
     Raises:
@@ -143,7 +147,7 @@ def parse_lm_budget(text: str) -> LMBudget:
             fields[field] = kind(value)
         except ValueError:
             raise ValueError(f"LM budget {text!r}: {name} must be a number, not {value!r}") from None
-    if len(fields) == (1 if "window_s" in fields else 0):
+    if not fields.keys() - {"window_s", "margin_s"}:
         raise ValueError(f"LM budget {text!r}: give at least one limit (concurrent=, rpm= or tpm=)")
     try:
         return LMBudget(model=model, api_base=base or None, **fields)
@@ -228,7 +232,7 @@ class _LMState:
 
     def _span(self) -> float:
         assert self.budget is not None
-        return self.budget.window_s + RATE_MARGIN_S
+        return self.budget.window_s + self.budget.margin_s
 
     def _prune(self, now: float) -> None:
         if self.budget is None:

@@ -206,7 +206,7 @@ class FakeLM:
         self._rng = random.Random(config.seed)
         self._cancel_scope: trio.CancelScope | None = None
         self.arrival_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
-        """``time.monotonic()`` at each completion's arrival (its body read), oldest first."""
+        """``time.monotonic()`` at each completion's arrival (its head read), oldest first."""
         self.disconnect_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
         """``time.monotonic()`` at each client disconnect counted in ``client_disconnects``."""
 
@@ -423,6 +423,7 @@ async def _serve_connection(fake: FakeLM, http: HttpConnection) -> None:
             if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request), event
+            arrived = time.monotonic()  # as early as the server can know it
             fake.statistics.http_requests += 1
             request = event
             length = content_length(request)
@@ -447,7 +448,7 @@ async def _serve_connection(fake: FakeLM, http: HttpConnection) -> None:
             await http.drain_and_close()
             return
 
-        keep_going = await _dispatch(fake, http, request, body)
+        keep_going = await _dispatch(fake, http, request, body, arrived)
         if not keep_going or http.h11.our_state is not h11.DONE or http.h11.their_state is not h11.DONE:
             return
         http.h11.start_next_cycle()
@@ -463,7 +464,9 @@ _ROUTES: dict[str, str] = {
 }
 
 
-async def _dispatch(fake: FakeLM, http: HttpConnection, request: h11.Request, body: bytes) -> bool:
+async def _dispatch(
+    fake: FakeLM, http: HttpConnection, request: h11.Request, body: bytes, arrived: float
+) -> bool:
     """Answer one request; False when the connection must not be reused."""
     method = request.method.decode("ascii", "replace").upper()
     path = request.target.decode("ascii", "replace").split("?", 1)[0].rstrip("/") or "/"
@@ -482,14 +485,14 @@ async def _dispatch(fake: FakeLM, http: HttpConnection, request: h11.Request, bo
         model = {"id": fake.config.model, "object": "model", "created": 0, "owned_by": "dspex-trio"}
         await http.send_json(200, {"object": "list", "data": [model]})
         return True
-    return await _chat_completion(fake, http, body)
+    return await _chat_completion(fake, http, body, arrived)
 
 
-async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> bool:
+async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes, arrived: float) -> bool:
     stats = fake.statistics
     stats.completions_in_flight += 1
     stats.max_completions_in_flight = max(stats.max_completions_in_flight, stats.completions_in_flight)
-    fake.arrival_times.append(time.monotonic())
+    fake.arrival_times.append(arrived)
     try:
         return await _answer_completion(fake, http, body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -276,7 +276,9 @@ async def test_a_request_counts_from_when_it_was_sent(autojump_clock: trio.testi
 def test_the_text_form_of_a_budget() -> None:
     from dspex_trio._lm_budgets import parse_lm_budget
 
-    parsed = parse_lm_budget("openai/fake@http://127.0.0.1:1/v1 concurrent=4 rpm=600 tpm=1000 window=1")
+    parsed = parse_lm_budget(
+        "openai/fake@http://127.0.0.1:1/v1 concurrent=4 rpm=600 tpm=1000 window=1 margin=0.05"
+    )
     assert parsed == budget(max_concurrent=4, requests_per_minute=600, tokens_per_minute=1000, window_s=1.0)
     assert parse_lm_budget("openai/x rpm=60") == LMBudget(model="openai/x", requests_per_minute=60)
     for bad, says in [
