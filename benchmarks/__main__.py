@@ -144,6 +144,14 @@ def plan(
                 "time_limit": 600.0,
             }
             steps.append(("websocket", "benchmarks.ws", spec, 70.0 if q else 150.0))
+    if want("lm_layer"):
+        for r in range(rounds or 1):
+            spec = {
+                "implementations": _common.rotate(pick(["threads_default", "threads_wide"]), r),
+                "in_flight": 4_096,
+                "latency": 5.0 if q else 20.0,
+            }
+            steps.append(("lm_layer", "benchmarks.lm_layer", spec, 30.0 if q else 100.0))
     return steps
 
 
@@ -174,6 +182,10 @@ def measure(family: str, spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import ws
 
         result = ws.measure(spec)
+    elif family == "lm_layer":
+        from benchmarks import lm_layer
+
+        result = lm_layer.measure(spec)
     else:
         raise SystemExit(f"unknown family {family!r}")
     result.setdefault("facts", {})["code_under_test"] = _common.code_under_test()
@@ -197,6 +209,7 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "8_dspex_way": ("dspex_way", "same"),
     "9_programs_cpu": ("2x_in_process_1_thread", "same"),
     "9_programs_cold": ("import_dspy_numpy", 1),
+    "12_lm_in_flight": ("ideal", "same"),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)
@@ -372,6 +385,28 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
             f"remote client overhead <= 10% of the raw websockets client, {k} client{'s' if k > 1 else ''}",
         )
         for tid, k in (("g", 1), ("h", 16), ("i", 64))
+    ),
+    (
+        "12a",
+        "12_lm_in_flight",
+        "threads_wide",
+        "executions_per_s",
+        4_096,
+        ">=",
+        0.9,
+        ("ideal", 4_096),
+        "4,096 LM calls in flight on 2 workers >= 90% of the ideal (thread path: no async path yet)",
+    ),
+    (
+        "12b",
+        "12_lm_in_flight",
+        "threads_wide",
+        "worker_rss_growth",
+        4_096,
+        "<=",
+        300.0,
+        None,
+        "4,096 LM calls in flight: workers' RSS growth <= 300 MB (thread path)",
     ),
 ]
 
@@ -681,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="F[,F]",
-        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket",
+        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, lm_layer",
     )
     parser.add_argument("--impl", metavar="NAME[,NAME]", help="only these implementations (where they apply)")
     parser.add_argument(

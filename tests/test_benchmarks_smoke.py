@@ -49,3 +49,20 @@ def test_entry_point_runs_one_tiny_scenario(tmp_path: Path, monkeypatch: pytest.
     assert result["run"]["code_under_test"].get("sha256_12")
     assert {t["id"] for t in result["targets"]} >= {"1", "2a", "4", "5"}
     assert os.path.exists(tmp_path / "results" / "noop.png")
+
+
+def test_family_12_lm_in_flight_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 12 (LM calls in flight, issue 17): 16 executions at 0.3 s on both thread paths."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import lm_layer
+
+    result = lm_layer.measure(
+        {"implementations": ["threads_default", "threads_wide"], "in_flight": 16, "latency": 0.3}
+    )
+    assert result["errors"] == []
+    rows = {(r["implementation"], r["metric"]): r for r in result["rows"]}
+    assert rows[("ideal", "executions_per_s")]["value"] == 16 / 0.3
+    for impl in ("threads_default", "threads_wide"):
+        assert rows[(impl, "executions_per_s")]["completed"] == 16
+        assert rows[(impl, "executions_per_s")]["value"] > 0
+        assert (impl, "worker_rss_growth") in rows
