@@ -3,25 +3,26 @@ connections: the provider sees its client go away and stops generating (no more 
 an answer nobody reads), and the thread blocked reading that answer wakes at once (what it then
 returns or raises is discarded: the call's terminal frame was already sent).
 
-``bridge_child._lmguard`` registers the socket of each request its transport sends for a worker call;
-the reader calls :func:`abort` when the call's ``cancel`` arrives. No dspy here.
+``bridge_child._lmguard`` registers the socket of each request its transports (the threads' and the
+asynchronous lane's) send for a worker call, until its answer is released; the reader calls
+:func:`abort` when the call's ``cancel`` arrives. No dspy here.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bridge_child._context import CallContext
 
 _lock = threading.Lock()
-_sockets: dict[int, set[socket.socket]] = {}
+_sockets: dict[int, set[Any]] = {}
 """The sockets of the requests in flight, by call id (a worker's call ids are unique while pending)."""
 
 
-def register(ctx: CallContext, sock: socket.socket) -> None:
+def register(ctx: CallContext, sock: Any) -> None:
     """``sock`` carries a request of ``ctx`` from now on (closed at once if ``ctx`` is cancelled
     already: a cancel may come between the start of a request and this)."""
     with _lock:
@@ -30,7 +31,7 @@ def register(ctx: CallContext, sock: socket.socket) -> None:
         abort(ctx.id)
 
 
-def unregister(ctx: CallContext, sock: socket.socket) -> None:
+def unregister(ctx: CallContext, sock: Any) -> None:
     with _lock:
         held = _sockets.get(ctx.id)
         if held is not None:
@@ -46,9 +47,13 @@ def abort(call: int) -> int:
         held = _sockets.pop(call, set())
     for sock in held:
         try:
-            # The plain socket's shutdown, also for a TLS socket: it wakes the reader without touching
-            # the TLS state another thread is using.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            if isinstance(sock, socket.socket):
+                # The plain socket's shutdown, also for a TLS socket: it wakes the reader without
+                # touching the TLS state another thread is using.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            else:  # asyncio's view of a socket (another thread's loop owns it): through a duplicate
+                with socket.fromfd(sock.fileno(), sock.family, sock.type) as duplicate:
+                    duplicate.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass  # already closed
     return len(held)

@@ -45,6 +45,7 @@ Importing this module imports dspy; ``bridge_child._programs`` imports it lazily
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -84,6 +85,9 @@ MAX_RETRY_WAIT_S: Final = 60.0
 KEY_POLICIES: Final = frozenset({"key", "oauth-unless-explicit"})
 """lm15 credential policies under which an explicit key is the only credential used (the second
 reads a stored login only when no key is given, and a hermetic LM always gives one)."""
+MAX_LM_CONNECTIONS: Final = 8192
+"""Connections one LM's client may hold open at once in a worker, a count (lm15's default is 100, too
+few for the asynchronous lane's thousands of requests in flight)."""
 HOST_PAUSED_ERRORS: Final = frozenset({"LMRateLimitError", "LMServerError"})
 """DSPy's errors for a ``429`` and a ``5xx``: after one, the host pauses the LM for every worker (with
 the answer's ``Retry-After``, or its backoff), so a leasing worker retries without a wait of its own."""
@@ -142,7 +146,10 @@ class LMGuard:
         return lease
 
     def router_config(self, config: Any) -> Any:
-        """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM)."""
+        """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM, and
+        with room for ``MAX_LM_CONNECTIONS`` requests at once)."""
+        if config.max_connections is None and config.transport is None:
+            config = dataclasses.replace(config, max_connections=MAX_LM_CONNECTIONS)
         if not self.hermetic:
             return config
         return dataclasses.replace(
@@ -260,7 +267,7 @@ class _Sending:
     def track(self, sock: Any) -> None:
         self.forget()  # a stale pooled connection is replaced by a fresh one
         self.sock = sock
-        if self.ctx is not None:
+        if self.ctx is not None and sock is not None:
             _inflight.register(self.ctx, sock)
 
     def forget(self) -> None:
@@ -279,11 +286,34 @@ class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
 
     async def _do_stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
+        call = _CALL.get()
+        sending = _Sending(None, None if call is None else call.ctx)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
+        marker = _SENDING.set(sending)
         try:
-            return await super()._do_stream(request)
+            response = await super()._do_stream(request)
+        except BaseException:
+            sending.done()
+            raise
         finally:
+            _SENDING.reset(marker)
             _CONNECTING.reset(token)
+        original = response._release
+
+        async def release(body_consumed: bool) -> Any:
+            try:
+                return await original(body_consumed)
+            finally:
+                sending.forget()
+
+        response._release = release
+        return response
+
+    async def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        sending = _SENDING.get()
+        if sending is not None:  # a cancel of the call closes this connection at once
+            sending.track(conn.writer.get_extra_info("socket"))
+        await super()._send_request(conn, *args, **kwargs)
 
 
 def _connect_refusal(address: Any) -> str | None:
@@ -434,6 +464,14 @@ def _refused(exc: EgressRefused | CredentialRefused) -> EgressRefused | Credenti
     return exc
 
 
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _bounded_delay(exc: BaseException, attempt: int) -> float:
     """``execution._delay``: wait here, interruptibly, and return 0 (DSPy then sleeps 0 s).
 
@@ -451,6 +489,8 @@ def _bounded_delay(exc: BaseException, attempt: int) -> float:
         exc.add_note(f"dspex: not retried: the wait ({delay:g} s) is longer than {why} ({limit:g} s)")
         raise exc
     if ctx is None:
+        return delay
+    if _in_event_loop():  # the asynchronous lane: DSPy's asyncio.sleep is ended by the task's cancel
         return delay
     if call is not None and call.leased and type(exc).__name__ in HOST_PAUSED_ERRORS:
         if ctx.cancelled.is_set():

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
 
 from bridge_child import __version__, _inflight, wire
+from bridge_child._aio import AioLane
 from bridge_child._context import CallContext, Method, MethodError
 from bridge_child._lane import MAX_RESULT_HOLD_S, CpuLane, Job
 from bridge_child._leases import Leases
@@ -109,6 +110,7 @@ class Worker:
         worker_id: str = "",
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
         lease_lms: bool = False,
+        async_capacity: int = 0,
     ) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
@@ -135,6 +137,7 @@ class Worker:
             "lane_calls": 0,
             "lane_spilled": 0,
             "reliefs": 0,
+            "aio_calls": 0,
         }
         self._batch: list[bytes] = []
         """Frames to write after this read (acks, pongs, inline results); guarded by ``lock``."""
@@ -153,6 +156,9 @@ class Worker:
         """Per-worker state owned by method modules (program cache, LM configuration)."""
         self.leases: Leases | None = Leases(self.send_now) if lease_lms else None
         """Asks the host before each LM request (``--lease-lms``: the pool has LM budgets)."""
+        self.aio: AioLane | None = AioLane(self, async_capacity) if async_capacity > 0 else None
+        """The asynchronous lane (``--async-capacity``): executions with a network LM, no thread each."""
+        self._aio_new: list[Job] = []
 
     # -- output ---------------------------------------------------------------------------------------
     def _queue(self, message: wire.ChildMessage) -> None:
@@ -257,6 +263,14 @@ class Worker:
         if outcome is not None:
             self.terminal(ctx, outcome, batch=batch)
 
+    def _on_aio(self, ctx: CallContext, method: Method) -> bool:
+        if method.aio is None or method.on_aio is None:
+            return False
+        try:
+            return bool(method.on_aio(self, ctx))
+        except Exception:  # bad params: the method itself reports them, wherever it runs
+            return False
+
     def _on_lane(self, ctx: CallContext, method: Method) -> bool:
         if method.lane is None:
             return False
@@ -291,6 +305,9 @@ class Worker:
         elif self._on_lane(ctx, method):
             self.counters["lane_calls"] += 1
             self._lane_new.append((ctx, method))  # queued on the lane once its ack is written
+        elif self.aio is not None and self._on_aio(ctx, method):
+            self.counters["aio_calls"] += 1
+            self._aio_new.append((ctx, method))  # started on the loop once its ack is written
         else:
             self._jobs.append((ctx, method))
 
@@ -300,6 +317,8 @@ class Worker:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
         _inflight.abort(ctx.id)  # its LM requests' connections close: the provider stops generating
+        if self.aio is not None:
+            self.aio.cancel(ctx.id)  # an asynchronous execution: its task, and so its request, ends
         if self.leases is not None:
             self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
@@ -344,7 +363,7 @@ class Worker:
         return wire.Hello(
             version=wire.PROTOCOL_VERSION,
             pid=os.getpid(),
-            capacity=self.capacity,
+            capacity=self.capacity + (self.aio.capacity if self.aio is not None else 0),
             capabilities=sorted(self.methods),
             versions=library_versions(),
         )
@@ -386,6 +405,11 @@ class Worker:
                     print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
                     _exit_now(EXIT_PROTOCOL_ERROR)
         self.flush()
+        if self._aio_new:
+            assert self.aio is not None
+            for ctx, method in self._aio_new:
+                self.aio.submit(ctx, method)
+            self._aio_new.clear()
         jobs, self._jobs = self._jobs, []
         if self._lane_new or self.lane.current is not None:
             jobs.extend(self.lane.admit(self._lane_new))
@@ -456,6 +480,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--lease-lms", action="store_true", help="ask the host for a lease before each LM request"
     )
     parser.add_argument(
+        "--async-capacity",
+        type=int,
+        default=0,
+        help="executions with a network LM run on an event loop, up to this many besides the threads",
+    )
+    parser.add_argument(
         "--programs", default="", help="program modules to import before the hello, comma-separated"
     )
     parser.add_argument(
@@ -508,6 +538,7 @@ def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
         worker_id=args.worker_id,
         max_frame_bytes=args.max_frame_bytes,
         lease_lms=args.lease_lms,
+        async_capacity=max(0, args.async_capacity),
     )
     return worker.serve()
 

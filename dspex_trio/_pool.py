@@ -410,6 +410,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             fail_at_start=self._fail_at_start,
             programs=self.worker_options.programs,
             lease_lms=self.lm_budgets is not None,
+            async_capacity=self.worker_options.async_capacity,
         )
 
     async def _run_worker(

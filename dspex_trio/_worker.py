@@ -786,6 +786,7 @@ async def open_worker(
         capacity=opts.capacity,
         max_frame_bytes=opts.max_frame_bytes,
         programs=opts.programs,
+        async_capacity=opts.async_capacity,
     )
     async with open_service_nursery() as nursery:
         worker = await start_worker(

@@ -19,7 +19,8 @@ deeply to parse is a ``400``. It binds 127.0.0.1 by default and warns (log and, 
 stderr) when bound to any other address: it has no authentication.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``), ``GET /v1/models``,
-``GET /health``. The same paths without the ``/v1`` prefix are accepted too.
+``GET /health``, ``GET /v1/stats`` (the counters and recorded times, for a server in another
+process). The same paths without the ``/v1`` prefix are accepted too.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body accepted, in bytes; a larger one gets ``413 Payload Too Large``."""
 
 MAX_CONNECTIONS = 256
-"""Connections served at once, a count; further clients wait in the listen backlog."""
+"""Connections served at once by default, a count (``max_connections=``, ``--max-connections``);
+further clients wait in the listen backlog."""
 
 LISTEN_BACKLOG = 128
-"""Pending connections the kernel queues for ``accept``, a count."""
+"""Pending connections the kernel queues for ``accept``, a count (at least ``max_connections`` when
+that is larger: a thousand clients connecting at once must not overflow it)."""
 
 KEEPALIVE_IDLE_TIMEOUT_S = 60.0
 """Seconds an idle keep-alive connection may wait for its next request before the server closes it."""
@@ -252,6 +255,15 @@ class FakeLM:
         self.arrival_times.clear()
         self.disconnect_times.clear()
 
+    def stats_json(self) -> dict[str, Any]:
+        """What ``GET /v1/stats`` answers: the counters, and the arrival and disconnect times
+        (``time.monotonic()`` of this machine: comparable with another process's)."""
+        return {
+            **attrs.asdict(self.statistics),
+            "arrival_times": list(self.arrival_times),
+            "disconnect_times": list(self.disconnect_times),
+        }
+
     def max_arrivals_in_window(self, window_s: float = 1.0) -> int:
         """The most completions that arrived within any ``window_s`` seconds (a sliding window over
         :attr:`arrival_times`): what a rate limit of N per ``window_s`` must keep at or below N."""
@@ -311,6 +323,7 @@ async def serve_fake_lm(
     port: int = 0,
     *,
     config: FakeLMConfig | None = None,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[FakeLM] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a fake OpenAI-compatible LM on ``host:port`` (0: any free port) until cancelled.
@@ -318,7 +331,8 @@ async def serve_fake_lm(
     ``fake = await nursery.start(serve_fake_lm)`` returns once the socket is listening, with the
     :class:`FakeLM` whose ``.url`` to give DSPy.
     """
-    listener = await _open_listener(host, port)
+    limit = MAX_CONNECTIONS if max_connections is None else max_connections
+    listener = await _open_listener(host, port, max(LISTEN_BACKLOG, limit))
     async with listener:
         bound_host, bound_port = listener.socket.getsockname()[:2]
         fake = FakeLM(bound_host, bound_port, config if config is not None else FakeLMConfig())
@@ -328,7 +342,7 @@ async def serve_fake_lm(
                 "(it has no authentication); bind 127.0.0.1 unless that is what you want",
                 fake.base_url,
             )
-        limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        limiter = trio.CapacityLimiter(limit)
         async with trio.open_nursery() as nursery:
             fake._cancel_scope = nursery.cancel_scope
             task_status.started(fake)
@@ -362,19 +376,22 @@ def is_loopback(host: str) -> bool:
 @asynccontextmanager
 async def open_fake_lm(host: str = "127.0.0.1", port: int = 0, **config: Any) -> AsyncIterator[FakeLM]:
     """Run a fake LM server for the ``async with`` body; keyword arguments are :class:`FakeLMConfig`
-    fields (or pass ``config=FakeLMConfig(...)``)."""
+    fields (or pass ``config=FakeLMConfig(...)``), and ``max_connections``."""
+    max_connections = config.pop("max_connections", None)
     fake_config = config.pop("config", None) or FakeLMConfig()
     if config:
         fake_config = attrs.evolve(fake_config, **config)
     async with open_service_nursery() as nursery:
-        fake: FakeLM = await nursery.start(partial(serve_fake_lm, host, port, config=fake_config))
+        fake: FakeLM = await nursery.start(
+            partial(serve_fake_lm, host, port, config=fake_config, max_connections=max_connections)
+        )
         try:
             yield fake
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _open_listener(host: str, port: int) -> trio.SocketListener:
+async def _open_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> trio.SocketListener:
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(f"cannot resolve {host!r}")
@@ -383,7 +400,7 @@ async def _open_listener(host: str, port: int) -> trio.SocketListener:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         await sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
@@ -461,6 +478,8 @@ _ROUTES: dict[str, str] = {
     "/models": "GET",
     "/health": "GET",
     "/v1/health": "GET",
+    "/stats": "GET",
+    "/v1/stats": "GET",
 }
 
 
@@ -480,6 +499,9 @@ async def _dispatch(
         return True
     if path.endswith("/health"):
         await http.send_json(200, {"status": "ok", "requests": fake.requests})
+        return True
+    if path.endswith("/stats"):  # for a test or benchmark that runs the server in another process
+        await http.send_json(200, fake.stats_json())
         return True
     if path.endswith("/models"):
         model = {"id": fake.config.model, "object": "model", "created": 0, "owned_by": "dspex-trio"}
@@ -670,6 +692,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for --fail-probability (default: 0)")
     parser.add_argument("--malformed", action="store_true", help="answer text DSPy cannot parse")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once (default: %(default)s)",
+    )
     parser.add_argument("--timeout-mode", action="store_true", help="never answer completions")
     return parser
 
@@ -696,17 +725,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        trio.run(_serve_until_signal, args.host, args.port, config)
+        trio.run(_serve_until_signal, args.host, args.port, config, max(1, args.max_connections))
     except OSError as exc:
         print(f"fake-lm: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve_until_signal(host: str, port: int, config: FakeLMConfig) -> None:
+async def _serve_until_signal(host: str, port: int, config: FakeLMConfig, max_connections: int) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            fake: FakeLM = await nursery.start(partial(serve_fake_lm, host, port, config=config))
+            fake: FakeLM = await nursery.start(
+                partial(serve_fake_lm, host, port, config=config, max_connections=max_connections)
+            )
             print(fake.url, flush=True)
             async for signum in signals:
                 print(f"fake-lm: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
