@@ -3,7 +3,8 @@
 ``in_flight`` callers run Predict ``question -> answer`` executions back to back on a 2-worker pool
 against ``python -m dspex_trio fake-lm --latency L`` in its own process. The ideal throughput is
 ``in_flight / L`` (every execution waiting on the LM at the same time). Measured in steady state:
-executions completed within ``2 L`` after a warm-up of ``L`` (the first answers arrive then), and the
+executions completed within ``window`` seconds (default ``2 L``) after a warm-up of ``L`` (the first
+answers arrive then), and the
 growth of the workers' RSS (their sum, sampled every 0.5 s: peak minus before the run).
 
 Implementations:
@@ -27,7 +28,9 @@ RSS_SAMPLE_S = 0.5
 """Seconds between two samples of the workers' RSS."""
 
 
-async def steady_rate(url: str, in_flight: int, latency: float, async_capacity: int) -> dict[str, Any]:
+async def steady_rate(
+    url: str, in_flight: int, latency: float, window_s: float, async_capacity: int
+) -> dict[str, Any]:
     import trio
 
     import dspex_trio
@@ -73,12 +76,12 @@ async def steady_rate(url: str, in_flight: int, latency: float, async_capacity: 
                 nursery.start_soon(caller, k)
             await trio.sleep(latency)  # warm-up: every caller's first request is out
             start = time.perf_counter()
-            window[:] = [start, start + 2 * latency]
-            await trio.sleep(2 * latency)
+            window[:] = [start, start + window_s]
+            await trio.sleep(window_s)
             nursery.cancel_scope.cancel()
     return {
         "completed": counted,
-        "rate": counted / (2 * latency),
+        "rate": counted / window_s,
         "rss_growth_mb": round((peak - before) / 2**20, 1),
         "errors": errors,
     }
@@ -88,6 +91,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import trio
 
     in_flight, latency = spec["in_flight"], spec["latency"]
+    window_s = spec.get("window", 2 * latency)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     facts: dict[str, Any] = {}
@@ -107,7 +111,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         for impl in spec["implementations"]:
             async_capacity = max(1, in_flight // 2) if impl == "async" else 0
             try:
-                got = trio.run(steady_rate, fake.url, in_flight, latency, async_capacity)
+                got = trio.run(steady_rate, fake.url, in_flight, latency, window_s, async_capacity)
             except Exception as exc:
                 errors.append(f"{impl}: {type(exc).__name__}: {exc}"[:300])
                 continue

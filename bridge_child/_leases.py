@@ -49,13 +49,15 @@ class LeaseAbandoned(Exception):
 
 
 class _Waiter:
-    __slots__ = ("call", "event", "ok", "reason")
+    __slots__ = ("call", "event", "ok", "reason", "wake")
 
     def __init__(self, call: int) -> None:
         self.call = call
         self.event = threading.Event()
         self.ok: bool | None = None
         self.reason = ""
+        self.wake: Callable[[], None] | None = None
+        """Wakes an asynchronous waiter (on its event loop), besides ``event``."""
 
 
 class Leases:
@@ -114,6 +116,58 @@ class Leases:
         self.counters["leases"] += 1
         return Lease(self, lease)
 
+    async def acquire_async(self, ctx: CallContext | None, lm: str, tokens: int = 0) -> Lease:
+        """:meth:`acquire` for the asynchronous lane: waits on the event loop, not in a thread. The
+        task's cancel (the call's ``cancel``) or its deadline ends the wait; the lease is released.
+
+        Raises:
+            LeaseAbandoned: the call was cancelled first (the task's cancel itself propagates).
+            LeaseRefused: the host said no.
+        """
+        import asyncio
+
+        call = ctx.id if ctx is not None else 0
+        if ctx is not None and ctx.cancelled.is_set():
+            raise LeaseAbandoned("the call was cancelled: no LM request is sent", reason="cancelled")
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        lease = next(self._ids)
+        waiter = _Waiter(call)
+        waiter.wake = wake
+        with self._lock:
+            self._waiting[lease] = waiter
+        self._send(wire.LeaseRequest(lease, call, lm, max(0, tokens)))
+        started = time.monotonic()
+        try:
+            if not waiter.event.is_set():
+                await woken
+        except BaseException:  # cancelled, or the deadline: stop waiting
+            with self._lock:
+                self._waiting.pop(lease, None)
+            self.counters["abandoned"] += 1
+            self._send(wire.LeaseRelease(lease))
+            raise
+        with self._lock:
+            self._waiting.pop(lease, None)
+            ok = waiter.ok
+        self.counters["waited_ms"] += int((time.monotonic() - started) * 1000)
+        if not ok or (ctx is not None and ctx.cancelled.is_set()):
+            self.counters["refused" if ok is False else "abandoned"] += 1
+            self._send(wire.LeaseRelease(lease))
+            if ok is False:
+                raise LeaseRefused(f"the host refused the LM request: {waiter.reason or 'no reason given'}")
+            raise LeaseAbandoned("the call was cancelled: no LM request is sent", reason="cancelled")
+        self.counters["leases"] += 1
+        return Lease(self, lease)
+
     def on_grant(self, grant: wire.LeaseGrant) -> None:
         """(Reader) The answer to a lease: wake its thread."""
         with self._lock:
@@ -123,6 +177,8 @@ class Leases:
             waiter.ok = grant.ok
             waiter.reason = grant.reason
         waiter.event.set()
+        if waiter.wake is not None:
+            waiter.wake()
 
     def on_cancel(self, call: int) -> None:
         """(Reader) Call ``call`` was cancelled: wake its threads waiting for a lease."""
@@ -130,6 +186,8 @@ class Leases:
             waiters = [w for w in self._waiting.values() if w.call == call]
         for waiter in waiters:
             waiter.event.set()
+            if waiter.wake is not None:
+                waiter.wake()
 
     @property
     def waiting(self) -> int:
@@ -223,6 +281,36 @@ class Tail:
 
     def tokens(self) -> int:
         return total_tokens(bytes(self.data[-USAGE_TAIL_BYTES:]))
+
+
+def attach_async(lease: Lease | None, response: Any, *, on_release: Callable[[], None]) -> Any:
+    """:func:`attach` for lm15's ``AsyncTransportResponse`` (whose release is a coroutine)."""
+    original = response._release
+    tail = Tail()
+    if lease is not None:
+        chunks = response._chunks
+
+        async def follow() -> Any:
+            async for chunk in chunks:
+                tail.data += chunk
+                if len(tail.data) > 2 * USAGE_TAIL_BYTES:
+                    del tail.data[: len(tail.data) - USAGE_TAIL_BYTES]
+                yield chunk
+
+        response._chunks = follow()
+    status = int(response.status)
+    retry_after = retry_after_seconds(list(response.headers)) if status == 429 or status >= 500 else None
+
+    async def release(body_consumed: bool) -> Any:
+        try:
+            return await original(body_consumed)
+        finally:
+            on_release()
+            if lease is not None:
+                lease.release(status=status, retry_after=retry_after, tokens=tail.tokens())
+
+    response._release = release
+    return response
 
 
 def attach(lease: Lease | None, response: Any, *, on_release: Callable[[], None]) -> Any:

@@ -145,6 +145,23 @@ class LMGuard:
             call.leased = True
         return lease
 
+    async def lease_async(self, request: Any) -> _leases.Lease | None:
+        """:meth:`lease` on the asynchronous lane (waits on the event loop)."""
+        if self.leases is None or self.lease_key is None:
+            return None
+        call = _CALL.get()
+        try:
+            lease = await self.leases.acquire_async(
+                None if call is None else call.ctx, self.lease_key, _leases.estimate_tokens(request.body)
+            )
+        except (_leases.LeaseAbandoned, _leases.LeaseRefused) as exc:
+            if call is not None:
+                call.refusal = exc
+            raise
+        if call is not None:
+            call.leased = True
+        return lease
+
     def router_config(self, config: Any) -> Any:
         """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM, and
         with room for ``MAX_LM_CONNECTIONS`` requests at once)."""
@@ -286,8 +303,9 @@ class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
 
     async def _do_stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
+        lease = await self._guard.lease_async(request)
         call = _CALL.get()
-        sending = _Sending(None, None if call is None else call.ctx)
+        sending = _Sending(lease, None if call is None else call.ctx)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
         marker = _SENDING.set(sending)
         try:
@@ -298,22 +316,15 @@ class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
         finally:
             _SENDING.reset(marker)
             _CONNECTING.reset(token)
-        original = response._release
-
-        async def release(body_consumed: bool) -> Any:
-            try:
-                return await original(body_consumed)
-            finally:
-                sending.forget()
-
-        response._release = release
-        return response
+        return _leases.attach_async(lease, response, on_release=sending.forget)
 
     async def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:
         sending = _SENDING.get()
         if sending is not None:  # a cancel of the call closes this connection at once
             sending.track(conn.writer.get_extra_info("socket"))
         await super()._send_request(conn, *args, **kwargs)
+        if sending is not None and sending.lease is not None:
+            sending.lease.sent_at = time.monotonic()
 
 
 def _connect_refusal(address: Any) -> str | None:
@@ -490,13 +501,13 @@ def _bounded_delay(exc: BaseException, attempt: int) -> float:
         raise exc
     if ctx is None:
         return delay
-    if _in_event_loop():  # the asynchronous lane: DSPy's asyncio.sleep is ended by the task's cancel
-        return delay
     if call is not None and call.leased and type(exc).__name__ in HOST_PAUSED_ERRORS:
         if ctx.cancelled.is_set():
             exc.add_note("dspex: not retried: the call was cancelled")
             raise exc
         return 0.0  # the retry's lease waits out the host's pause of this LM (every worker's)
+    if _in_event_loop():  # the asynchronous lane: DSPy's asyncio.sleep is ended by the task's cancel
+        return delay
     if ctx.cancelled.wait(delay):
         exc.add_note("dspex: not retried: the call was cancelled")
         raise exc

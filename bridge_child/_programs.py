@@ -493,10 +493,10 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
 
 def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:
     """An execution runs on the asynchronous lane (when the worker has one) when it waits on a network
-    LM: not streamed (streams keep their own path), no tools (they may block), and no leases (a
-    leasing worker's requests take the thread path for now). Called after ``on_cpu_lane``."""
+    LM: not streamed (streams keep their own path) and no tools (they may block). Called after
+    ``on_cpu_lane``."""
     params = ctx.params if isinstance(ctx.params, dict) else {}
-    if ctx.stream or getattr(worker, "leases", None) is not None:
+    if ctx.stream:
         return False
     captured = ctx.captured or {}
     config = params.get("lm") or captured.get("worker_lm") or OFFLINE

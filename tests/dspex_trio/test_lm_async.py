@@ -81,3 +81,24 @@ async def test_the_offline_lm_and_streams_keep_their_paths(fake: FakeLM) -> None
         assert seen[-1]["event"] == "completed"
         [stats] = await worker_stats(pool)
         assert stats["aio_calls"] == 0 and stats["lane_calls"] == 1
+
+
+async def test_the_lane_leases_from_the_pools_budget(fake: FakeLM) -> None:
+    # With budgets the lane's requests wait for the host's lease on the event loop (no thread each):
+    # at most 5 in flight at once, pool-wide, and a 429's pause holds for everyone.
+    budget = dspex_trio.LMBudget(model="openai/fake", api_base=fake.url, max_concurrent=5)
+    async with dspex_trio.open_pool(workers=2, async_capacity=64, lm_budgets=[budget]) as pool:
+        await pool.configure_lm("openai/fake", api_base=fake.url, api_key="test-key", num_retries=0)
+        pid = await pool.create_program("question -> answer")
+        fake.configure(latency_s=0.2)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(pool.execute, pid, {"question": f"q{i}"})
+        stats = await worker_stats(pool)
+        [lm] = pool.statistics().lm
+    assert fake.statistics.max_completions_in_flight == 5
+    assert lm.granted == 40 and lm.max_in_flight == 5 and lm.throttled > 0 and lm.in_flight == 0
+    assert sum(s["aio_calls"] for s in stats) == 40
+    assert sum(s["leases"]["leases"] for s in stats) == 40
+    assert all(s["threads"] < 40 for s in stats)
