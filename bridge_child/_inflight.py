@@ -51,9 +51,13 @@ def abort(call: int) -> int:
                 # The plain socket's shutdown, also for a TLS socket: it wakes the reader without
                 # touching the TLS state another thread is using.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            else:  # asyncio's view of a socket (another thread's loop owns it): through a duplicate
-                with socket.fromfd(sock.fileno(), sock.family, sock.type) as duplicate:
-                    duplicate.shutdown(socket.SHUT_RDWR)
+            else:  # asyncio's view of a socket (another thread's loop owns it): one syscall, on a
+                # socket object over the same descriptor, detached again (it never closes it)
+                view = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+                try:
+                    view.shutdown(socket.SHUT_RDWR)
+                finally:
+                    view.detach()
         except (OSError, ValueError):
             pass  # already closed
     return len(held)

@@ -159,6 +159,7 @@ class Worker:
         self.aio: AioLane | None = AioLane(self, async_capacity) if async_capacity > 0 else None
         """The asynchronous lane (``--async-capacity``): executions with a network LM, no thread each."""
         self._aio_new: list[Job] = []
+        self._aio_cancels: list[int] = []
 
     # -- output ---------------------------------------------------------------------------------------
     def _queue(self, message: wire.ChildMessage) -> None:
@@ -317,8 +318,8 @@ class Worker:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
         _inflight.abort(ctx.id)  # its LM requests' connections close: the provider stops generating
-        if self.aio is not None:
-            self.aio.cancel(ctx.id)  # an asynchronous execution: its task, and so its request, ends
+        if self.aio is not None:  # an asynchronous execution: its task ends (all of this read's at once,
+            self._aio_cancels.append(ctx.id)  # after every connection was closed)
         if self.leases is not None:
             self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
@@ -401,6 +402,10 @@ class Worker:
                         if message is wire.NEED_DATA:
                             break
                         self.dispatch(message)  # type: ignore[arg-type]
+                    if self._aio_cancels:
+                        assert self.aio is not None
+                        self.aio.cancel_many(self._aio_cancels)
+                        self._aio_cancels = []
                 except wire.ProtocolError as exc:
                     print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
                     _exit_now(EXIT_PROTOCOL_ERROR)

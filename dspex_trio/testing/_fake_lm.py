@@ -530,8 +530,9 @@ def _client_gone(fake: FakeLM) -> None:
     fake.disconnect_times.append(time.monotonic())
 
 
-async def _wait_unless_client_leaves(http: HttpConnection, seconds: float) -> bool:
-    """Wait ``seconds`` while watching the connection; False (at once) if the client closed it first.
+async def _wait_unless_client_leaves(fake: FakeLM, http: HttpConnection, seconds: float) -> bool:
+    """Wait ``seconds`` while watching the connection; False (at once, the disconnect counted and
+    stamped as soon as it is seen) if the client closed it first.
 
     The client sends nothing while it waits for its answer (no pipelining), so whatever it sends now is
     dropped; only its end of stream matters."""
@@ -544,6 +545,7 @@ async def _wait_unless_client_leaves(http: HttpConnection, seconds: float) -> bo
                 await http.wait_for_client_close()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            _client_gone(fake)
             gone = True
             nursery.cancel_scope.cancel()
 
@@ -574,8 +576,7 @@ async def _answer_completion(fake: FakeLM, http: HttpConnection, body: bytes) ->
 
     failure = fake._injected_failure(config)
     latency = fake._latency(config)
-    if latency > 0 and not await _wait_unless_client_leaves(http, latency):
-        _client_gone(fake)
+    if latency > 0 and not await _wait_unless_client_leaves(fake, http, latency):
         return False
     if failure is not None:
         stats.failures_injected += 1
@@ -627,8 +628,7 @@ async def _answer_completion(fake: FakeLM, http: HttpConnection, body: bytes) ->
     await http.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
     for i, event in enumerate(events):
         pause = i and config.stream_chunk_delay_s > 0 and i < len(events) - 1
-        if pause and not await _wait_unless_client_leaves(http, config.stream_chunk_delay_s):
-            _client_gone(fake)
+        if pause and not await _wait_unless_client_leaves(fake, http, config.stream_chunk_delay_s):
             return False
         await http.send(h11.Data(data=event))
     await http.send(h11.EndOfMessage())
