@@ -160,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
         help="pass this environment variable to the workers (repeatable; by default they get an allow-list)",
     )
     serve.add_argument(
+        "--async-capacity",
+        type=int,
+        default=None,
+        metavar="N",
+        help="executions with a network LM each worker runs on its event loop, no thread each (default 0)",
+    )
+    serve.add_argument(
         "--lm-budget",
         dest="lm_budgets",
         action="append",
@@ -387,6 +394,7 @@ async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | N
                     worker_env=settings.worker_env,
                     programs=settings.programs,
                     lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
+                    async_capacity=settings.async_capacity,
                 ) as pool:
                     await _configure_default_lm(pool, settings, keys.lm_key)
                     async with trio.open_nursery() as nursery:

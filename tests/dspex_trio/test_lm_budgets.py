@@ -314,3 +314,16 @@ def test_lm_budgets_setting(tmp_path: Any) -> None:
     assert args.lm_budgets == ["openai/c concurrent=2", "openai/d rpm=3"]
     with pytest.raises(SettingsError, match="rps="):
         resolve_settings(file=None, environ={}, flags={"lm_budgets": ("openai/a rps=1",)})
+
+
+def test_async_capacity_setting() -> None:
+    from dspex_trio._cli import _parser
+    from dspex_trio._cli_settings import SettingsError, resolve_settings
+
+    assert resolve_settings(file=None, environ={}, flags={}).async_capacity == 0
+    assert (
+        resolve_settings(file=None, environ={"DSPEX_ASYNC_CAPACITY": "512"}, flags={}).async_capacity == 512
+    )
+    assert _parser().parse_args(["serve", "--async-capacity", "64"]).async_capacity == 64
+    with pytest.raises(SettingsError, match="async_capacity"):
+        resolve_settings(file=None, environ={}, flags={"async_capacity": -1})
