@@ -157,6 +157,15 @@ def plan(
                 "time_limit": 300.0,
             }
             steps.append(("metrics", "benchmarks.metrics", spec, 30.0 if q else 60.0))
+    if want("lm_layer"):
+        for r in range(rounds or 1):
+            spec = {
+                "implementations": _common.rotate(pick(["async", "threads"]), r),
+                "in_flight": 4_096,
+                "latency": 20.0,  # the issue's figure: ideal 205/s, under the CPU ceiling of 2 workers
+                "window": 20.0 if q else 40.0,
+            }
+            steps.append(("lm_layer", "benchmarks.lm_layer", spec, 100.0 if q else 140.0))
     return steps
 
 
@@ -191,6 +200,10 @@ def measure(family: str, spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import metrics
 
         result = metrics.measure(spec)
+    elif family == "lm_layer":
+        from benchmarks import lm_layer
+
+        result = lm_layer.measure(spec)
     else:
         raise SystemExit(f"unknown family {family!r}")
     result.setdefault("facts", {})["code_under_test"] = _common.code_under_test()
@@ -216,6 +229,7 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "9_programs_cold": ("import_dspy_numpy", 1),
     "11_scrape": ("statistics", "same"),
     "11_noop_metrics": ("metrics_off", "same"),
+    "12_lm_in_flight": ("ideal", "same"),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)
@@ -403,6 +417,28 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         0.95,
         None,
         "no-op throughput with metrics on >= 0.95x off (median of neighbouring runs)",
+    ),
+    (
+        "12a",
+        "12_lm_in_flight",
+        "async",
+        "executions_per_s",
+        4_096,
+        ">=",
+        0.9,
+        ("ideal", 4_096),
+        "4,096 LM calls in flight on 2 workers >= 90% of the ideal (asynchronous lane)",
+    ),
+    (
+        "12b",
+        "12_lm_in_flight",
+        "async",
+        "worker_rss_growth",
+        4_096,
+        "<=",
+        300.0,
+        None,
+        "4,096 LM calls in flight: workers' RSS growth <= 300 MB (asynchronous lane)",
     ),
 ]
 
@@ -712,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="F[,F]",
-        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, metrics",
+        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, metrics, lm_layer",
     )
     parser.add_argument("--impl", metavar="NAME[,NAME]", help="only these implementations (where they apply)")
     parser.add_argument(

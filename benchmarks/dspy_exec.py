@@ -106,9 +106,10 @@ async def pool_cpu_rate(seconds: float, concurrency: int) -> dict[str, Any]:
 class FakeLMProcess:
     """``python -m dspex_trio fake-lm --port 0 --latency L`` in its own process; ``url`` once it listens."""
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, max_connections: int | None = None) -> None:
+        extra = [] if max_connections is None else ["--max-connections", str(max_connections)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dspex_trio", "fake-lm", "--port", "0", "--latency", str(latency)],
+            [sys.executable, "-m", "dspex_trio", "fake-lm", "--port", "0", "--latency", str(latency), *extra],
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -117,3 +117,8 @@ class Method:
     lane: Callable[[Worker, CallContext], bool] | None = None
     """Says whether a call is CPU-bound: such calls run one at a time on the worker's CPU lane (the
     reader thread, relieved when a call runs long), not in the thread pool. See ``_lane``."""
+    aio: Callable[[Worker, CallContext], Awaitable[Any]] | None = None
+    """The method as a coroutine, for the worker's asynchronous lane (``_aio``), if it has one."""
+    on_aio: Callable[[Worker, CallContext], bool] | None = None
+    """Says whether a call runs on the asynchronous lane (when the worker has one): I/O-bound calls
+    that need no thread of their own."""

@@ -45,12 +45,14 @@ Importing this module imports dspy; ``bridge_child._programs`` imports it lazily
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import dataclasses
 import importlib
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -59,6 +61,7 @@ from dspy.clients import execution
 from dspy.clients.backend_selection import select_backend
 from dspy.clients.engines.lm15_engine import AsyncLM15Engine, LM15Engine
 
+from bridge_child import _inflight, _leases, wire
 from bridge_child._lmrules import NO_CREDENTIAL
 from bridge_child.netaddr import address_class
 
@@ -82,6 +85,12 @@ MAX_RETRY_WAIT_S: Final = 60.0
 KEY_POLICIES: Final = frozenset({"key", "oauth-unless-explicit"})
 """lm15 credential policies under which an explicit key is the only credential used (the second
 reads a stored login only when no key is given, and a hermetic LM always gives one)."""
+MAX_LM_CONNECTIONS: Final = 8192
+"""Connections one LM's client may hold open at once in a worker, a count (lm15's default is 100, too
+few for the asynchronous lane's thousands of requests in flight)."""
+HOST_PAUSED_ERRORS: Final = frozenset({"LMRateLimitError", "LMServerError"})
+"""DSPy's errors for a ``429`` and a ``5xx``: after one, the host pauses the LM for every worker (with
+the answer's ``Retry-After``, or its backoff), so a leasing worker retries without a wait of its own."""
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
 """Request headers that carry a provider credential (lm15's ``auth_header`` renderings)."""
 
@@ -109,9 +118,55 @@ class LMGuard:
     public_only: bool
     api_key: str | None = dataclasses.field(repr=False)
     api_base: str | None
+    lease_key: str | None = None
+    """The LM's budget key (``wire.lm_key``) when the worker leases before each request."""
+    leases: _leases.Leases | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The worker's leases (``--lease-lms``), or None."""
+
+    def lease(self, request: Any) -> _leases.Lease | None:
+        """Wait for the host's lease for ``request`` (None when this LM does not lease).
+
+        Raises:
+            LeaseAbandoned: the call was cancelled or reached its deadline while waiting.
+            LeaseRefused: the host said no.
+        """
+        if self.leases is None or self.lease_key is None:
+            return None
+        call = _CALL.get()
+        try:
+            lease = self.leases.acquire(
+                None if call is None else call.ctx, self.lease_key, _leases.estimate_tokens(request.body)
+            )
+        except (_leases.LeaseAbandoned, _leases.LeaseRefused) as exc:
+            if call is not None:
+                call.refusal = exc
+            raise
+        if call is not None:
+            call.leased = True
+        return lease
+
+    async def lease_async(self, request: Any) -> _leases.Lease | None:
+        """:meth:`lease` on the asynchronous lane (waits on the event loop)."""
+        if self.leases is None or self.lease_key is None:
+            return None
+        call = _CALL.get()
+        try:
+            lease = await self.leases.acquire_async(
+                None if call is None else call.ctx, self.lease_key, _leases.estimate_tokens(request.body)
+            )
+        except (_leases.LeaseAbandoned, _leases.LeaseRefused) as exc:
+            if call is not None:
+                call.refusal = exc
+            raise
+        if call is not None:
+            call.leased = True
+        return lease
 
     def router_config(self, config: Any) -> Any:
-        """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM)."""
+        """The ``RouterConfig`` this LM's engine is built with (DSPy's, hardened for a hermetic LM, and
+        with room for ``MAX_LM_CONNECTIONS`` requests at once)."""
+        if config.max_connections is None and config.transport is None:
+            config = dataclasses.replace(config, max_connections=MAX_LM_CONNECTIONS)
         if not self.hermetic:
             return config
         return dataclasses.replace(
@@ -152,6 +207,8 @@ class LMGuard:
 # -- the transports ---------------------------------------------------------------------------------
 
 _CONNECTING: contextvars.ContextVar[LMGuard | None] = contextvars.ContextVar("dspex_connecting", default=None)
+_SENDING: contextvars.ContextVar[_Sending | None] = contextvars.ContextVar("dspex_sending", default=None)
+"""The request this context is sending (its socket and send time are recorded on it)."""
 """The guard of the request this context is opening a connection for (read by the audit hook)."""
 
 
@@ -189,11 +246,56 @@ class GuardedTransport(_Guarded, StdlibTransport):
 
     def stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
+        lease = self._guard.lease(request)
+        call = _CALL.get()
+        sending = _Sending(lease, None if call is None else call.ctx)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
+        marker = _SENDING.set(sending)
         try:
-            return super().stream(request)
+            response = super().stream(request)
+        except BaseException:
+            sending.done()  # no answer (connect error, timeout, or closed by a cancel)
+            raise
         finally:
+            _SENDING.reset(marker)
             _CONNECTING.reset(token)
+        return _leases.attach(sending.lease, response, on_release=sending.forget)
+
+    def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        sending = _SENDING.get()
+        if sending is not None:
+            sending.track(conn.sock)  # a cancel of the call closes this connection
+        super()._send_request(conn, *args, **kwargs)
+        if sending is not None and sending.lease is not None:
+            sending.lease.sent_at = time.monotonic()  # the host counts it against the LM's rate from now
+
+
+class _Sending:
+    """One request being sent by a guarded transport: its lease (or None), and its socket, registered
+    with ``bridge_child._inflight`` under its call until its answer is released."""
+
+    __slots__ = ("ctx", "lease", "sock")
+
+    def __init__(self, lease: _leases.Lease | None, ctx: CallContext | None) -> None:
+        self.lease = lease
+        self.ctx = ctx
+        self.sock: Any = None
+
+    def track(self, sock: Any) -> None:
+        self.forget()  # a stale pooled connection is replaced by a fresh one
+        self.sock = sock
+        if self.ctx is not None and sock is not None:
+            _inflight.register(self.ctx, sock)
+
+    def forget(self) -> None:
+        if self.sock is not None and self.ctx is not None:
+            _inflight.unregister(self.ctx, self.sock)
+        self.sock = None
+
+    def done(self) -> None:
+        self.forget()
+        if self.lease is not None:
+            self.lease.release()
 
 
 class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
@@ -201,11 +303,28 @@ class GuardedAsyncTransport(_Guarded, StdlibAsyncTransport):
 
     async def _do_stream(self, request: Any) -> Any:
         request = self._guard.outgoing(request)
+        lease = await self._guard.lease_async(request)
+        call = _CALL.get()
+        sending = _Sending(lease, None if call is None else call.ctx)
         token = _CONNECTING.set(self._guard if self._guard.public_only else None)
+        marker = _SENDING.set(sending)
         try:
-            return await super()._do_stream(request)
+            response = await super()._do_stream(request)
+        except BaseException:
+            sending.done()
+            raise
         finally:
+            _SENDING.reset(marker)
             _CONNECTING.reset(token)
+        return _leases.attach_async(lease, response, on_release=sending.forget)
+
+    async def _send_request(self, conn: Any, *args: Any, **kwargs: Any) -> None:
+        sending = _SENDING.get()
+        if sending is not None:  # a cancel of the call closes this connection at once
+            sending.track(conn.writer.get_extra_info("socket"))
+        await super()._send_request(conn, *args, **kwargs)
+        if sending is not None and sending.lease is not None:
+            sending.lease.sent_at = time.monotonic()
 
 
 def _connect_refusal(address: Any) -> str | None:
@@ -324,9 +443,12 @@ class CallGuard:
     """What the guards know of the worker call a context runs (made by :func:`current_call`)."""
 
     ctx: CallContext
-    refusal: EgressRefused | CredentialRefused | None = None
+    refusal: EgressRefused | CredentialRefused | _leases.LeaseAbandoned | _leases.LeaseRefused | None = None
     """The last guard refusal during the call: the reason its LM failed. (DSPy reports it as an
     ``LMUnexpectedError``, and a streamed call drops the exception's cause.)"""
+    leased: bool = False
+    """One of its LM requests waited for a host lease: the host's pause after a ``429``/``5xx`` is
+    the wait before DSPy's retry (DSPy's own backoff is skipped)."""
 
 
 _CALL: contextvars.ContextVar[CallGuard | None] = contextvars.ContextVar("dspex_call", default=None)
@@ -353,6 +475,14 @@ def _refused(exc: EgressRefused | CredentialRefused) -> EgressRefused | Credenti
     return exc
 
 
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _bounded_delay(exc: BaseException, attempt: int) -> float:
     """``execution._delay``: wait here, interruptibly, and return 0 (DSPy then sleeps 0 s).
 
@@ -370,6 +500,13 @@ def _bounded_delay(exc: BaseException, attempt: int) -> float:
         exc.add_note(f"dspex: not retried: the wait ({delay:g} s) is longer than {why} ({limit:g} s)")
         raise exc
     if ctx is None:
+        return delay
+    if call is not None and call.leased and type(exc).__name__ in HOST_PAUSED_ERRORS:
+        if ctx.cancelled.is_set():
+            exc.add_note("dspex: not retried: the call was cancelled")
+            raise exc
+        return 0.0  # the retry's lease waits out the host's pause of this LM (every worker's)
+    if _in_event_loop():  # the asynchronous lane: DSPy's asyncio.sleep is ended by the task's cancel
         return delay
     if ctx.cancelled.wait(delay):
         exc.add_note("dspex: not retried: the call was cancelled")
@@ -430,8 +567,9 @@ def _route(lm: Any) -> tuple[str, str, bool]:
     return provider, definition.access.credential_policy, bool(definition.hosted)
 
 
-def guarded_lm(dspy: Any, config: dict[str, Any]) -> Any:
-    """The ``dspy.LM`` of a configuration with ``hermetic`` and/or ``public_only`` set.
+def guarded_lm(dspy: Any, config: dict[str, Any], leases: _leases.Leases | None = None) -> Any:
+    """The ``dspy.LM`` of a configuration with ``hermetic`` and/or ``public_only`` set, or of any
+    network LM of a worker that leases (``leases``: it asks the host before each request).
 
     Raises:
         ValueError: a hermetic configuration whose provider's credential would be a stored login or
@@ -451,5 +589,14 @@ def guarded_lm(dspy: Any, config: dict[str, Any]) -> Any:
         )
     if public_only:
         _install_audit_hook()
-    lm._dspex_guard = LMGuard(provider, hermetic, public_only, config.get("api_key"), config.get("api_base"))
+    lease_key = None if leases is None else wire.lm_key(config["model"], config.get("api_base"))
+    lm._dspex_guard = LMGuard(
+        provider,
+        hermetic,
+        public_only,
+        config.get("api_key"),
+        config.get("api_base"),
+        lease_key=lease_key,
+        leases=leases,
+    )
     return lm

@@ -42,6 +42,9 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         pending = sorted(worker.contexts.keys() - {ctx.id})
         abandoned = sorted(i for i in executing if i not in worker.contexts)
         counters = dict(worker.counters)
+        leases = None
+        if worker.leases is not None:  # --lease-lms: leases taken, refused, abandoned; threads waiting
+            leases = {**worker.leases.counters, "waiting": worker.leases.waiting}
     return {
         "pid": os.getpid(),
         "worker_id": worker.worker_id,
@@ -53,6 +56,7 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         "uptime": time.monotonic() - worker.started_at,
         "rss_bytes": rss_bytes(),
         "cached_programs": program_cache(worker).snapshot(),
+        "leases": leases,
         **counters,
     }
 

@@ -124,7 +124,7 @@ def lm_for(worker: Worker, config: dict[str, Any] | None) -> Any:
         lm = lms.get(key)
         if lm is not None:
             return lm
-    lm = _build_lm(config)
+    lm = _build_lm(config, getattr(worker, "leases", None))  # stand-in workers in tests have none
     with _lm_lock:
         lms = worker.state.setdefault("lms", {})
         if len(lms) >= MAX_CACHED_LMS:
@@ -132,7 +132,9 @@ def lm_for(worker: Worker, config: dict[str, Any] | None) -> Any:
         return lms.setdefault(key, lm)
 
 
-def _build_lm(config: dict[str, Any]) -> Any:
+def _build_lm(config: dict[str, Any], leases: Any = None) -> Any:
+    """A ``dspy.LM`` for ``config``; ``leases`` (the worker's, with ``--lease-lms``) makes every request
+    of a network LM wait for the host's lease (``bridge_child._lmguard``)."""
     dspy = _import_dspy()
     settings = {k: v for k, v in config.items() if k != "model"}
     if config["model"] == OFFLINE:
@@ -141,11 +143,11 @@ def _build_lm(config: dict[str, Any]) -> Any:
         client_settings = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
         return offline_lm(**client_settings)
     try:
-        if config.get("hermetic") or config.get("public_only"):
-            from bridge_child._lmguard import guarded_lm
+        from bridge_child._lmguard import guarded_lm
 
-            return guarded_lm(dspy, config)
-        return dspy.LM(config["model"], engine="lm15", cache=False, **settings)
+        # Every network LM goes through the guarded transport: a cancel closes its requests'
+        # connections (bridge_child._inflight), and with leases each request waits for the host's.
+        return guarded_lm(dspy, config, leases)
     except Exception as exc:
         raise MethodError(
             wire.ErrorCode.INVALID_PARAMS,
@@ -470,6 +472,62 @@ def _traced(recorder: Any) -> Any:
     return recorder.span("dspex.worker execute", **{"dspex.worker.pid": os.getpid()})
 
 
+async def aexecute(worker: Worker, ctx: CallContext) -> Any:
+    """``execute`` on the worker's asynchronous lane (``bridge_child._aio``): DSPy's ``acall``, with the
+    LM's async client, on the worker's event loop; no thread is held while the LM answers. A module
+    without an async form of its own (a custom module's ``forward``) runs in a thread, as ``execute``."""
+    program = resolve(worker, ctx)
+    dspy = _import_dspy()
+    if getattr(type(program.module), "aforward", None) is None:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(worker.executor, execute, worker, ctx)
+    inputs = ctx.param("inputs", dict)
+    check_inputs(program.inputs, inputs)
+    kwargs = _arguments(program, inputs)
+    raw_lm = ctx.param("lm", (dict, str), None)
+    lm_config: dict[str, Any] | None
+    if raw_lm is not None:
+        lm_config = check_lm_config(raw_lm)
+    elif ctx.captured is not None:
+        lm_config = ctx.captured["worker_lm"]
+    else:
+        lm_config = worker.state.get("lm_config")
+    lm = lm_for(worker, lm_config)
+    from bridge_child._lmguard import current_call
+
+    settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
+    with current_call(ctx) as call:
+        try:
+            with dspy.context(**settings):
+                prediction = await program.module.acall(**kwargs)
+        except MethodError:
+            raise
+        except Exception as exc:
+            cause = call.refusal or exc
+            message = str(cause) or type(cause).__name__
+            if type(cause).__name__ == NO_KEY_ERROR:
+                message = no_key_message((lm_config or {}).get("model", ""))
+            raise MethodError(
+                wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
+            ) from exc
+    return {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+
+
+def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:
+    """An execution runs on the asynchronous lane (when the worker has one) when it waits on a network
+    LM: not streamed (streams keep their own path) and no tools (they may block). Called after
+    ``on_cpu_lane``."""
+    params = ctx.params if isinstance(ctx.params, dict) else {}
+    if ctx.stream:
+        return False
+    captured = ctx.captured or {}
+    config = params.get("lm") or captured.get("worker_lm") or OFFLINE
+    if (config if isinstance(config, str) else config.get("model")) == OFFLINE:
+        return False
+    return not program_cache(worker).uses_tools(params.get("program"))
+
+
 def on_cpu_lane(worker: Worker, ctx: CallContext) -> bool:
     """An execution is CPU-bound when its LM is the in-process offline LM (no I/O to wait on): it runs
     on the worker's CPU lane. Executions with a real LM wait on the network and run in the pool, and so
@@ -488,7 +546,7 @@ METHODS: Final = {
     "worker_lm": Method(worker_lm, inline=True),
     "validate_lm": Method(validate_lm, inline=True),
     "validate_program": Method(validate_program),
-    "execute": Method(execute, lane=on_cpu_lane),
+    "execute": Method(execute, lane=on_cpu_lane, aio=aexecute, on_aio=on_aio_lane),
     "get_state": Method(get_state),
     "available": Method(available),
     "list_cached": Method(list_cached, inline=True),

@@ -32,9 +32,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, NoReturn
 
-from bridge_child import __version__, wire
+from bridge_child import __version__, _inflight, wire
+from bridge_child._aio import AioLane
 from bridge_child._context import CallContext, Method, MethodError
 from bridge_child._lane import MAX_RESULT_HOLD_S, CpuLane, Job
+from bridge_child._leases import Leases
 from bridge_child._methods import build_registry
 
 READ_CHUNK_BYTES: Final = 256 * 1024
@@ -107,6 +109,8 @@ class Worker:
         diagnostics: bool = False,
         worker_id: str = "",
         max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
+        lease_lms: bool = False,
+        async_capacity: int = 0,
     ) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
@@ -133,6 +137,7 @@ class Worker:
             "lane_calls": 0,
             "lane_spilled": 0,
             "reliefs": 0,
+            "aio_calls": 0,
         }
         self._batch: list[bytes] = []
         """Frames to write after this read (acks, pongs, inline results); guarded by ``lock``."""
@@ -149,6 +154,12 @@ class Worker:
         self.lane = CpuLane(self)
         self.state: dict[str, Any] = {}
         """Per-worker state owned by method modules (program cache, LM configuration)."""
+        self.leases: Leases | None = Leases(self.send_now) if lease_lms else None
+        """Asks the host before each LM request (``--lease-lms``: the pool has LM budgets)."""
+        self.aio: AioLane | None = AioLane(self, async_capacity) if async_capacity > 0 else None
+        """The asynchronous lane (``--async-capacity``): executions with a network LM, no thread each."""
+        self._aio_new: list[Job] = []
+        self._aio_cancels: list[int] = []
 
     # -- output ---------------------------------------------------------------------------------------
     def _queue(self, message: wire.ChildMessage) -> None:
@@ -170,6 +181,11 @@ class Worker:
             _write_all(self.write_fd, data)
         except OSError:
             _parent_gone()
+
+    def send_now(self, message: wire.ChildMessage) -> None:
+        """Any thread: write one frame now (a lease's request or release)."""
+        with self.lock:
+            self._write(self.conn.send(message))
 
     def write_raw(self, data: bytes) -> None:
         """Diagnostics: write bytes onto the frame stream itself, bypassing the codec."""
@@ -248,6 +264,14 @@ class Worker:
         if outcome is not None:
             self.terminal(ctx, outcome, batch=batch)
 
+    def _on_aio(self, ctx: CallContext, method: Method) -> bool:
+        if method.aio is None or method.on_aio is None:
+            return False
+        try:
+            return bool(method.on_aio(self, ctx))
+        except Exception:  # bad params: the method itself reports them, wherever it runs
+            return False
+
     def _on_lane(self, ctx: CallContext, method: Method) -> bool:
         if method.lane is None:
             return False
@@ -282,6 +306,9 @@ class Worker:
         elif self._on_lane(ctx, method):
             self.counters["lane_calls"] += 1
             self._lane_new.append((ctx, method))  # queued on the lane once its ack is written
+        elif self.aio is not None and self._on_aio(ctx, method):
+            self.counters["aio_calls"] += 1
+            self._aio_new.append((ctx, method))  # started on the loop once its ack is written
         else:
             self._jobs.append((ctx, method))
 
@@ -290,6 +317,11 @@ class Worker:
         if ctx is None:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
+        _inflight.abort(ctx.id)  # its LM requests' connections close: the provider stops generating
+        if self.aio is not None:  # an asynchronous execution: its task ends (all of this read's at once,
+            self._aio_cancels.append(ctx.id)  # after every connection was closed)
+        if self.leases is not None:
+            self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
 
     def _on_shutdown(self, grace: float) -> None:
@@ -324,13 +356,15 @@ class Worker:
             self._on_cancel(message)
         elif isinstance(message, wire.Shutdown):
             self._on_shutdown(message.grace)
+        elif isinstance(message, wire.LeaseGrant) and self.leases is not None:
+            self.leases.on_grant(message)
 
     # -- the loops ------------------------------------------------------------------------------------
     def hello(self) -> wire.Hello:
         return wire.Hello(
             version=wire.PROTOCOL_VERSION,
             pid=os.getpid(),
-            capacity=self.capacity,
+            capacity=self.capacity + (self.aio.capacity if self.aio is not None else 0),
             capabilities=sorted(self.methods),
             versions=library_versions(),
         )
@@ -360,12 +394,27 @@ class Worker:
                     _parent_gone()  # stdin reached EOF: exit promptly, also while busy
                 try:
                     self.conn.receive_data(data)
-                    while (message := self.conn.next_event()) is not wire.NEED_DATA:
+                    while True:
+                        # Under the send lock: threads send lease frames, and a lease's answer and its
+                        # release move the same entry of the connection's lease table.
+                        with self.lock:
+                            message = self.conn.next_event()
+                        if message is wire.NEED_DATA:
+                            break
                         self.dispatch(message)  # type: ignore[arg-type]
+                    if self._aio_cancels:
+                        assert self.aio is not None
+                        self.aio.cancel_many(self._aio_cancels)
+                        self._aio_cancels = []
                 except wire.ProtocolError as exc:
                     print(f"bridge_child: protocol error from the parent: {exc}", file=sys.stderr)
                     _exit_now(EXIT_PROTOCOL_ERROR)
         self.flush()
+        if self._aio_new:
+            assert self.aio is not None
+            for ctx, method in self._aio_new:
+                self.aio.submit(ctx, method)
+            self._aio_new.clear()
         jobs, self._jobs = self._jobs, []
         if self._lane_new or self.lane.current is not None:
             jobs.extend(self.lane.admit(self._lane_new))
@@ -433,6 +482,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-frame-bytes", type=int, default=wire.DEFAULT_MAX_FRAME_BYTES)
     parser.add_argument("--preload", action="store_true", help="import dspy before the hello")
     parser.add_argument(
+        "--lease-lms", action="store_true", help="ask the host for a lease before each LM request"
+    )
+    parser.add_argument(
+        "--async-capacity",
+        type=int,
+        default=0,
+        help="executions with a network LM run on an event loop, up to this many besides the threads",
+    )
+    parser.add_argument(
         "--programs", default="", help="program modules to import before the hello, comma-separated"
     )
     parser.add_argument(
@@ -484,6 +542,8 @@ def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
         diagnostics=args.diagnostics,
         worker_id=args.worker_id,
         max_frame_bytes=args.max_frame_bytes,
+        lease_lms=args.lease_lms,
+        async_capacity=max(0, args.async_capacity),
     )
     return worker.serve()
 

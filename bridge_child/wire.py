@@ -35,7 +35,10 @@ __all__ = [
     "FLAG_STREAM",
     "HEADER",
     "HEADER_SIZE",
+    "LEASE_KINDS",
+    "LEASE_TRANSITIONS",
     "MAGIC",
+    "MAX_PENDING_LEASES",
     "NEED_DATA",
     "PARENT_KINDS",
     "PROTOCOL_VERSION",
@@ -50,6 +53,10 @@ __all__ = [
     "ErrorCode",
     "Event",
     "Hello",
+    "LeaseGrant",
+    "LeaseRelease",
+    "LeaseRequest",
+    "LeaseState",
     "LocalProtocolError",
     "ParentMessage",
     "Ping",
@@ -63,6 +70,7 @@ __all__ = [
     "UnencodableMessage",
     "decode_frames_untrusted",
     "encode_frame",
+    "lm_key",
 ]
 
 MAGIC: Final = 0xD5
@@ -76,6 +84,10 @@ DEFAULT_MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 """Largest accepted body, in bytes; checked on the header, before any of the body is buffered."""
 _COMPACT_AFTER_BYTES: Final = 64 * 1024
 """Consumed bytes at the front of the receive buffer are dropped once they exceed this, in bytes."""
+
+MAX_PENDING_LEASES: Final = 65_536
+"""Most leases one connection may have requested and not yet released, a count; one more is a protocol
+error (a worker asks for one lease per LM request in flight)."""
 
 FLAG_IDEMPOTENT: Final = 1
 """Call flag: the call may safely run twice (the runtime may retry it on another worker)."""
@@ -223,9 +235,61 @@ class Shutdown(_Message, frozen=True, tag="shutdown"):
     grace: float
 
 
-ParentMessage: TypeAlias = Call | TracedCall | Cancel | Ping | Shutdown
+# -- LM leases: the host's budgets for LM requests (docs/lm.md) ---------------------------------------
+# A worker that leases (``--lease-lms``) asks the host before each LM request it sends; the host grants
+# when that LM's pool-wide budgets allow, and the worker releases the lease when the request is over,
+# saying how it went (a ``429``'s ``Retry-After`` pauses that LM for every worker). Apart from calls.
+
+
+class LeaseRequest(_Message, frozen=True, tag="lease"):
+    """Child -> parent: may call ``call`` send one request to the LM ``lm`` (see :func:`lm_key`)?
+    Answered by exactly one ``LeaseGrant``."""
+
+    lease: int
+    """Chosen by the child; unique among its leases not yet released."""
+    call: int
+    """The call the request is for."""
+    lm: str
+    """The LM's budget key, :func:`lm_key` of its model and API base."""
+    tokens: int = 0
+    """Tokens the request is expected to use (an estimate, for a tokens-per-minute budget)."""
+
+
+class LeaseGrant(_Message, frozen=True, tag="grant"):
+    """Parent -> child: the answer to a ``LeaseRequest``: send it (``ok``), or do not (``reason``)."""
+
+    lease: int
+    ok: bool = True
+    reason: str = ""
+    """Why not, when not ``ok`` (the budget cannot be met before the call's deadline, the pool is
+    closing, or the child released the lease before this answer)."""
+
+
+class LeaseRelease(_Message, frozen=True, tag="release"):
+    """Child -> parent: the leased request is over (answered, failed, or never sent); or, before the
+    grant, the child no longer waits for it (its call was cancelled or ran out of time)."""
+
+    lease: int
+    status: int = 0
+    """The HTTP status of the answer; 0: no answer (connect error, cancelled, never sent)."""
+    retry_after: float | None = None
+    """The answer's ``Retry-After``, in seconds, when it had one."""
+    tokens: int = 0
+    """Tokens the request used, as the answer reported them (0: unknown)."""
+    sent_ago: float | None = None
+    """Seconds since the request was sent (its last byte written); None: it was never sent. The host
+    counts the request against the LM's rate from then, not from its grant: a worker may be slow to
+    send what it was granted."""
+
+
+def lm_key(model: str, api_base: str | None = None) -> str:
+    """The key of an LM's budgets: its model and API base (the same model at two bases is two LMs)."""
+    return f"{model} @ {api_base.rstrip('/')}" if api_base else model
+
+
+ParentMessage: TypeAlias = Call | TracedCall | Cancel | Ping | Shutdown | LeaseGrant
 """What the parent sends and the child receives."""
-ChildMessage: TypeAlias = Hello | Ack | Event | Result | Error | Pong
+ChildMessage: TypeAlias = Hello | Ack | Event | Result | Error | Pong | LeaseRequest | LeaseRelease
 """What the child sends and the parent receives."""
 Message: TypeAlias = ParentMessage | ChildMessage
 
@@ -253,6 +317,8 @@ CHILD_KINDS: Final[tuple[type, ...]] = get_args(ChildMessage)
 """The kinds the child sends (and the parent receives)."""
 CALL_KINDS: Final = frozenset({Call, TracedCall, Ack, Event, Result, Error})
 """The kinds that belong to one call (by ``id``) and move it through ``CALL_TRANSITIONS``."""
+LEASE_KINDS: Final = frozenset({LeaseRequest, LeaseGrant, LeaseRelease})
+"""The kinds that belong to one lease (by ``lease``) and move it through ``LEASE_TRANSITIONS``."""
 
 
 class ConnectionState(enum.StrEnum):
@@ -280,9 +346,12 @@ CONNECTION_TRANSITIONS: Final[dict[tuple[ConnectionState, type], ConnectionState
     (ConnectionState.OPEN, Result): ConnectionState.OPEN,
     (ConnectionState.OPEN, Error): ConnectionState.OPEN,
     (ConnectionState.OPEN, Pong): ConnectionState.OPEN,
+    (ConnectionState.OPEN, LeaseRequest): ConnectionState.OPEN,
+    (ConnectionState.OPEN, LeaseGrant): ConnectionState.OPEN,
+    (ConnectionState.OPEN, LeaseRelease): ConnectionState.OPEN,
 }
-"""(connection state, frame kind) -> next state: the hello comes first, and once. Anything else is a
-protocol violation."""
+"""(connection state, frame kind) -> next state: the hello comes first, and once (leases come after
+it: the child asks for them). Anything else is a protocol violation."""
 
 
 class CallState(enum.StrEnum):
@@ -306,6 +375,29 @@ CALL_TRANSITIONS: Final[dict[tuple[CallState, type], CallState]] = {
 """(call state, frame kind) -> next state, for the frames in ``CALL_KINDS``. Anything else is a protocol
 violation. ``cancel``, ``ping``, ``pong`` and ``shutdown`` are outside any call: a ``cancel`` may name an
 id that already finished (it crossed the reply)."""
+
+
+class LeaseState(enum.StrEnum):
+    FREE = "free"
+    """Never requested, or released and answered: the lease id may be used again."""
+    REQUESTED = "requested"
+    """Asked for; no answer yet."""
+    GRANTED = "granted"
+    """Granted (or refused: the child then releases it at once); the request may be sent."""
+    ABANDONED = "abandoned"
+    """Released before its answer (the child stopped waiting): the answer still comes, once, and the
+    child drops it (counted in ``late_frames``)."""
+
+
+LEASE_TRANSITIONS: Final[dict[tuple[LeaseState, type], LeaseState]] = {
+    (LeaseState.FREE, LeaseRequest): LeaseState.REQUESTED,
+    (LeaseState.REQUESTED, LeaseGrant): LeaseState.GRANTED,
+    (LeaseState.REQUESTED, LeaseRelease): LeaseState.ABANDONED,
+    (LeaseState.GRANTED, LeaseRelease): LeaseState.FREE,
+    (LeaseState.ABANDONED, LeaseGrant): LeaseState.FREE,
+}
+"""(lease state, frame kind) -> next state, for the frames in ``LEASE_KINDS``: every request gets
+exactly one answer, and every lease is released once. Anything else is a protocol violation."""
 
 
 class Role(enum.Enum):
@@ -402,8 +494,11 @@ class Connection:
         """Pending calls (not ``DONE``), by id."""
         self._next_seq: dict[int, int] = {}
         self._abandoned: set[int] = set()
+        self._leases: dict[int, LeaseState] = {}
+        """Leases not ``FREE``, by id."""
         self.late_frames = 0
-        """Frames received for abandoned calls, dropped (a late reply never reaches a caller)."""
+        """Frames received for abandoned calls, and answers to abandoned leases, dropped (a late reply
+        never reaches a caller)."""
         self.hello: Hello | None = None
         """The worker's hello (received by the parent, sent by the child), once it went by."""
 
@@ -420,6 +515,15 @@ class Connection:
     @property
     def pending_calls(self) -> int:
         return len(self._calls)
+
+    def lease_state(self, lease: int) -> LeaseState:
+        """The state of a lease; FREE for ids that are released or unknown."""
+        return self._leases.get(lease, LeaseState.FREE)
+
+    @property
+    def pending_leases(self) -> int:
+        """Leases requested and not yet both released and answered."""
+        return len(self._leases)
 
     @property
     def buffered_bytes(self) -> int:
@@ -491,7 +595,14 @@ class Connection:
 
     def _accept(self, message: Message) -> bool:
         """Apply a received message (the decoder let through only the peer's kinds); False if it is a
-        late frame of an abandoned call, to drop."""
+        late frame of an abandoned call, or the answer to an abandoned lease, to drop."""
+        if type(message) in LEASE_KINDS:
+            previous = self.lease_state(message.lease)  # type: ignore[union-attr]
+            self._apply(message, RemoteProtocolError)
+            if type(message) is LeaseGrant and previous is LeaseState.ABANDONED:
+                self.late_frames += 1  # the child stopped waiting for it
+                return False
+            return True
         call_state = self._apply(message, RemoteProtocolError)
         if call_state is None or not self._abandoned:
             return True
@@ -539,6 +650,9 @@ class Connection:
             if state is ConnectionState.AWAITING_HELLO:
                 raise error(f"the child's first frame must be hello, not {kind.__name__}")
             raise error(f"a second {kind.__name__.lower()}")
+        if kind in LEASE_KINDS:
+            self._apply_lease(message, error)  # type: ignore[arg-type]
+            return None
         if kind not in CALL_KINDS:
             # Only the hello changes the connection's state (the table maps every other kind to the
             # state it found). Not writing it for the others matters in the child, whose reader thread
@@ -572,6 +686,29 @@ class Connection:
             self._calls[call_id] = next_call_state
         return next_call_state
 
+    def _apply_lease(
+        self, message: LeaseRequest | LeaseGrant | LeaseRelease, error: type[ProtocolError]
+    ) -> LeaseState:
+        """Apply one lease frame (already past the connection's table) to ``LEASE_TRANSITIONS``; the
+        lease's new state.
+
+        Raises:
+            error: the frame breaks a rule; nothing is changed.
+        """
+        kind = type(message)
+        lease = message.lease
+        state = self._leases.get(lease, LeaseState.FREE)
+        next_state = LEASE_TRANSITIONS.get((state, kind))
+        if next_state is None:
+            raise error(f"{kind.__name__} for lease {lease} in state {state.value}")
+        if kind is LeaseRequest and len(self._leases) >= MAX_PENDING_LEASES:
+            raise error(f"more than {MAX_PENDING_LEASES} leases pending")
+        if next_state is LeaseState.FREE:
+            del self._leases[lease]
+        else:
+            self._leases[lease] = next_state
+        return next_state
+
     # -- the parent's bookkeeping -------------------------------------------------------------------
     def abandon(self, call_id: int) -> bool:
         """Parent side: the caller gave up on ``call_id``; its later frames are dropped and counted.
@@ -584,8 +721,9 @@ class Connection:
         return False
 
     def forget_all(self) -> list[int]:
-        """Drop every pending call (the peer is gone); returns their ids."""
+        """Drop every pending call and lease (the peer is gone); returns the calls' ids."""
         ids = list(self._calls)
+        self._leases.clear()
         self._calls.clear()
         self._next_seq.clear()
         self._abandoned.clear()

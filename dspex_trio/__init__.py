@@ -41,6 +41,8 @@ from dspex_trio._fallback import open_backend as open_backend
 from dspex_trio._health import HealthSnapshot as HealthSnapshot
 from dspex_trio._health import WorkerHealth as WorkerHealth
 from dspex_trio._http_routes import serve_http as serve_http
+from dspex_trio._lm_budgets import LMBudget as LMBudget
+from dspex_trio._lm_budgets import LMStatistics as LMStatistics
 from dspex_trio._metrics import RuntimeCollector as RuntimeCollector
 from dspex_trio._options import PoolOptions as PoolOptions
 from dspex_trio._options import WorkerOptions as WorkerOptions

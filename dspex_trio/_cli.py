@@ -51,6 +51,7 @@ from dspex_trio._cli_settings import (
     server_ssl_context,
 )
 from dspex_trio._handshake import SUBPROTOCOL, is_loopback
+from dspex_trio._lm_budgets import parse_lm_budget
 from dspex_trio._log_context import fields as log_fields
 
 __all__ = ["CliError", "ServeSettings", "SettingsError", "main", "resolve_secrets", "resolve_settings"]
@@ -160,6 +161,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="pass this environment variable to the workers (repeatable; by default they get an allow-list)",
+    )
+    serve.add_argument(
+        "--async-capacity",
+        type=int,
+        default=None,
+        metavar="N",
+        help="executions with a network LM each worker runs on its event loop, no thread each (default 0)",
+    )
+    serve.add_argument(
+        "--lm-budget",
+        dest="lm_budgets",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a pool-wide LM budget: 'MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS]' "
+        "(repeatable; docs/lm.md)",
     )
     serve.add_argument(
         "--programs",
@@ -399,6 +416,8 @@ async def _serve(
                         workers=settings.workers,
                         diagnostics=settings.diagnostics,
                         programs=settings.programs,
+                        lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
+                        async_capacity=settings.async_capacity,
                         **where,
                     ) as pool,
                 ):

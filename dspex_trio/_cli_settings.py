@@ -18,6 +18,8 @@ from typing import Any, Final
 import attrs
 import cattrs
 
+from dspex_trio._lm_budgets import parse_lm_budget
+
 __all__ = [
     "DRAIN_GRACE_S",
     "ENV_PREFIX",
@@ -71,6 +73,11 @@ class ServeSettings:
     worker_env: tuple[str, ...] = ()
     programs: tuple[str, ...] = ()
     """The operator's program modules (``--programs``, repeatable; ``DSPEX_PROGRAMS``, comma-separated)."""
+    async_capacity: int = 0
+    """Executions with a network LM each worker runs on its asynchronous lane (``--async-capacity``)."""
+    lm_budgets: tuple[str, ...] = ()
+    """Pool-wide LM budgets, each ``MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=S]``
+    (``--lm-budget``, repeatable; ``DSPEX_LM_BUDGETS``, comma-separated); any one makes workers lease."""
     lms: dict[str, dict[str, Any]] = attrs.Factory(dict)
     """Named LMs clients may select (config file only): ``[lms.NAME]`` with ``model``, ``api_base``,
     ``api_key_env`` or ``api_key_file``, and ``dspy.LM`` settings."""
@@ -168,6 +175,13 @@ def resolve_settings(
         raise SettingsError("invalid settings: give the token with token or token_file, not both")
     if settings.keyfile is not None and settings.certfile is None:
         raise SettingsError("invalid settings: keyfile needs certfile (the certificate it is the key of)")
+    if settings.async_capacity < 0:
+        raise SettingsError(f"invalid settings: async_capacity must be >= 0, not {settings.async_capacity}")
+    for text in settings.lm_budgets:
+        try:
+            parse_lm_budget(text)
+        except ValueError as exc:
+            raise SettingsError(f"invalid settings: {exc}") from None
     return settings
 
 

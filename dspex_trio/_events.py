@@ -29,8 +29,9 @@ class HealthEvent:
 
     kind: str
     """``worker_state`` (a worker changed state), ``circuit`` (the breaker changed), ``launcher``
-    (fallback), ``backend`` (a fallback chain switched backends: from, to, reason), or ``lagged`` (this
-    subscriber missed events)."""
+    (fallback), ``backend`` (a fallback chain switched backends: from, to, reason), ``lm_throttled`` /
+    ``lm_paused`` (an LM's pool-wide budget made requests wait, or a failure paused it: docs/lm.md), or
+    ``lagged`` (this subscriber missed events)."""
     data: dict[str, Any]
     """What happened; for ``worker_state``: worker_id, pid, from, to, reason."""
     backend: str = "pool"

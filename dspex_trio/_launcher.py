@@ -113,6 +113,10 @@ class WorkerSpec:
     """Diagnostics: the worker exits with this code before its handshake (restart-storm tests)."""
     programs: tuple[str, ...] = ()
     """The operator's program modules, imported before the handshake (``bridge_child.registry``)."""
+    lease_lms: bool = False
+    """The worker asks the host for a lease before each LM request (the pool's LM budgets)."""
+    async_capacity: int = 0
+    """Executions with a network LM run on the worker's event loop, up to this many (0: none)."""
 
     def argv(self) -> list[str]:
         """The ``bridge_child`` command-line arguments for this spec."""
@@ -124,6 +128,10 @@ class WorkerSpec:
             args += ["--fail-at-start", str(self.fail_at_start)]
         if self.programs:
             args += ["--programs", ",".join(self.programs)]
+        if self.lease_lms:
+            args.append("--lease-lms")
+        if self.async_capacity:
+            args += ["--async-capacity", str(self.async_capacity)]
         return args
 
 

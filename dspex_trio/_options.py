@@ -58,6 +58,10 @@ class WorkerOptions:
     programs: tuple[str, ...] = attrs.field(default=(), converter=check_module_names)
     """The operator's program modules (``myapp.programs``), imported by every worker before its hello
     (by the zygote template, before it forks): what ``create_program(module=...)`` may name."""
+    async_capacity: int = attrs.field(default=0, validator=at_least(0))
+    """Executions with a network LM the worker runs at once on its asynchronous lane, besides its
+    ``capacity`` threads (DSPy's async API on an event loop of the worker's own: no thread each); 0:
+    none, they take threads (docs/lm.md)."""
 
 
 @attrs.frozen(kw_only=True)

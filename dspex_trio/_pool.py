@@ -17,7 +17,7 @@ import collections
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
@@ -41,6 +41,7 @@ from dspex_trio._events import EventBus, Subscription
 from dspex_trio._exports import NoPublicConstructor
 from dspex_trio._health import HealthSnapshot, WorkerHealth, worker_state_data
 from dspex_trio._launcher import Launcher, WorkerSpec
+from dspex_trio._lm_budgets import LMBudget, LMBudgets
 from dspex_trio._options import PoolOptions, WorkerOptions, pool_options_from
 from dspex_trio._pool_launcher import open_launcher
 from dspex_trio._programs_host import ProgramHost, program_module_error, program_spec
@@ -92,6 +93,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         clock: Callable[[], float] | None,
         fail_at_start: int | None = None,
         rng: RandomSource | None = None,
+        lm_budgets: Iterable[LMBudget] | None = None,
     ) -> None:
         super().__init__(clock=clock, session_ttl=options.session_ttl, lm=lm)
         self.options = options
@@ -141,6 +143,10 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         self._next_slot = options.workers
         self.events = EventBus(backend="pool")
         """Health events: every worker state transition and circuit change."""
+        self.lm_budgets = (
+            None if lm_budgets is None else LMBudgets(lm_budgets, publish=self.events.publish, rng=self._rng)
+        )
+        """The pool-wide LM budgets its workers lease from (None: workers do not lease)."""
         self._transition_hooks: list[Callable[[Worker, WorkerState, WorkerState, str], None]] = []
         """Called synchronously on every worker state transition, after its health event is published
         (tests and the chaos benchmark hook in here; applications read ``subscribe_health()``)."""
@@ -352,6 +358,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             checkout_success_rate=(self._counts["checkouts_ok"] / checkouts) if checkouts else 1.0,
             sessions=len(self.sessions),
             latency=latency,
+            lm=() if self.lm_budgets is None else self.lm_budgets.statistics(),
         )
 
     # -- dispatch (the loop is ``Dispatch``'s; these are its hooks) -----------------------------------
@@ -452,6 +459,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             max_frame_bytes=self.worker_options.max_frame_bytes,
             fail_at_start=self._fail_at_start,
             programs=self.worker_options.programs,
+            lease_lms=self.lm_budgets is not None,
+            async_capacity=self.worker_options.async_capacity,
         )
 
     async def _run_worker(
@@ -465,6 +474,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
                 spec=self._spec(),
                 options=self.worker_options,
                 on_transition=self._on_transition,
+                lm_budgets=self.lm_budgets,
             )
             if self.lm is not None:
                 await self._configure_worker(worker)
@@ -616,6 +626,7 @@ async def open_pool(
     clock: Callable[[], float] | None = None,
     fail_at_start: int | None = None,
     rng: RandomSource | None = None,
+    lm_budgets: Iterable[LMBudget] | None = None,
     **option_fields: Any,
 ) -> AsyncIterator[Pool]:
     """Open a pool of ``workers`` supervised worker processes (2 unless the options say otherwise).
@@ -631,7 +642,10 @@ async def open_pool(
     "subprocess" (``python -m bridge_child``), "auto" (zygote where ``os.fork`` exists, else
     subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start``
     (diagnostics) makes every worker exit with that code before its handshake; ``rng`` the random source
-    of the retry jitter (a seeded ``random.Random`` in tests).
+    of the retry jitter (a seeded ``random.Random`` in tests). ``lm_budgets`` (an iterable of
+    :class:`LMBudget`; docs/lm.md) makes the workers lease before each LM request, so the budgets hold
+    for the whole pool and a ``429`` pauses that LM for every worker; ``[]`` leases with no limits
+    (pauses only); None (the default) does not lease.
     """
     if workers is not None:
         option_fields["workers"] = workers
@@ -657,6 +671,7 @@ async def open_pool(
                 clock=clock,
                 fail_at_start=fail_at_start,
                 rng=rng,
+                lm_budgets=lm_budgets,
             )
             pool._nursery = nursery
             try:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from dspex_trio._breaker import CircuitState
 from dspex_trio._states import WorkerState
+
+if TYPE_CHECKING:
+    from dspex_trio._lm_budgets import LMStatistics
 
 
 @attrs.frozen
@@ -122,6 +125,8 @@ class PoolStatistics:
     sessions: int
     latency: dict[str, LatencySummary]
     """Per method."""
+    lm: tuple[LMStatistics, ...] = ()
+    """Each LM's budgets and throttling (``open_pool(lm_budgets=...)``; empty when the pool has none)."""
 
 
 @attrs.frozen

@@ -50,6 +50,7 @@ from dspex_trio._errors import (
 )
 from dspex_trio._exports import NoPublicConstructor
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, default_launcher
+from dspex_trio._lm_budgets import LeaseDesk, LMBudgets
 from dspex_trio._options import WorkerOptions, options_from
 from dspex_trio._states import (
     ACCEPTING,
@@ -126,6 +127,10 @@ class Worker(metaclass=NoPublicConstructor):
     on_transition: TransitionCallback | None = None
     hello: wire.Hello | None = None
     """The worker's hello, once it came (its pid, capacity, methods, library versions)."""
+    lm_budgets: LMBudgets | None = None
+    """The pool's LM budgets, which answer the worker's leases (a worker started with ``--lease-lms``);
+    None: every lease is granted at once."""
+    _desk: LeaseDesk | None = attrs.field(init=False, default=None)
     _state: WorkerState = attrs.field(init=False, default=WorkerState.STARTING)
     """Changed only by ``_change``."""
     _conn: wire.Connection = attrs.field(init=False)
@@ -167,6 +172,8 @@ class Worker(metaclass=NoPublicConstructor):
         self._conn = wire.Connection(wire.Role.PARENT, max_frame_bytes=self.options.max_frame_bytes)
         self._stderr = StderrRelay(self.worker_id, logger, extra={"worker_id": self.worker_id})
         self._idle.set()
+        if self.lm_budgets is not None:
+            self._desk = LeaseDesk(self.lm_budgets, self._answer_lease)
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -466,6 +473,16 @@ class Worker(metaclass=NoPublicConstructor):
             self.hello = message
             self._hello_event.set()
             return
+        if type(message) is wire.LeaseRequest:
+            if self._desk is not None:
+                self._desk.request(message)
+            else:
+                self._answer_lease(wire.LeaseGrant(message.lease))
+            return
+        if type(message) is wire.LeaseRelease:
+            if self._desk is not None:
+                self._desk.release(message)
+            return
         call = self._calls.get(message.id)  # type: ignore[union-attr]
         if call is None:  # pragma: no cover - the connection drops frames of abandoned calls
             return
@@ -498,6 +515,11 @@ class Worker(metaclass=NoPublicConstructor):
                 return
             call.events.append(message.data)
             call.event_arrived.set()
+
+    def _answer_lease(self, grant: wire.LeaseGrant) -> None:
+        """Send the answer to a lease, if the worker still has it pending (not if the worker is gone)."""
+        if self._conn.lease_state(grant.lease) in (wire.LeaseState.REQUESTED, wire.LeaseState.ABANDONED):
+            self._queue(grant)
 
     async def _read_frames(self) -> None:
         try:
@@ -622,6 +644,8 @@ class Worker(metaclass=NoPublicConstructor):
             nursery.start_soon(self._write_frames)
             nursery.start_soon(self._stderr.run, self.process.stderr)
             nursery.start_soon(self._watch_exit)
+            if self._desk is not None:
+                await nursery.start(self._desk.serve)
             try:
                 try:
                     await self._handshake()
@@ -730,6 +754,7 @@ async def start_worker(
     spec: WorkerSpec,
     options: WorkerOptions,
     on_transition: TransitionCallback | None = None,
+    lm_budgets: LMBudgets | None = None,
 ) -> Worker:
     """Launch a worker whose tasks run in ``nursery``; returns once its handshake completed.
 
@@ -741,7 +766,12 @@ async def start_worker(
     except OSError as exc:
         raise WorkerStartFailed(f"worker {spec.worker_id} could not be launched: {exc}") from exc
     worker = Worker._create(
-        spec.worker_id, process, options, launcher_name=launcher.name, on_transition=on_transition
+        spec.worker_id,
+        process,
+        options,
+        launcher_name=launcher.name,
+        on_transition=on_transition,
+        lm_budgets=lm_budgets,
     )
     with log_context.bound(worker_id=spec.worker_id):  # the worker's tasks log with its id
         result: Worker = await nursery.start(worker._serve)
@@ -772,6 +802,7 @@ async def open_worker(
         capacity=opts.capacity,
         max_frame_bytes=opts.max_frame_bytes,
         programs=opts.programs,
+        async_capacity=opts.async_capacity,
     )
     async with open_service_nursery() as nursery:
         worker = await start_worker(

@@ -84,6 +84,9 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     ),
     "tests/dspex_trio/test_http_routes.py": frozenset(),
     "tests/dspex_trio/test_log_context.py": frozenset(),  # its real-process test is marked
+    "tests/bridge_child/test_wire_leases.py": frozenset(),
+    "tests/dspex_trio/test_fake_lm_observing.py": frozenset(),
+    "tests/dspex_trio/test_lm_budgets.py": frozenset(),
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}

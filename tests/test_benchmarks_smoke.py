@@ -100,3 +100,17 @@ def test_family_13_ray_pool_runs_tiny(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     assert set(summary["13a_throughput_calls_per_s"]) == {"zygote", "ray", "tcp"}
     assert summary["13a_ratio_ray_vs_zygote"] > 0 and summary["13b_ratio_ray_vs_zygote"] > 0
+
+
+def test_family_12_lm_in_flight_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 12 (LM calls in flight, issue 17): 16 callers at 0.3 s, both paths."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import lm_layer
+
+    result = lm_layer.measure({"implementations": ["async", "threads"], "in_flight": 16, "latency": 0.3})
+    assert result["errors"] == []
+    rows = {(r["implementation"], r["metric"]): r for r in result["rows"]}
+    assert rows[("ideal", "executions_per_s")]["value"] == 16 / 0.3
+    for impl in ("async", "threads"):
+        assert rows[(impl, "executions_per_s")]["completed"] > 0
+        assert (impl, "worker_rss_growth") in rows

@@ -19,7 +19,8 @@ deeply to parse is a ``400``. It binds 127.0.0.1 by default and warns (log and, 
 stderr) when bound to any other address: it has no authentication.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON, or SSE with ``"stream": true``), ``GET /v1/models``,
-``GET /health``. The same paths without the ``/v1`` prefix are accepted too.
+``GET /health``, ``GET /v1/stats`` (the counters and recorded times, for a server in another
+process). The same paths without the ``/v1`` prefix are accepted too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -64,10 +66,12 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body accepted, in bytes; a larger one gets ``413 Payload Too Large``."""
 
 MAX_CONNECTIONS = 256
-"""Connections served at once, a count; further clients wait in the listen backlog."""
+"""Connections served at once by default, a count (``max_connections=``, ``--max-connections``);
+further clients wait in the listen backlog."""
 
 LISTEN_BACKLOG = 128
-"""Pending connections the kernel queues for ``accept``, a count."""
+"""Pending connections the kernel queues for ``accept``, a count (at least ``max_connections`` when
+that is larger: a thousand clients connecting at once must not overflow it)."""
 
 KEEPALIVE_IDLE_TIMEOUT_S = 60.0
 """Seconds an idle keep-alive connection may wait for its next request before the server closes it."""
@@ -77,6 +81,10 @@ BODY_READ_TIMEOUT_S = 30.0
 
 ACCEPT_RETRY_DELAY_S = 0.1
 """Seconds to wait before accepting again when the process is out of file descriptors or memory."""
+
+MAX_RECORDED_TIMES = 100_000
+"""Arrival and disconnect times kept for :meth:`FakeLM.max_arrivals_in_window` and friends, a count
+(the oldest are dropped first)."""
 
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
@@ -91,6 +99,11 @@ class FakeLMConfig:
     """How a fake LM server answers chat completions (``/health`` and ``/v1/models`` are never faulted).
 
     Faults are checked in this order: ``timeout``, then ``fail_status``, then ``malformed``.
+
+    While a completion waits (``latency_s``, ``latency_jitter_s``, ``stream_chunk_delay_s``, ``timeout``)
+    the server watches its connection: a client that disconnects is noticed at once
+    (:attr:`FakeLMStatistics.client_disconnects`, :attr:`FakeLM.disconnect_times`), as a real provider
+    stops generating when its client goes away.
     """
 
     model: str = "fake"
@@ -98,6 +111,10 @@ class FakeLMConfig:
 
     latency_s: float = attrs.field(default=0.0, validator=finite_non_negative)
     """Seconds to wait before answering a completion (an injected error too)."""
+
+    latency_jitter_s: float = attrs.field(default=0.0, validator=finite_non_negative)
+    """Up to this many more seconds of latency per completion, drawn uniformly for each request from the
+    seeded random generator (so requests of one run differ, and two runs with one seed agree)."""
 
     stream_chunk_delay_s: float = attrs.field(default=0.0, validator=finite_non_negative)
     """Seconds to wait between two SSE chunks of a streamed answer."""
@@ -111,6 +128,12 @@ class FakeLMConfig:
     fail_count: int | None = attrs.field(default=None, validator=at_least(0, optional=True))
     """How many completions fail with ``fail_status`` (counted from when this config was installed);
     None: no limit."""
+
+    retry_after_s: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_non_negative)
+    )
+    """Seconds sent in a ``Retry-After`` header with each injected failure (as a provider does with a
+    ``429``); None: no header."""
 
     fail_probability: float = attrs.field(default=1.0, validator=fraction)
     """Chance that a completion fails with ``fail_status`` while ``fail_count`` is not used up."""
@@ -155,7 +178,20 @@ class FakeLMStatistics:
     """Requests rejected with ``413`` because of their body size."""
 
     connections_accepted: int = 0
+    """TCP connections accepted."""
+
     connections_open: int = 0
+    """TCP connections open now."""
+
+    completions_in_flight: int = 0
+    """Completions received and not yet answered (or given up) now."""
+
+    max_completions_in_flight: int = 0
+    """The most completions in flight at once."""
+
+    client_disconnects: int = 0
+    """Completions whose client closed the connection before the answer was complete (a cancelled
+    request: a real provider would stop generating)."""
 
 
 class FakeLM:
@@ -172,6 +208,10 @@ class FakeLM:
         self._fail_budget = config.fail_count
         self._rng = random.Random(config.seed)
         self._cancel_scope: trio.CancelScope | None = None
+        self.arrival_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
+        """``time.monotonic()`` at each completion's arrival (its head read), oldest first."""
+        self.disconnect_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
+        """``time.monotonic()`` at each client disconnect counted in ``client_disconnects``."""
 
     @property
     def base_url(self) -> str:
@@ -207,13 +247,57 @@ class FakeLM:
         return self._config
 
     def reset_statistics(self) -> None:
-        open_now = self.statistics.connections_open
-        self.statistics = FakeLMStatistics(connections_open=open_now)
+        """Start the counters and recorded times over (the gauges of what is open now are kept)."""
+        old = self.statistics
+        self.statistics = FakeLMStatistics(
+            connections_open=old.connections_open, completions_in_flight=old.completions_in_flight
+        )
+        self.arrival_times.clear()
+        self.disconnect_times.clear()
+
+    def stats_json(self) -> dict[str, Any]:
+        """What ``GET /v1/stats`` answers: the counters, and the arrival and disconnect times
+        (``time.monotonic()`` of this machine: comparable with another process's)."""
+        return {
+            **attrs.asdict(self.statistics),
+            "arrival_times": list(self.arrival_times),
+            "disconnect_times": list(self.disconnect_times),
+        }
+
+    def max_arrivals_in_window(self, window_s: float = 1.0) -> int:
+        """The most completions that arrived within any ``window_s`` seconds (a sliding window over
+        :attr:`arrival_times`): what a rate limit of N per ``window_s`` must keep at or below N."""
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, not {window_s}")
+        times = list(self.arrival_times)
+        best = 0
+        start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= window_s:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    def arrivals_per_second(self) -> list[int]:
+        """Completions that arrived in each whole second since the first recorded arrival."""
+        times = list(self.arrival_times)
+        if not times:
+            return []
+        counts = [0] * (int(times[-1] - times[0]) + 1)
+        for t in times:
+            counts[int(t - times[0])] += 1
+        return counts
 
     def stop(self) -> None:
         """Stop serving: :func:`serve_fake_lm` closes its listener and connections and returns."""
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+
+    def _latency(self, config: FakeLMConfig) -> float:
+        """The latency of the current completion (a draw from the generator when jittered)."""
+        if config.latency_jitter_s > 0:
+            return config.latency_s + config.latency_jitter_s * self._rng.random()
+        return config.latency_s
 
     def _injected_failure(self, config: FakeLMConfig) -> int | None:
         """The status to fail the current completion with, or None; spends the failure budget."""
@@ -239,6 +323,7 @@ async def serve_fake_lm(
     port: int = 0,
     *,
     config: FakeLMConfig | None = None,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[FakeLM] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a fake OpenAI-compatible LM on ``host:port`` (0: any free port) until cancelled.
@@ -246,7 +331,8 @@ async def serve_fake_lm(
     ``fake = await nursery.start(serve_fake_lm)`` returns once the socket is listening, with the
     :class:`FakeLM` whose ``.url`` to give DSPy.
     """
-    listener = await _open_listener(host, port)
+    limit = MAX_CONNECTIONS if max_connections is None else max_connections
+    listener = await _open_listener(host, port, max(LISTEN_BACKLOG, limit))
     async with listener:
         bound_host, bound_port = listener.socket.getsockname()[:2]
         fake = FakeLM(bound_host, bound_port, config if config is not None else FakeLMConfig())
@@ -256,7 +342,7 @@ async def serve_fake_lm(
                 "(it has no authentication); bind 127.0.0.1 unless that is what you want",
                 fake.base_url,
             )
-        limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        limiter = trio.CapacityLimiter(limit)
         async with trio.open_nursery() as nursery:
             fake._cancel_scope = nursery.cancel_scope
             task_status.started(fake)
@@ -290,19 +376,22 @@ def is_loopback(host: str) -> bool:
 @asynccontextmanager
 async def open_fake_lm(host: str = "127.0.0.1", port: int = 0, **config: Any) -> AsyncIterator[FakeLM]:
     """Run a fake LM server for the ``async with`` body; keyword arguments are :class:`FakeLMConfig`
-    fields (or pass ``config=FakeLMConfig(...)``)."""
+    fields (or pass ``config=FakeLMConfig(...)``), and ``max_connections``."""
+    max_connections = config.pop("max_connections", None)
     fake_config = config.pop("config", None) or FakeLMConfig()
     if config:
         fake_config = attrs.evolve(fake_config, **config)
     async with open_service_nursery() as nursery:
-        fake: FakeLM = await nursery.start(partial(serve_fake_lm, host, port, config=fake_config))
+        fake: FakeLM = await nursery.start(
+            partial(serve_fake_lm, host, port, config=fake_config, max_connections=max_connections)
+        )
         try:
             yield fake
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _open_listener(host: str, port: int) -> trio.SocketListener:
+async def _open_listener(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> trio.SocketListener:
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise OSError(f"cannot resolve {host!r}")
@@ -311,7 +400,7 @@ async def _open_listener(host: str, port: int) -> trio.SocketListener:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         await sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
@@ -351,6 +440,7 @@ async def _serve_connection(fake: FakeLM, http: HttpConnection) -> None:
             if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request), event
+            arrived = time.monotonic()  # as early as the server can know it
             fake.statistics.http_requests += 1
             request = event
             length = content_length(request)
@@ -375,7 +465,7 @@ async def _serve_connection(fake: FakeLM, http: HttpConnection) -> None:
             await http.drain_and_close()
             return
 
-        keep_going = await _dispatch(fake, http, request, body)
+        keep_going = await _dispatch(fake, http, request, body, arrived)
         if not keep_going or http.h11.our_state is not h11.DONE or http.h11.their_state is not h11.DONE:
             return
         http.h11.start_next_cycle()
@@ -388,10 +478,14 @@ _ROUTES: dict[str, str] = {
     "/models": "GET",
     "/health": "GET",
     "/v1/health": "GET",
+    "/stats": "GET",
+    "/v1/stats": "GET",
 }
 
 
-async def _dispatch(fake: FakeLM, http: HttpConnection, request: h11.Request, body: bytes) -> bool:
+async def _dispatch(
+    fake: FakeLM, http: HttpConnection, request: h11.Request, body: bytes, arrived: float
+) -> bool:
     """Answer one request; False when the connection must not be reused."""
     method = request.method.decode("ascii", "replace").upper()
     path = request.target.decode("ascii", "replace").split("?", 1)[0].rstrip("/") or "/"
@@ -406,14 +500,62 @@ async def _dispatch(fake: FakeLM, http: HttpConnection, request: h11.Request, bo
     if path.endswith("/health"):
         await http.send_json(200, {"status": "ok", "requests": fake.requests})
         return True
+    if path.endswith("/stats"):  # for a test or benchmark that runs the server in another process
+        await http.send_json(200, fake.stats_json())
+        return True
     if path.endswith("/models"):
         model = {"id": fake.config.model, "object": "model", "created": 0, "owned_by": "dspex-trio"}
         await http.send_json(200, {"object": "list", "data": [model]})
         return True
-    return await _chat_completion(fake, http, body)
+    return await _chat_completion(fake, http, body, arrived)
 
 
-async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> bool:
+async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes, arrived: float) -> bool:
+    stats = fake.statistics
+    stats.completions_in_flight += 1
+    stats.max_completions_in_flight = max(stats.max_completions_in_flight, stats.completions_in_flight)
+    fake.arrival_times.append(arrived)
+    try:
+        return await _answer_completion(fake, http, body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        _client_gone(fake)  # it went away while the answer was being sent
+        raise
+    finally:
+        # The statistics may have been replaced meanwhile (reset_statistics keeps the gauge).
+        fake.statistics.completions_in_flight = max(0, fake.statistics.completions_in_flight - 1)
+
+
+def _client_gone(fake: FakeLM) -> None:
+    fake.statistics.client_disconnects += 1
+    fake.disconnect_times.append(time.monotonic())
+
+
+async def _wait_unless_client_leaves(fake: FakeLM, http: HttpConnection, seconds: float) -> bool:
+    """Wait ``seconds`` while watching the connection; False (at once, the disconnect counted and
+    stamped as soon as it is seen) if the client closed it first.
+
+    The client sends nothing while it waits for its answer (no pipelining), so whatever it sends now is
+    dropped; only its end of stream matters."""
+    gone = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                await http.wait_for_client_close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            _client_gone(fake)
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return not gone
+
+
+async def _answer_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> bool:
     stats = fake.statistics
     stats.completions += 1
     completion_number = stats.completions
@@ -429,15 +571,21 @@ async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> b
         stats.timeouts_injected += 1
         # Never answer; wait for the client to give up (it closes the connection) or for shutdown.
         await http.wait_for_client_close()
+        _client_gone(fake)
         return False
 
     failure = fake._injected_failure(config)
-    if config.latency_s > 0:
-        await trio.sleep(config.latency_s)
+    latency = fake._latency(config)
+    if latency > 0 and not await _wait_unless_client_leaves(fake, http, latency):
+        return False
     if failure is not None:
         stats.failures_injected += 1
         error_type = "rate_limit_error" if failure == 429 else "server_error" if failure >= 500 else "error"
-        await http.send_json(failure, _error_body(f"injected failure {failure}", error_type))
+        payload = dumps(_error_body(f"injected failure {failure}", error_type))
+        headers = []
+        if config.retry_after_s is not None:
+            headers.append((b"retry-after", _seconds_header(config.retry_after_s)))
+        await http.send_response(failure, payload, headers=headers)
         return True
 
     completion_id = f"chatcmpl-fake-{completion_number}"
@@ -479,11 +627,17 @@ async def _chat_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> b
     ]
     await http.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
     for i, event in enumerate(events):
-        if i and config.stream_chunk_delay_s > 0 and i < len(events) - 1:
-            await trio.sleep(config.stream_chunk_delay_s)
+        pause = i and config.stream_chunk_delay_s > 0 and i < len(events) - 1
+        if pause and not await _wait_unless_client_leaves(fake, http, config.stream_chunk_delay_s):
+            return False
         await http.send(h11.Data(data=event))
     await http.send(h11.EndOfMessage())
     return True
+
+
+def _seconds_header(seconds: float) -> bytes:
+    """A ``Retry-After`` value: whole seconds as an integer (the HTTP form), others as a decimal."""
+    return (str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}").encode("ascii")
 
 
 # --- Command line -------------------------------------------------------------------------------------
@@ -501,6 +655,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--latency", type=float, default=0.0, metavar="SECONDS", help="delay before each answer"
+    )
+    parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="up to this much more delay per answer, random per request (seeded by --seed)",
     )
     parser.add_argument(
         "--stream-chunk-delay", type=float, default=0.0, metavar="SECONDS", help="delay between SSE chunks"
@@ -522,8 +683,22 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="chance a completion fails (default: 1)",
     )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="send this Retry-After header with each injected failure",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for --fail-probability (default: 0)")
     parser.add_argument("--malformed", action="store_true", help="answer text DSPy cannot parse")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once (default: %(default)s)",
+    )
     parser.add_argument("--timeout-mode", action="store_true", help="never answer completions")
     return parser
 
@@ -537,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = FakeLMConfig(
             model=args.model,
             latency_s=args.latency,
+            latency_jitter_s=args.latency_jitter,
+            retry_after_s=args.retry_after,
             stream_chunk_delay_s=args.stream_chunk_delay,
             fail_status=args.fail_status,
             fail_count=args.fail_count,
@@ -548,17 +725,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        trio.run(_serve_until_signal, args.host, args.port, config)
+        trio.run(_serve_until_signal, args.host, args.port, config, max(1, args.max_connections))
     except OSError as exc:
         print(f"fake-lm: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve_until_signal(host: str, port: int, config: FakeLMConfig) -> None:
+async def _serve_until_signal(host: str, port: int, config: FakeLMConfig, max_connections: int) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            fake: FakeLM = await nursery.start(partial(serve_fake_lm, host, port, config=config))
+            fake: FakeLM = await nursery.start(
+                partial(serve_fake_lm, host, port, config=config, max_connections=max_connections)
+            )
             print(fake.url, flush=True)
             async for signum in signals:
                 print(f"fake-lm: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)

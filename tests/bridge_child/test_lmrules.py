@@ -3,6 +3,7 @@ guard's check of each outgoing request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.parse
 from typing import Any
@@ -148,7 +149,14 @@ def test_a_hermetic_router_config_reads_no_environment() -> None:
     assert hardened.api_keys == {"openai-chat": NO_CREDENTIAL}
     assert hardened.base_urls == {"openai-chat": "http://llm.example/v1"}
     assert guard(api_key="k").router_config(dspy_config).api_keys == {"openai-chat": "k"}
-    assert guard(hermetic=False).router_config(dspy_config) is dspy_config
+    # An operator's LM keeps DSPy's config, with room for the asynchronous lane's connections.
+    from bridge_child._lmguard import MAX_LM_CONNECTIONS
+
+    operator = guard(hermetic=False).router_config(dspy_config)
+    assert operator == dataclasses.replace(dspy_config, max_connections=MAX_LM_CONNECTIONS)
+    assert hardened.max_connections == MAX_LM_CONNECTIONS
+    sized = dataclasses.replace(dspy_config, max_connections=7)
+    assert guard(hermetic=False).router_config(sized) is sized  # a size given is kept
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,10 @@ from bridge_child.wire import (
     ErrorCode,
     Event,
     Hello,
+    LeaseGrant,
+    LeaseRelease,
+    LeaseRequest,
+    LeaseState,
     LocalProtocolError,
     Ping,
     Pong,
@@ -60,9 +64,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 ROUND_TRIP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-PARENT_KINDS = (Call, TracedCall, Cancel, Ping, Shutdown)
+PARENT_KINDS = (Call, TracedCall, Cancel, Ping, Shutdown, LeaseGrant)
 """What the parent sends and the child receives."""
-CHILD_KINDS = (Hello, Ack, Event, Result, Error, Pong)
+CHILD_KINDS = (Hello, Ack, Event, Result, Error, Pong, LeaseRequest, LeaseRelease)
 """What the child sends and the parent receives."""
 CALL_KINDS = (Call, TracedCall, Ack, Event, Result, Error)
 """The frames that move a call through ``CALL_TRANSITIONS``."""
@@ -128,6 +132,11 @@ cancels = st.builds(Cancel, id=int64s)
 pings = st.builds(Ping, nonce=int64s)
 pongs = st.builds(Pong, nonce=int64s)
 shutdowns = st.builds(Shutdown, grace=floats)
+lease_requests = st.builds(LeaseRequest, lease=int64s, call=int64s, lm=texts, tokens=int64s)
+lease_grants = st.builds(LeaseGrant, lease=int64s, ok=st.booleans(), reason=texts)
+lease_releases = st.builds(
+    LeaseRelease, lease=int64s, status=st.integers(0, 599), retry_after=st.none() | floats, tokens=int64s
+)
 
 MESSAGES: dict[type, st.SearchStrategy[Any]] = {
     Hello: hellos,
@@ -141,6 +150,9 @@ MESSAGES: dict[type, st.SearchStrategy[Any]] = {
     Ping: pings,
     Pong: pongs,
     Shutdown: shutdowns,
+    LeaseRequest: lease_requests,
+    LeaseGrant: lease_grants,
+    LeaseRelease: lease_releases,
 }
 TAGS: dict[type, str] = {
     Hello: "hello",
@@ -154,6 +166,9 @@ TAGS: dict[type, str] = {
     Ping: "ping",
     Pong: "pong",
     Shutdown: "shutdown",
+    LeaseRequest: "lease",
+    LeaseGrant: "grant",
+    LeaseRelease: "release",
 }
 """The kind string, first element of each message's msgpack array."""
 any_messages = st.one_of(*MESSAGES.values())
@@ -243,7 +258,16 @@ def call_frame(kind: type, call_id: int, seq: int = 0) -> Any:
 
 def frame_of(kind: type, call_id: int) -> Any:
     """A frame of any ``kind``; a call's frames (and a cancel) are for call ``call_id``."""
-    others = {Hello: HELLO, Cancel: Cancel(id=call_id), Ping: Ping(1), Pong: Pong(1), Shutdown: Shutdown(1.0)}
+    others = {
+        Hello: HELLO,
+        Cancel: Cancel(id=call_id),
+        Ping: Ping(1),
+        Pong: Pong(1),
+        Shutdown: Shutdown(1.0),
+        LeaseRequest: LeaseRequest(lease=call_id, call=call_id, lm="openai/x"),
+        LeaseGrant: LeaseGrant(lease=call_id),
+        LeaseRelease: LeaseRelease(lease=call_id, status=200),
+    }
     return others[kind] if kind in others else call_frame(kind, call_id)
 
 
@@ -771,7 +795,7 @@ def test_connection_transitions_table_shape() -> None:
     assert CONNECTION_TRANSITIONS[ConnectionState.AWAITING_HELLO, Hello] is ConnectionState.OPEN
     assert (ConnectionState.OPEN, Hello) not in CONNECTION_TRANSITIONS
     early = {kind for state, kind in CONNECTION_TRANSITIONS if state is ConnectionState.AWAITING_HELLO}
-    assert early == {Hello, *PARENT_KINDS}
+    assert early == {Hello, *PARENT_KINDS} - {LeaseGrant}  # leases come after the hello
     assert all(new is state for (state, kind), new in CONNECTION_TRANSITIONS.items() if kind is not Hello)
 
 
@@ -801,6 +825,11 @@ WELCOMED_IN: dict[type, CallState] = {
     Result: CallState.RUNNING,
 }
 """The call state in which a call frame passes ``CALL_TRANSITIONS`` (others: ``DONE``, a free id)."""
+LEASE_WELCOMED_IN: dict[type, LeaseState] = {
+    LeaseGrant: LeaseState.REQUESTED,
+    LeaseRelease: LeaseState.GRANTED,
+}
+"""The lease state in which a lease frame passes ``LEASE_TRANSITIONS`` (a request: ``FREE``)."""
 
 
 @pytest.mark.parametrize(
@@ -820,6 +849,9 @@ def test_every_connection_state_and_frame(
     conn = conn_in(
         role, call if opened or call is not CallState.RUNNING else CallState.AWAITING_ACK, hello=opened
     )
+    if opened and event in LEASE_WELCOMED_IN:  # lease 7 where the frame passes LEASE_TRANSITIONS
+        for kind in path_to(wire.LEASE_TRANSITIONS, LeaseState.FREE, LEASE_WELCOMED_IN[event]):
+            meet(conn, frame_of(kind, 7))
     assert conn.state is state
     if expected is None:
         with pytest.raises(refusal, match="hello"):
