@@ -29,6 +29,7 @@ from dspex_trio._launcher import (
     check_env_names,
     default_launcher,
 )
+from dspex_trio._shared_launcher import EventSink, LauncherNeeds, SharedLauncher
 from dspex_trio._util import open_service_nursery
 from dspex_trio._zygote import (
     DEFAULT_SPAWN_TIMEOUT_S,
@@ -164,6 +165,7 @@ async def open_launcher(
     worker_env: Sequence[str] = (),
     programs: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT_S,
+    events: EventSink | None = None,
 ) -> AsyncIterator[Launcher]:
     """The launcher of a pool, owned by this context.
 
@@ -175,12 +177,20 @@ async def open_launcher(
     ``programs`` the operator's program modules, which a zygote template imports before it forks (a
     subprocess worker imports them itself: ``WorkerSpec.programs``).
     Leaving the block stops the zygote (see :func:`~dspex_trio._zygote.open_zygote`): close the workers
-    first.
+    first. A :class:`~dspex_trio._shared_launcher.SharedLauncher` (``dspex_trio.open_launcher``) is used,
+    not owned: its needs must match these (``python``, ``worker_env``, ``programs``), and its health
+    events (a template died, restarted) go to ``events``.
 
     Raises:
         ValueError: ``kind`` is none of these, or ``worker_env`` is given beside a ``Launcher`` (it would
             not apply).
+        LauncherMismatch: a shared launcher made for other needs.
     """
+    if isinstance(kind, SharedLauncher):
+        needs = LauncherNeeds(python=python, worker_env=tuple(worker_env), programs=programs)
+        async with kind._lease(needs, events):
+            yield kind
+        return
     if not isinstance(kind, str):
         yield default_launcher(kind, worker_env)
         return
