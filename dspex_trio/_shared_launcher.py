@@ -25,7 +25,7 @@ import signal
 import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -33,6 +33,7 @@ import trio
 
 from bridge_child.registry import check_module_names
 from dspex_trio._errors import DspexError, ProgramModuleError
+from dspex_trio._events import EventBus, Subscription
 from dspex_trio._exports import NoPublicConstructor
 from dspex_trio._launcher import (
     Launcher,
@@ -132,6 +133,9 @@ class SharedLauncher(metaclass=NoPublicConstructor):
         self._wanted = trio.Event()
         self._wanted.set()  # the first template starts at once, in the background
         self._changed = trio.Event()
+        self.events = EventBus(backend="launcher")
+        """The launcher's health events (``launcher``: ``template_died``, ``template_restarted``); every
+        pool open on it gets them too."""
         self._sinks: set[EventSink] = set()
         self._subprocess_workers: weakref.WeakSet[SubprocessWorker] = weakref.WeakSet()
 
@@ -154,6 +158,11 @@ class SharedLauncher(metaclass=NoPublicConstructor):
         """Workers forked by the current template that have not exited yet."""
         zygote = self._zygote
         return zygote.running_workers if zygote is not None else 0
+
+    def subscribe_health(self, *, buffer: int | None = None) -> AbstractAsyncContextManager[Subscription]:
+        """``async with launcher.subscribe_health() as events: async for event in events: ...``: the
+        ``launcher`` health events published while the block runs (bounded, as a pool's)."""
+        return self.events.subscribe(buffer=buffer)
 
     def check_needs(self, needs: LauncherNeeds) -> None:
         """Raise :class:`LauncherMismatch` unless a pool needing ``needs`` can use this launcher."""
@@ -207,6 +216,7 @@ class SharedLauncher(metaclass=NoPublicConstructor):
                 self._sinks.discard(sink)
 
     def _publish(self, event: str, data: dict[str, Any]) -> None:
+        self.events.publish("launcher", {"event": event, **data})
         for sink in list(self._sinks):
             sink("launcher", {"event": event, **data})
 
@@ -301,6 +311,7 @@ class SharedLauncher(metaclass=NoPublicConstructor):
         """No more launches; waiters fail. Subprocess workers still running are killed (the templates'
         workers are killed by their ``open_zygote`` contexts)."""
         self._closed = True
+        self.events.close()
         self._notify()
         for process in list(self._subprocess_workers):
             if process.exit_status() is None:
