@@ -29,7 +29,7 @@ from dspex_trio._launcher import (
     check_env_names,
     default_launcher,
 )
-from dspex_trio._shared_launcher import EventSink, LauncherNeeds, SharedLauncher
+from dspex_trio._shared_launcher import EventSink, LauncherNeeds, Shareable
 from dspex_trio._util import open_service_nursery
 from dspex_trio._zygote import (
     DEFAULT_SPAWN_TIMEOUT_S,
@@ -186,9 +186,9 @@ async def open_launcher(
             not apply).
         LauncherMismatch: a shared launcher made for other needs.
     """
-    if isinstance(kind, SharedLauncher):
+    if isinstance(kind, Shareable):
         needs = LauncherNeeds(python=python, worker_env=tuple(worker_env), programs=programs)
-        async with kind._lease(needs, events):
+        async with kind.lease(needs, events):
             yield kind
         return
     if not isinstance(kind, str):

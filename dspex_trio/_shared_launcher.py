@@ -26,7 +26,7 @@ import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -89,6 +89,26 @@ class LauncherNeeds:
             for field in attrs.fields(LauncherNeeds)
             if getattr(self, field.name) != getattr(other, field.name)
         ]
+
+
+def check_needs(have: LauncherNeeds, need: LauncherNeeds) -> None:
+    """Raise :class:`LauncherMismatch` unless a launcher made for ``have`` serves a pool needing ``need``."""
+    differences = have.differences(need)
+    if differences:
+        raise LauncherMismatch(
+            "this shared launcher cannot start the pool's workers (open a launcher for these needs, "
+            "or open the pool without one): " + "; ".join(differences)
+        )
+
+
+@runtime_checkable
+class Shareable(Launcher, Protocol):
+    """A launcher that pools use without owning it (:class:`SharedLauncher`, the pytest plugin's)."""
+
+    def lease(self, needs: LauncherNeeds, sink: EventSink | None = None) -> AbstractAsyncContextManager[None]:
+        """A pool's use of it: raises :class:`LauncherMismatch` if ``needs`` differ from the launcher's;
+        sends the launcher's health events to ``sink`` while the block runs."""
+        ...
 
 
 class SharedLauncher(metaclass=NoPublicConstructor):
@@ -164,14 +184,21 @@ class SharedLauncher(metaclass=NoPublicConstructor):
         ``launcher`` health events published while the block runs (bounded, as a pool's)."""
         return self.events.subscribe(buffer=buffer)
 
+    def _template_fds(self) -> set[int]:
+        """This process's fds of the running template: its control socket and stderr pipe."""
+        zygote = self._zygote
+        if zygote is None:
+            return set()
+        fds = {zygote._sock.fileno()}
+        if zygote.process.stderr is not None:
+            stderr = zygote.process.stderr
+            assert isinstance(stderr, trio.lowlevel.FdStream)
+            fds.add(stderr.fileno())
+        return fds
+
     def check_needs(self, needs: LauncherNeeds) -> None:
         """Raise :class:`LauncherMismatch` unless a pool needing ``needs`` can use this launcher."""
-        differences = self.needs.differences(needs)
-        if differences:
-            raise LauncherMismatch(
-                "this shared launcher cannot start the pool's workers (open a launcher for these needs, "
-                "or open the pool without one): " + "; ".join(differences)
-            )
+        check_needs(self.needs, needs)
 
     async def wait_ready(self) -> None:
         """Wait until a template is ready (starting one if none runs), up to ``start_timeout``.
@@ -202,7 +229,7 @@ class SharedLauncher(metaclass=NoPublicConstructor):
 
     # -- the pools' side --------------------------------------------------------------------------------
     @asynccontextmanager
-    async def _lease(self, needs: LauncherNeeds, sink: EventSink | None = None) -> AsyncIterator[None]:
+    async def lease(self, needs: LauncherNeeds, sink: EventSink | None = None) -> AsyncIterator[None]:
         """A pool's use of this launcher: checks its needs, sends it the launcher's health events."""
         self.check_needs(needs)
         if self._closed:
@@ -371,5 +398,5 @@ async def open_launcher(
 
 if TYPE_CHECKING:
 
-    def _implements(shared: SharedLauncher) -> Launcher:
+    def _implements(shared: SharedLauncher) -> Shareable:
         return shared  # mypy checks the protocol here
