@@ -28,6 +28,7 @@ from dspex_trio._launcher import (
     WorkerSpec,
     check_env_names,
     default_launcher,
+    provided_launcher,
 )
 from dspex_trio._shared_launcher import EventSink, LauncherNeeds, Shareable
 from dspex_trio._util import open_service_nursery
@@ -186,6 +187,8 @@ async def open_launcher(
             not apply).
         LauncherMismatch: a shared launcher made for other needs.
     """
+    if kind == "auto":  # a running launcher for these needs, if one is provided (the pytest plugin's)
+        kind = provided_launcher(python, worker_env, programs) or kind
     if isinstance(kind, Shareable):
         needs = LauncherNeeds(python=python, worker_env=tuple(worker_env), programs=programs)
         async with kind.lease(needs, events):

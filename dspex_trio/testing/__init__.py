@@ -46,6 +46,7 @@ if _pytest is not None:
     from dspex_trio.testing._plugin import pytest_collection_modifyitems as pytest_collection_modifyitems
     from dspex_trio.testing._plugin import pytest_configure as pytest_configure
     from dspex_trio.testing._plugin import pytest_sessionfinish as pytest_sessionfinish
+    from dspex_trio.testing._plugin import warm_templates_by_default as warm_templates_by_default
 
 __all__ = [
     "ENV_VAR",
@@ -58,4 +59,5 @@ __all__ = [
     "WebsocketClient",
     "open_fake_lm",
     "serve_fake_lm",
+    "warm_templates_by_default",
 ]

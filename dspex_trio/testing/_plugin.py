@@ -51,7 +51,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -60,6 +60,7 @@ import trio
 import trio_websocket
 
 from dspex_trio import Backend, Pool, WebsocketServer, connect, open_backend, open_pool, serve_websocket
+from dspex_trio._launcher import DEFAULT_LAUNCHER
 from dspex_trio._shared_launcher import LauncherNeeds
 from dspex_trio._zygote import zygote_supported
 from dspex_trio.testing._fake_lm import FakeLM, open_fake_lm
@@ -70,7 +71,14 @@ try:
 except ImportError:  # pragma: no cover - pytest-trio is in the "test" extra
     _trio_fixture = None
 
-__all__ = ["ENV_VAR", "LAYERS", "DspexLeakWarning", "RpcError", "WebsocketClient"]
+__all__ = [
+    "ENV_VAR",
+    "LAYERS",
+    "DspexLeakWarning",
+    "RpcError",
+    "WebsocketClient",
+    "warm_templates_by_default",
+]
 
 LAYERS: Final = ("mock", "bridge", "full")
 """The test layers, fastest first."""
@@ -523,6 +531,26 @@ def warm_launcher(config: pytest.Config, needs: LauncherNeeds) -> HostedLauncher
     launcher = _HOST.launcher(needs)
     _HOST.wait_ready(needs)
     return launcher
+
+
+@contextmanager
+def warm_templates_by_default(config: pytest.Config) -> Iterator[None]:
+    """While the block runs (a test's sync fixture: the setting reaches the test's Trio run), workers
+    started without a named launcher (``open_worker()``, a bridge, ``open_pool(launcher="auto")``) are
+    forked fresh from the test run's warm templates, one per set of needs; the default needs' template
+    is started and awaited first. Nothing changes with ``--dspex-cold`` or where the zygote cannot run.
+    For a project's own suite (an autouse fixture in its ``conftest.py``), where a pool opened in a test
+    body should start warm too."""
+    launcher = warm_launcher(config, LauncherNeeds(python=sys.executable))
+    if launcher is None:
+        yield
+        return
+    assert _HOST is not None
+    token = DEFAULT_LAUNCHER.set(_HOST.provide)
+    try:
+        yield
+    finally:
+        DEFAULT_LAUNCHER.reset(token)
 
 
 def _needs_of(options: dict[str, Any]) -> LauncherNeeds:

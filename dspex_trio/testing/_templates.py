@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Final
 
+import attrs
 import trio
 
 from dspex_trio._errors import ExitStatus
@@ -90,6 +91,10 @@ class TemplateHost:
 
     async def _wait_ready(self, needs: LauncherNeeds) -> None:
         await (await self._launcher_for(needs)).wait_ready()
+
+    def provide(self, python: str, worker_env: tuple[str, ...], programs: tuple[str, ...]) -> HostedLauncher:
+        """A ``dspex_trio._launcher.LauncherProvider``: the launcher of the template for these needs."""
+        return self.launcher(LauncherNeeds(python=python, worker_env=worker_env, programs=programs))
 
     def fds(self) -> set[int]:
         """The file descriptors the templates hold in this process (control sockets, stderr pipes)."""
@@ -218,7 +223,13 @@ class HostedLauncher:
                 await self._in_host(partial(self.host._subscribe, self.needs, forward, False))
 
     async def launch(self, spec: WorkerSpec) -> WorkerProcess:
-        pid, fds, process = await self._in_host(partial(self.host._launch, self.needs, spec))
+        # a bridge or a lone worker names its program modules in the spec: the template imports them
+        needs = (
+            self.needs
+            if spec.programs == self.needs.programs
+            else attrs.evolve(self.needs, programs=spec.programs)
+        )
+        pid, fds, process = await self._in_host(partial(self.host._launch, needs, spec))
         return HostedWorker(pid, fds, process, self.host)
 
     async def _in_host(self, fn: Callable[[], Any]) -> Any:
