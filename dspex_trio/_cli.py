@@ -322,6 +322,17 @@ def _signal_name(signum: int) -> str:
 
 
 async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | None = None) -> int:
+    """Start the workers' zygote template (it imports dspy and the program modules in the background
+    meanwhile), then serve with the pool forking from it (``_serve_on``)."""
+    async with dspex_trio.open_launcher(
+        "auto", worker_env=settings.worker_env, programs=settings.programs
+    ) as launcher:
+        return await _serve_on(launcher, settings, keys, tls)
+
+
+async def _serve_on(
+    launcher: dspex_trio.SharedLauncher, settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | None
+) -> int:
     """Bind, start the pool, serve until a signal, drain, shut down. Signals by phase: while starting,
     stop at once; while serving, drain (up to ``drain_grace``); while draining, skip the rest of the grace
     (running executions get their terminal ``cancelled`` event); while shutting down, stop at once."""
@@ -376,6 +387,7 @@ async def _serve(settings: ServeSettings, keys: Secrets, tls: ssl.SSLContext | N
                     diagnostics=settings.diagnostics,
                     worker_env=settings.worker_env,
                     programs=settings.programs,
+                    launcher=launcher,
                 ) as pool:
                     await _configure_default_lm(pool, settings, keys.lm_key)
                     async with trio.open_nursery() as nursery:

@@ -153,6 +153,8 @@ class SharedLauncher(metaclass=NoPublicConstructor):
         self._wanted = trio.Event()
         self._wanted.set()  # the first template starts at once, in the background
         self._changed = trio.Event()
+        self._first_spawned = trio.Event()
+        """Set once the first template process runs (or failed to): ``open_launcher`` returns then."""
         self.events = EventBus(backend="launcher")
         """The launcher's health events (``launcher``: ``template_died``, ``template_restarted``); every
         pool open on it gets them too."""
@@ -294,6 +296,7 @@ class SharedLauncher(metaclass=NoPublicConstructor):
                 try:
                     zygote: ZygoteLauncher = await generations.start(self._generation)
                 except (ZygoteError, ProgramModuleError) as exc:
+                    self._first_spawned.set()
                     self._starting = False
                     self._failure = exc
                     self._finished = self._attempt
@@ -329,6 +332,7 @@ class SharedLauncher(metaclass=NoPublicConstructor):
             programs=self.needs.programs,
             start_timeout=self.start_timeout,
             spawn_timeout=self.spawn_timeout,
+            on_spawned=self._first_spawned.set,
         ) as zygote:
             task_status.started(zygote)
             await zygote.wait_dead()
@@ -358,7 +362,7 @@ async def open_launcher(
 ) -> AsyncIterator[SharedLauncher]:
     """A launcher shared by any number of pools (``open_pool(launcher=...)``), owned by this context.
 
-    Returns at once: the template starts in the background (await ``launcher.wait_ready()`` to wait for
+    Returns as soon as the template process runs (milliseconds): it imports in the background (await ``launcher.wait_ready()`` to wait for
     it). ``kind`` is ``"zygote"`` (fork every worker from one warm template; raises, at launch, if it
     cannot start), ``"auto"`` (the same, or subprocesses where the template cannot run: a warning, and
     ``fallback_reason`` says why) or ``"subprocess"`` (cold ``python -m bridge_child`` workers).
@@ -389,6 +393,7 @@ async def open_launcher(
         return
     async with open_service_nursery() as nursery:
         await nursery.start(launcher._supervise)
+        await launcher._first_spawned.wait()  # the process runs (a few ms); it imports in the background
         try:
             yield launcher
         finally:

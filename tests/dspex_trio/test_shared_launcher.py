@@ -153,6 +153,7 @@ async def test_a_killed_template_is_restarted_by_the_next_pool_with_health_event
 async def test_a_pool_whose_needs_differ_gets_a_clear_error_not_a_cold_start() -> None:
     with trio.fail_after(START_S):
         async with dspex_trio.open_launcher("zygote", worker_env=["DSPEX_SOME_NAME"]) as launcher:
+            await launcher.wait_ready()
             for needs, named in [
                 ({"programs": ["tests.program_module"]}, "programs"),
                 ({}, "worker_env"),
@@ -241,3 +242,28 @@ async def test_parent_sigkill_with_a_warm_launcher_and_two_pools_leaves_nothing_
             await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
+
+
+async def test_serve_starts_the_template_before_it_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspex_trio import _cli
+    from dspex_trio._cli_settings import CliError, Secrets, ServeSettings
+
+    templates_at_bind: list[list[int]] = []
+
+    async def listen(host: str, port: int) -> list[trio.SocketListener]:
+        templates_at_bind.append([pid for pid in child_processes() if "bridge_child._zygote" in cmdline(pid)])
+        raise CliError("stop at the bind")
+
+    monkeypatch.setattr(_cli, "_listen", listen)
+    with trio.fail_after(START_S), pytest.raises(CliError, match="stop at the bind"):
+        await _cli._serve(ServeSettings(), Secrets(token=None, admin_token=None, lm_key=None, lms={}))
+    assert len(templates_at_bind) == 1 and len(templates_at_bind[0]) == 1, templates_at_bind
+    assert not pid_alive(templates_at_bind[0][0])  # and it ended with the command
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
