@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,8 @@ import trio
 
 import dspex_trio
 from dspex_trio import LauncherMismatch, SharedLauncher
+from dspex_trio._launcher import WorkerSpec
+from dspex_trio._zygote import ZygoteError
 from tests.dspex_trio.test_faults import (
     PROJECT_ROOT,
     TAG_VAR,
@@ -175,7 +178,7 @@ async def test_closing_the_launcher_ends_the_template_and_workers_still_alive() 
     with trio.fail_after(START_S):
         async with dspex_trio.open_launcher("zygote") as launcher:
             await launcher.wait_ready()
-            spec = dspex_trio._launcher.WorkerSpec(worker_id="stray")
+            spec = WorkerSpec(worker_id="stray")
             stray = await launcher.launch(spec)  # a worker nobody closes
             template = launcher.template_pid
             assert template is not None and pid_alive(stray.pid)
@@ -267,3 +270,22 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+async def test_a_template_never_ready_fails_the_wait_at_start_timeout(tmp_path: Path) -> None:
+    """A pool opened before the template is ready waits for it, bounded by ``start_timeout``: an
+    interpreter that never says ready makes the wait (and a launch) fail with ``ZygoteError``, and the
+    template is killed."""
+    stuck = tmp_path / "stuck-python"
+    stuck.write_text("#!/bin/sh\nexec sleep 60\n")
+    stuck.chmod(0o755)
+    with trio.fail_after(START_S):
+        async with dspex_trio.open_launcher("zygote", python=str(stuck), start_timeout=0.5) as launcher:
+            with pytest.raises(ZygoteError, match=r"ready within 0\.5 s"):
+                await launcher.wait_ready()
+            with pytest.raises(ZygoteError):
+                await launcher.launch(WorkerSpec(worker_id="never"))
+            assert not launcher.ready
+        await wait_until(
+            lambda: not child_processes(include_zombies=False), 5, lambda: f"{child_processes()}"
+        )
