@@ -174,7 +174,7 @@ DEFAULT_LAUNCHER: contextvars.ContextVar[LauncherProvider | None] = contextvars.
 )
 """Where workers come from when no launcher is named (``open_worker()``, the bridge, ``open_pool(launcher=
 "auto")``): None (the default) starts them cold; the pytest plugin sets a provider of the test run's warm
-templates (``dspex_trio.testing``: ``use_warm_templates``)."""
+templates (``dspex_trio.testing.warm_templates_by_default``)."""
 
 
 def provided_launcher(python: str, worker_env: Sequence[str], programs: Sequence[str]) -> Launcher | None:

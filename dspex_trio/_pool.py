@@ -577,8 +577,8 @@ async def open_pool(
     "subprocess" (``python -m bridge_child``), "auto" (zygote where ``os.fork`` exists, else
     subprocess), a ``Launcher``, or a :class:`~dspex_trio.SharedLauncher` from
     :func:`~dspex_trio.open_launcher` (a warm template shared by pools: used, not owned; its needs must
-    match this pool's, else :class:`~dspex_trio.LauncherMismatch`); ``clock`` the session store's clock; ``fail_at_start``
-    (diagnostics) makes every worker exit with that code before its handshake; ``rng`` the random source
+    match this pool's, else :class:`~dspex_trio.LauncherMismatch`); ``clock`` the session store's clock;
+    ``fail_at_start`` (diagnostics) makes every worker exit with that code before its handshake; ``rng`` the random source
     of the retry jitter (a seeded ``random.Random`` in tests).
     """
     if workers is not None:

@@ -171,8 +171,8 @@ async def open_launcher(
     """The launcher of a pool, owned by this context.
 
     ``kind`` is "auto" (a restarted zygote where the platform supports it, falling back to subprocesses
-    when it cannot work; or the running launcher ``_launcher.DEFAULT_LAUNCHER`` provides, if set), "zygote" (a restarted zygote, no fallback: raises :class:`ZygoteError` if the
-    template cannot start), "subprocess", or a ``Launcher`` (yielded as it is: its owner runs it, and
+    when it cannot work; or the running launcher ``_launcher.DEFAULT_LAUNCHER`` provides, if set),
+    "zygote" (a restarted zygote, no fallback: raises :class:`ZygoteError` if the template cannot start), "subprocess", or a ``Launcher`` (yielded as it is: its owner runs it, and
     builds its workers' environment itself). ``worker_env`` names the variables of this process's
     environment the workers get besides the allow-list (``dspex_trio._launcher.worker_environment``);
     ``programs`` the operator's program modules, which a zygote template imports before it forks (a
