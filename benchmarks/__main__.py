@@ -47,7 +47,7 @@ NOOP_TP = [
     "anyio_to_process",
     "dspex_way",
 ]
-COLD = ["zygote", "subprocess", "subprocess_preload", "import_dspy", "dspex_way"]
+COLD = ["zygote", "subprocess", "subprocess_preload", "import_dspy", "dspex_way", "warm"]
 
 
 def plan(
@@ -97,6 +97,8 @@ def plan(
                 "sizes": [1, 4, 16],
                 "dspex_way_max": 4 if q else 16,
                 "time_limit": 120.0,
+                "warm_sizes": [2, 16],  # issue 21: pools on a warm launcher
+                "warm_pools": 20,
             }
             steps.append(("cold_start", "benchmarks.lifecycle", spec, 30.0 if q else 60.0))
     if want("recovery"):
@@ -439,6 +441,17 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         300.0,
         None,
         "4,096 LM calls in flight: workers' RSS growth <= 300 MB (asynchronous lane)",
+    ),
+    (
+        "3w",
+        "3_cold_start",
+        "warm",
+        "seconds_to_ready",
+        2,
+        "<=",
+        100.0,
+        None,
+        "pool of 2 on a warm launcher to its first call answered, p50 of 20 pools <= 100 ms (issue 21)",
     ),
 ]
 

@@ -50,6 +50,9 @@ from dspex_trio._pool import Pool as Pool
 from dspex_trio._pool import open_pool as open_pool
 from dspex_trio._ray_launcher import RayLauncher as RayLauncher
 from dspex_trio._retry import RetryPolicy as RetryPolicy
+from dspex_trio._shared_launcher import LauncherMismatch as LauncherMismatch
+from dspex_trio._shared_launcher import SharedLauncher as SharedLauncher
+from dspex_trio._shared_launcher import open_launcher as open_launcher
 from dspex_trio._states import WorkerState as WorkerState
 from dspex_trio._statistics import BackendStatistics as BackendStatistics
 from dspex_trio._statistics import FallbackStatistics as FallbackStatistics

@@ -360,6 +360,19 @@ async def _serve(
     tls: ssl.SSLContext | None = None,
     monitoring: Monitoring | None = None,
 ) -> int:
+    """Start the workers' launcher (on this machine the zygote template, which imports dspy and the program
+    modules in the background meanwhile), then serve with the pool forking from it (``_serve_on``)."""
+    async with open_pool_launcher(settings) as where:
+        return await _serve_on(where, settings, keys, tls, monitoring)
+
+
+async def _serve_on(
+    where: dict[str, Any],
+    settings: ServeSettings,
+    keys: Secrets,
+    tls: ssl.SSLContext | None,
+    monitoring: Monitoring | None,
+) -> int:
     """Bind, start the pool, serve until a signal, drain, shut down. Signals by phase: while starting,
     stop at once; while serving, drain (up to ``drain_grace``); while draining, skip the rest of the grace
     (running executions get their terminal ``cancelled`` event); while shutting down, stop at once."""
@@ -410,17 +423,14 @@ async def _serve(
                             return
 
                 everything.start_soon(on_signals)
-                async with (
-                    open_pool_launcher(settings) as where,
-                    dspex_trio.open_pool(
-                        workers=settings.workers,
-                        diagnostics=settings.diagnostics,
-                        programs=settings.programs,
-                        lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
-                        async_capacity=settings.async_capacity,
-                        **where,
-                    ) as pool,
-                ):
+                async with dspex_trio.open_pool(
+                    workers=settings.workers,
+                    diagnostics=settings.diagnostics,
+                    programs=settings.programs,
+                    lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
+                    async_capacity=settings.async_capacity,
+                    **where,
+                ) as pool:
                     await _configure_default_lm(pool, settings, keys.lm_key)
                     async with trio.open_nursery() as nursery:
                         server = await nursery.start(

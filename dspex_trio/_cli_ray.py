@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import dspex_trio
 from dspex_trio._cli_settings import ServeSettings, SettingsError
 
 DEFAULT_RAY_LISTEN: Final = "127.0.0.1:0"
@@ -29,11 +30,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @asynccontextmanager
 async def open_pool_launcher(settings: ServeSettings) -> AsyncIterator[dict[str, Any]]:
-    """The ``open_pool`` keywords for ``settings`` (``launcher`` or ``worker_env``)."""
+    """The ``open_pool`` keywords for ``settings``: on this machine, the workers' zygote template (started
+    at once: it imports dspy and the program modules in the background) and ``worker_env``; with
+    ``ray``, a :class:`RayLauncher`."""
     if settings.ray is None:
         if settings.ray_listen is not None:
             raise SettingsError("invalid settings: ray_listen needs ray (the Ray cluster's address)")
-        yield {"worker_env": settings.worker_env}
+        async with dspex_trio.open_launcher(
+            "auto", worker_env=settings.worker_env, programs=settings.programs
+        ) as shared:
+            yield {"launcher": shared, "worker_env": settings.worker_env}
         return
     from dspex_trio._ray_launcher import INSTALL_HINT, RayLauncher
 

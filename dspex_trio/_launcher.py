@@ -13,10 +13,11 @@ operator names them (docs/security.md).
 
 from __future__ import annotations
 
+import contextvars
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol
 
 import attrs
@@ -174,14 +175,31 @@ class Launcher(Protocol):
         """Start one worker. Raises ``OSError`` (or a launcher error) if it cannot be started."""
 
 
+LauncherProvider = Callable[[str, tuple[str, ...], tuple[str, ...]], "Launcher | None"]
+"""``provider(python, worker_env, programs)``: a launcher already running for these needs, or None."""
+DEFAULT_LAUNCHER: contextvars.ContextVar[LauncherProvider | None] = contextvars.ContextVar(
+    "dspex_default_launcher", default=None
+)
+"""Where workers come from when no launcher is named (``open_worker()``, the bridge, ``open_pool(launcher=
+"auto")``): None (the default) starts them cold; the pytest plugin sets a provider of the test run's warm
+templates (``dspex_trio.testing.warm_templates_by_default``)."""
+
+
+def provided_launcher(python: str, worker_env: Sequence[str], programs: Sequence[str]) -> Launcher | None:
+    """The launcher ``DEFAULT_LAUNCHER`` provides for these needs (None: none is set, start cold)."""
+    provider = DEFAULT_LAUNCHER.get()
+    return None if provider is None else provider(python, tuple(worker_env), tuple(programs))
+
+
 def default_launcher(launcher: Launcher | None, worker_env: Sequence[str]) -> Launcher:
-    """``launcher``, or a :class:`SubprocessLauncher` passing ``worker_env`` when None.
+    """``launcher``, or (when None) the one ``DEFAULT_LAUNCHER`` provides, or a
+    :class:`SubprocessLauncher` passing ``worker_env``.
 
     A launcher object builds its workers' environment itself: ``worker_env`` given beside one is a
     ``ValueError`` (it would silently not apply); give it to that launcher instead.
     """
     if launcher is None:
-        return SubprocessLauncher(worker_env=worker_env)
+        return provided_launcher(sys.executable, worker_env, ()) or SubprocessLauncher(worker_env=worker_env)
     if worker_env:
         raise ValueError(
             "worker_env is applied by the launcher: pass it to the launcher you give "

@@ -640,12 +640,14 @@ async def open_pool(
     (``option_fields``; ``workers`` is one of them): each record one way, not both (``TypeError``).
     ``launcher`` is "zygote" (fork workers from a template process that imported dspy once),
     "subprocess" (``python -m bridge_child``), "auto" (zygote where ``os.fork`` exists, else
-    subprocess), or a ``Launcher``; ``clock`` the session store's clock; ``fail_at_start``
-    (diagnostics) makes every worker exit with that code before its handshake; ``rng`` the random source
-    of the retry jitter (a seeded ``random.Random`` in tests). ``lm_budgets`` (an iterable of
-    :class:`LMBudget`; docs/lm.md) makes the workers lease before each LM request, so the budgets hold
-    for the whole pool and a ``429`` pauses that LM for every worker; ``[]`` leases with no limits
-    (pauses only); None (the default) does not lease.
+    subprocess), a ``Launcher``, or a :class:`~dspex_trio.SharedLauncher` from
+    :func:`~dspex_trio.open_launcher` (a warm template shared by pools: used, not owned; its needs must
+    match this pool's, else :class:`~dspex_trio.LauncherMismatch`); ``clock`` the session store's clock;
+    ``fail_at_start`` (diagnostics) makes every worker exit with that code before its handshake; ``rng``
+    the random source of the retry jitter (a seeded ``random.Random`` in tests). ``lm_budgets`` (an
+    iterable of :class:`LMBudget`; docs/lm.md) makes the workers lease before each LM request, so the
+    budgets hold for the whole pool and a ``429`` pauses that LM for every worker; ``[]`` leases with no
+    limits (pauses only); None (the default) does not lease.
     """
     if workers is not None:
         option_fields["workers"] = workers
@@ -653,11 +655,13 @@ async def open_pool(
     if fail_at_start is not None and not diagnostics:
         raise ValueError("fail_at_start needs diagnostics=True")
     # The launcher (a zygote) outlives the nursery: every worker is reaped before the template stops.
+    events = EventBus(backend="pool")  # made here: a shared launcher's health events reach it too
     opened = open_launcher(
         launcher,
         python=pool_options.python,
         worker_env=worker_opts.worker_env,
         programs=worker_opts.programs,
+        events=events.publish,
     )
     started = False
     try:
@@ -673,6 +677,7 @@ async def open_pool(
                 rng=rng,
                 lm_budgets=lm_budgets,
             )
+            pool.events = events
             pool._nursery = nursery
             try:
                 async with trio.open_nursery() as starting:

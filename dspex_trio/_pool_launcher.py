@@ -28,7 +28,9 @@ from dspex_trio._launcher import (
     WorkerSpec,
     check_env_names,
     default_launcher,
+    provided_launcher,
 )
+from dspex_trio._shared_launcher import EventSink, LauncherNeeds, Shareable
 from dspex_trio._util import open_service_nursery
 from dspex_trio._zygote import (
     DEFAULT_SPAWN_TIMEOUT_S,
@@ -164,23 +166,34 @@ async def open_launcher(
     worker_env: Sequence[str] = (),
     programs: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT_S,
+    events: EventSink | None = None,
 ) -> AsyncIterator[Launcher]:
     """The launcher of a pool, owned by this context.
 
     ``kind`` is "auto" (a restarted zygote where the platform supports it, falling back to subprocesses
-    when it cannot work), "zygote" (a restarted zygote, no fallback: raises :class:`ZygoteError` if the
-    template cannot start), "subprocess", or a ``Launcher`` (yielded as it is: its owner runs it, and
+    when it cannot work; or the running launcher ``_launcher.DEFAULT_LAUNCHER`` provides, if set),
+    "zygote" (a restarted zygote, no fallback: raises :class:`ZygoteError` if the template cannot start), "subprocess", or a ``Launcher`` (yielded as it is: its owner runs it, and
     builds its workers' environment itself). ``worker_env`` names the variables of this process's
     environment the workers get besides the allow-list (``dspex_trio._launcher.worker_environment``);
     ``programs`` the operator's program modules, which a zygote template imports before it forks (a
     subprocess worker imports them itself: ``WorkerSpec.programs``).
     Leaving the block stops the zygote (see :func:`~dspex_trio._zygote.open_zygote`): close the workers
-    first.
+    first. A :class:`~dspex_trio._shared_launcher.SharedLauncher` (``dspex_trio.open_launcher``) is used,
+    not owned: its needs must match these (``python``, ``worker_env``, ``programs``), and its health
+    events (a template died, restarted) go to ``events``.
 
     Raises:
         ValueError: ``kind`` is none of these, or ``worker_env`` is given beside a ``Launcher`` (it would
             not apply).
+        LauncherMismatch: a shared launcher made for other needs.
     """
+    if kind == "auto":  # a running launcher for these needs, if one is provided (the pytest plugin's)
+        kind = provided_launcher(python, worker_env, programs) or kind
+    if isinstance(kind, Shareable):
+        needs = LauncherNeeds(python=python, worker_env=tuple(worker_env), programs=programs)
+        async with kind.lease(needs, events):
+            yield kind
+        return
     if not isinstance(kind, str):
         yield default_launcher(kind, worker_env)
         return

@@ -28,7 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -484,6 +484,7 @@ async def open_zygote(
     programs: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT_S,
     spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT_S,
+    on_spawned: Callable[[], object] | None = None,
 ) -> AsyncIterator[ZygoteLauncher]:
     """Start a zygote template process, owned by this context, and yield its launcher once it is ready.
 
@@ -495,6 +496,7 @@ async def open_zygote(
     reaps it: nothing is left behind.
 
     ``programs`` (the operator's program modules) are imported by the template before it forks.
+    ``on_spawned`` is called once the template process runs (before it is ready).
 
     Raises:
         ZygoteError: the platform cannot fork workers, or the template failed to start in time.
@@ -529,6 +531,8 @@ async def open_zygote(
             raise ZygoteError(exc.errno or errno.ENOEXEC, f"cannot start the zygote: {exc}") from exc
         raise
     launcher = ZygoteLauncher(process, trio.socket.from_stdlib_socket(parent_sock), spawn_timeout)
+    if on_spawned is not None:
+        on_spawned()
     try:
         async with open_service_nursery() as nursery:
             nursery.start_soon(launcher._background)

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
+from dspex_trio.testing import warm_templates_by_default
+
 pytest_plugins = ["pytester"]
+
+COLD_START_MARKER = "cold_start"
+"""A test that starts its workers cold on purpose (what it checks is the cold path, or the default
+launcher itself): the warm templates are not the default for it."""
 
 IN_PROCESS: dict[str, frozenset[str]] = {
     # module: the tests in it that start processes anyway (by function name)
@@ -105,6 +111,26 @@ sys.addaudithook(_audit)  # cannot be removed; inert outside in-process tests
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{COLD_START_MARKER}: this test's default launcher stays cold (no warm template)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _warm_templates(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Workers a test starts without naming a launcher (``open_pool()``, ``open_worker()``, a bridge)
+    are forked fresh from the run's warm template (issue 21): a pool is ready in milliseconds instead
+    of paying ``import dspy`` again. Tests marked ``cold_start``, and the in-process ones, start cold;
+    ``--dspex-cold`` turns it off for the whole run."""
+    node = request.node
+    if node.get_closest_marker("real_processes") is None or node.get_closest_marker(COLD_START_MARKER):
+        yield
+        return
+    with warm_templates_by_default(request.config):
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

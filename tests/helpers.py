@@ -15,6 +15,8 @@ from typing import NamedTuple
 import pytest
 import trio
 
+from dspex_trio.testing._plugin import _template_pids
+
 POLL_INTERVAL_S = 0.01
 """How often :func:`wait_until` checks its predicate, in seconds."""
 
@@ -79,12 +81,15 @@ def pid_alive(pid: int) -> bool:
 
 def child_processes(*, include_zombies: bool = True) -> dict[int, str]:
     """This process's direct children, ``{pid: state}``. Zombies (exited, not reaped) are included unless
-    ``include_zombies`` is False: a zombie left behind is a leak too."""
+    ``include_zombies`` is False: a zombie left behind is a leak too. The test run's warm templates
+    (``tests/conftest.py``) outlive every test on purpose: not counted; the workers they fork are."""
     me = os.getpid()
+    templates = _template_pids()
     return {
         pid: stat.state
         for pid, stat in process_table().items()
-        if stat.ppid == me and (include_zombies or stat.state != "Z")
+        if ((stat.ppid == me and pid not in templates) or stat.ppid in templates)
+        and (include_zombies or stat.state != "Z")
     }
 
 

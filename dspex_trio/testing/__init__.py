@@ -32,6 +32,7 @@ if _pytest is not None:
     from dspex_trio.testing._plugin import RpcError as RpcError
     from dspex_trio.testing._plugin import WebsocketClient as WebsocketClient
     from dspex_trio.testing._plugin import _dspex_backend_layer as _dspex_backend_layer
+    from dspex_trio.testing._plugin import _dspex_launcher as _dspex_launcher
     from dspex_trio.testing._plugin import _dspex_no_leaks as _dspex_no_leaks
     from dspex_trio.testing._plugin import _dspex_pool_requirements as _dspex_pool_requirements
     from dspex_trio.testing._plugin import _dspex_remote as _dspex_remote
@@ -44,6 +45,8 @@ if _pytest is not None:
     from dspex_trio.testing._plugin import pytest_addoption as pytest_addoption
     from dspex_trio.testing._plugin import pytest_collection_modifyitems as pytest_collection_modifyitems
     from dspex_trio.testing._plugin import pytest_configure as pytest_configure
+    from dspex_trio.testing._plugin import pytest_sessionfinish as pytest_sessionfinish
+    from dspex_trio.testing._plugin import warm_templates_by_default as warm_templates_by_default
 
 __all__ = [
     "ENV_VAR",
@@ -56,4 +59,5 @@ __all__ = [
     "WebsocketClient",
     "open_fake_lm",
     "serve_fake_lm",
+    "warm_templates_by_default",
 ]

@@ -51,7 +51,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -60,14 +60,25 @@ import trio
 import trio_websocket
 
 from dspex_trio import Backend, Pool, WebsocketServer, connect, open_backend, open_pool, serve_websocket
+from dspex_trio._launcher import DEFAULT_LAUNCHER
+from dspex_trio._shared_launcher import LauncherNeeds
+from dspex_trio._zygote import zygote_supported
 from dspex_trio.testing._fake_lm import FakeLM, open_fake_lm
+from dspex_trio.testing._templates import HostedLauncher, TemplateHost
 
 try:
     from pytest_trio import trio_fixture as _trio_fixture
 except ImportError:  # pragma: no cover - pytest-trio is in the "test" extra
     _trio_fixture = None
 
-__all__ = ["ENV_VAR", "LAYERS", "DspexLeakWarning", "RpcError", "WebsocketClient"]
+__all__ = [
+    "ENV_VAR",
+    "LAYERS",
+    "DspexLeakWarning",
+    "RpcError",
+    "WebsocketClient",
+    "warm_templates_by_default",
+]
 
 LAYERS: Final = ("mock", "bridge", "full")
 """The test layers, fastest first."""
@@ -76,6 +87,8 @@ ENV_VAR: Final = "DSPEX_TEST_MODE"
 REMOTE_ENV_VAR: Final = "DSPEX_TEST_REMOTE"
 """Remote mode (below the ``dspex_remote`` marker and ``--dspex-remote``): ``1`` serves the layer on a
 loopback websocket, a ``ws://`` / ``wss://`` URL uses that endpoint; empty or ``0``: off."""
+COLD_ENV_VAR: Final = "DSPEX_TEST_COLD"
+"""``1``: no warm template, every pool and bridge of the fixtures starts cold (as ``--dspex-cold``)."""
 TOKEN_ENV_VAR: Final = "DSPEX_TEST_TOKEN"
 """The token for the endpoint of ``DSPEX_TEST_REMOTE=ws://...``."""
 REMOTE_MARKER: Final = "dspex_remote"
@@ -124,6 +137,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="remote mode: dspex_backend is a dspex_trio.connect client, of the test's layer served on a "
         f"loopback websocket, or of the endpoint at URL (token in ${TOKEN_ENV_VAR}). Overrides "
         f"${REMOTE_ENV_VAR}; the {REMOTE_MARKER} marker overrides it.",
+    )
+    group.addoption(
+        "--dspex-cold",
+        dest="dspex_cold",
+        action="store_true",
+        default=None,
+        help="start every pool and bridge of the dspex fixtures cold (its own zygote or subprocesses) instead "
+        f"of forking fresh workers from the test run's warm template (also ${COLD_ENV_VAR}=1)",
     )
 
 
@@ -275,8 +296,9 @@ def _open_fds() -> dict[int, str]:
 
 
 def _children() -> dict[int, str]:
-    """This process's live child processes (zombies have exited: left out), ``{pid: command line}``."""
-    me = os.getpid()
+    """This process's live child processes (zombies have exited: left out), ``{pid: command line}``,
+    and those of the test run's warm templates (workers forked for a test are not our children)."""
+    parents = {os.getpid()} | _template_pids()
     children: dict[int, str] = {}
     try:
         names = os.listdir("/proc")
@@ -292,7 +314,7 @@ def _children() -> dict[int, str]:
             continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses: split after the last ")"
         fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) != me or fields[0] == b"Z":
+        if int(fields[1]) not in parents or fields[0] == b"Z":
             continue
         children[int(name)] = _cmdline(int(name))
     return children
@@ -331,7 +353,8 @@ def _check_no_leaks(before: dict[int, str]) -> None:
     after ``LEAK_GRACE_S``; kill it first."""
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        leaked = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+        templates = _template_pids()  # the run's warm templates outlive every test, on purpose
+        leaked = {pid: cmd for pid, cmd in _children().items() if pid not in before and pid not in templates}
         if not leaked or time.monotonic() >= deadline:
             break
         time.sleep(_LEAK_POLL_S)
@@ -357,7 +380,8 @@ def _dspex_no_leaks() -> Iterator[None]:
         _check_no_leaks(before)
     finally:
         gc.collect()  # an unreachable socket object is closed by its finalizer: not a leak
-        leaked_fds = {fd: t for fd, t in _open_fds().items() if fds_before.get(fd) != t}
+        held = _HOST.fds() if _HOST is not None else set()  # the warm templates' own sockets and pipes
+        leaked_fds = {fd: t for fd, t in _open_fds().items() if fds_before.get(fd) != t and fd not in held}
         if leaked_fds:
             described = ", ".join(f"fd {fd} -> {t}" for fd, t in sorted(leaked_fds.items()))
             warnings.warn(
@@ -472,8 +496,89 @@ async def _served_remotely(backend: Backend) -> AsyncIterator[tuple[Backend, _Se
         nursery.cancel_scope.cancel()
 
 
+# -- the test run's warm templates ---------------------------------------------------------------------------
+
+_HOST: TemplateHost | None = None
+"""The test run's warm templates (started by the first test that needs one; ended at session finish)."""
+
+
+def _template_pids() -> set[int]:
+    host = _HOST
+    return {pid for pid in host.templates.values() if pid is not None} if host is not None else set()
+
+
+def _cold(config: pytest.Config) -> bool:
+    return bool(config.getoption("dspex_cold")) or os.environ.get(COLD_ENV_VAR, "") not in ("", "0")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the warm templates (and any worker still alive) with the test session."""
+    global _HOST
+    host, _HOST = _HOST, None
+    if host is not None:
+        host.close()
+
+
+def warm_launcher(config: pytest.Config, needs: LauncherNeeds) -> HostedLauncher | None:
+    """A launcher forking fresh workers from the test run's warm template for ``needs`` (started and
+    awaited here, outside the test's Trio run, so that the leak checks taken next see it as already
+    there); None with ``--dspex-cold`` / ``$DSPEX_TEST_COLD`` or where the zygote cannot run."""
+    global _HOST
+    if _cold(config) or not zygote_supported():
+        return None
+    if _HOST is None:
+        _HOST = TemplateHost(start_timeout=START_TIMEOUT_S)
+    launcher = _HOST.launcher(needs)
+    try:
+        _HOST.wait_ready(needs)
+    except Exception:  # e.g. a program module that cannot be used: the cold path raises it as usual
+        return None
+    return launcher
+
+
+@contextmanager
+def warm_templates_by_default(config: pytest.Config) -> Iterator[None]:
+    """While the block runs (a test's sync fixture: the setting reaches the test's Trio run), workers
+    started without a named launcher (``open_worker()``, a bridge, ``open_pool(launcher="auto")``) are
+    forked fresh from the test run's warm templates, one per set of needs; the default needs' template
+    is started and awaited first. Nothing changes with ``--dspex-cold`` or where the zygote cannot run.
+    For a project's own suite (an autouse fixture in its ``conftest.py``), where a pool opened in a test
+    body should start warm too."""
+    launcher = warm_launcher(config, LauncherNeeds(python=sys.executable))
+    if launcher is None:
+        yield
+        return
+    assert _HOST is not None
+    token = DEFAULT_LAUNCHER.set(_HOST.provide)
+    try:
+        yield
+    finally:
+        DEFAULT_LAUNCHER.reset(token)
+
+
+def _needs_of(options: dict[str, Any]) -> LauncherNeeds:
+    return LauncherNeeds(
+        python=options.get("python", sys.executable),
+        worker_env=tuple(options.get("worker_env", ())),
+        programs=tuple(options.get("programs", ())),
+    )
+
+
+@pytest.fixture
+def _dspex_launcher(
+    request: pytest.FixtureRequest, dspex_pool_options: dict[str, Any]
+) -> HostedLauncher | None:
+    """The warm launcher of this test's pool or bridge (None: cold), when the test starts processes."""
+    if request.node.get_closest_marker(REAL_PROCESSES_MARKER) is None or "launcher" in dspex_pool_options:
+        return None
+    if _missing_requirement("full") is not None:
+        return None  # the fixture skips, saying why
+    return warm_launcher(request.config, _needs_of(dspex_pool_options))
+
+
 @_async_fixture
 async def dspex_backend(
+    _dspex_launcher: HostedLauncher | None,
     _dspex_no_leaks: None,
     _dspex_backend_layer: str,
     _dspex_remote: str | None,
@@ -496,8 +601,13 @@ async def dspex_backend(
     options: dict[str, Any] = {}
     if layer == "full":
         options = dict(dspex_pool_options)
+        if _dspex_launcher is not None:
+            options["launcher"] = _dspex_launcher
     elif layer == "bridge":
         options = {k: v for k, v in dspex_pool_options.items() if k in ("lm", "diagnostics", "programs")}
+        if _dspex_launcher is not None and not dspex_pool_options.get("worker_env"):
+            # the bridge's own cold launcher would be a plain subprocess with these needs
+            options["launcher"] = _dspex_launcher
     else:  # the mock loads the application's program modules too
         options = {k: v for k, v in dspex_pool_options.items() if k == "programs"}
     async with _opened(lambda: open_backend(_BACKEND_KIND[layer], **options)) as backend:
@@ -514,10 +624,17 @@ async def dspex_backend(
 
 @_async_fixture
 async def dspex_pool(
-    _dspex_no_leaks: None, _dspex_pool_requirements: None, dspex_pool_options: dict[str, Any]
+    _dspex_pool_requirements: None,
+    _dspex_launcher: HostedLauncher | None,
+    _dspex_no_leaks: None,
+    dspex_pool_options: dict[str, Any],
 ) -> AsyncIterator[Pool]:
-    """A ready pool of real worker processes with the embedded offline LM (``dspex_pool_options``)."""
-    async with _opened(lambda: open_pool(**dspex_pool_options)) as pool:
+    """A ready pool of real worker processes with the embedded offline LM (``dspex_pool_options``): fresh
+    workers forked from the test run's warm template (cold with ``--dspex-cold``)."""
+    options = dict(dspex_pool_options)
+    if _dspex_launcher is not None:
+        options["launcher"] = _dspex_launcher
+    async with _opened(lambda: open_pool(**options)) as pool:
         yield pool
 
 

@@ -3,9 +3,10 @@
 Where ``test_worker.py`` covers a scenario against a single worker handle, the test here drives it
 through ``open_pool`` and asserts what the pool adds: which calls fail and how, which are re-dispatched,
 that the slot is refilled (``restarts``), that the health events tell the same story, and that nothing
-is left running. Most tests use the subprocess launcher (a pool is ready in ~0.2 s instead of ~1.2 s for
-the zygote's template, which imports dspy); the ones where the launcher changes what happens to
-processes (parent death, grandchildren, leaks) run on both.
+is left running. Most tests fork their workers from the test run's warm template (``FAST``: a pool is
+ready in milliseconds instead of ~0.2 s for subprocesses or ~1.2 s for a zygote template of its own,
+which imports dspy); the ones where the launcher changes what happens to processes (parent death,
+grandchildren, leaks) run on both cold launchers.
 
 Real processes run in real time: every wait is bounded (``wait_until``, ``fail_after``).
 """
@@ -45,13 +46,15 @@ from dspex_trio import (
     WorkerUnresponsive,
 )
 from dspex_trio._launcher import SubprocessLauncher
+from dspex_trio.testing._plugin import _template_pids
 from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_table, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and signals")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-FAST = "subprocess"
-"""The launcher of most tests here (see the module docstring)."""
+FAST = "auto"
+"""The launcher of most tests here (see the module docstring): in this suite, fresh workers forked from
+the test run's warm template (tests/conftest.py), ready in milliseconds; cold with ``--dspex-cold``."""
 BOTH_LAUNCHERS = pytest.mark.parametrize("launcher", ["subprocess", "zygote"])
 TAG_VAR = "DSPEX_TEST_TAG"
 """Set to a fresh uuid in a parent script's environment: every process it starts (workers, the zygote,
@@ -84,12 +87,12 @@ def proc_children(parent: int) -> set[int]:
 
 
 def live_worker_processes(pool: dspex_trio.Pool) -> set[int]:
-    """Every live process that is a worker: children of the zygote template (if any) and our own
-    children other than the template."""
+    """Every live process that is a worker: children of the zygote templates (the pool's own, the
+    test run's warm ones: tests/conftest.py) and our own children other than those."""
     zygote = getattr(pool._launcher, "zygote", None)
-    template = zygote.pid if zygote is not None else None
-    found = proc_children(os.getpid()) - {template}
-    if template is not None:
+    templates = ({zygote.pid} if zygote is not None else set()) | _template_pids()  # the run's warm ones too
+    found = proc_children(os.getpid()) - templates
+    for template in templates:
         found |= proc_children(template)
     return found
 

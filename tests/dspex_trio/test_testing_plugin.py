@@ -326,3 +326,65 @@ def test_the_fake_lm_and_its_command_need_no_pytest() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: dspex-trio fake-lm" in result.stdout
+
+
+WARM_SAMPLE = """
+import os
+
+import pytest
+
+from tests_helpers import parent_of
+
+PIDS = []
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_pool(dspex_pool, n):
+    assert await dspex_pool.call("ping") is not None
+    pids = [w.pid for w in dspex_pool.statistics().workers]
+    print(f"POOL {n} launcher={dspex_pool.statistics().launcher} parents={sorted({parent_of(p) for p in pids})}"
+          f" workers={sorted(pids)} me={os.getpid()}")
+
+
+@pytest.mark.parametrize("dspex_backend", ["bridge", "full"], indirect=True)
+async def test_backend(dspex_backend, dspex_layer):
+    pid = await dspex_backend.create_program("question -> answer", session="s")
+    assert (await dspex_backend.execute(pid, {"question": "q"}, session="s"))["answer"]
+"""
+
+PARENT_OF = """
+def parent_of(pid):
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+"""
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_one_warm_template_serves_every_test_of_the_run_with_fresh_workers(
+    user_suite: pytest.Pytester, cold: bool
+) -> None:
+    """Warm (the default): every test's pool forks fresh workers from one template, a child of the
+    test process that outlives the tests and ends with the session. ``--dspex-cold``: each pool its
+    own."""
+    user_suite.makepyfile(test_warm=WARM_SAMPLE, tests_helpers=PARENT_OF)
+    args = ["-s", "-p", "no:randomly"] + (["--dspex-cold"] if cold else [])
+    result = user_suite.runpytest_subprocess(*args, timeout=180)
+    result.assert_outcomes(passed=5)
+    lines = re.findall(
+        r"POOL (\d) launcher=(\w+) parents=\[([\d, ]+)\] workers=\[([\d, ]+)\] me=(\d+)", result.stdout.str()
+    )
+    assert len(lines) == 3, result.stdout.str()
+    parents = [set(map(int, p.split(","))) for _, _, p, _, _ in lines]
+    workers = [set(map(int, w.split(","))) for _, _, _, w, _ in lines]
+    me = int(lines[0][4])
+    assert all(launcher == "zygote" for _, launcher, _, _, _ in lines)
+    assert (
+        all(len(w) == 2 for w in workers) and not (workers[0] & workers[1]) and not (workers[1] & workers[2])
+    )
+    if cold:  # each pool forked from a template of its own
+        assert len(set().union(*parents)) == 3
+    else:  # one template for all, a child of the test process
+        assert len(set().union(*parents)) == 1
+        (template,) = parents[0]
+        assert template != me and not pid_alive(template)  # ended with the session

@@ -20,6 +20,10 @@ from dspex_trio._options import WorkerOptions
 from dspex_trio._pool_launcher import open_launcher
 from dspex_trio._zygote import open_zygote, zygote_supported
 
+pytestmark = pytest.mark.cold_start
+"""The workers' environment is what these tests check, set by each test: a warm template started by an
+earlier test has its own (tests/conftest.py)."""
+
 CANARY = "canary-7f3a-never-in-a-worker"
 SECRETS = {
     "OPENAI_API_KEY": CANARY,

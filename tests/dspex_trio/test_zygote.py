@@ -39,7 +39,10 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.skipif(not zygote_supported(), reason="the zygote needs Linux (fork, SCM_RIGHTS)")
+pytestmark = [
+    pytest.mark.skipif(not zygote_supported(), reason="the zygote needs Linux (fork, SCM_RIGHTS)"),
+    pytest.mark.cold_start,  # the zygote's own tests: the launchers they name start cold
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
