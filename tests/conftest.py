@@ -73,7 +73,9 @@ IN_PROCESS: dict[str, frozenset[str]] = {
         {"test_cli_main_serves_until_sigterm", "test_cli_warns_on_stderr_when_bound_to_all_interfaces"}
     ),
     "tests/dspex_trio/test_cli_messages.py": frozenset(),
-    "tests/dspex_trio/test_cli_ray.py": frozenset(),
+    "tests/dspex_trio/test_cli_ray.py": frozenset(
+        {"test_without_ray_the_workers_are_local_and_get_worker_env"}
+    ),
     "tests/dspex_trio/test_ray_control.py": frozenset(),
     "tests/dspex_trio/test_resize.py": frozenset(),
     "tests/dspex_trio/test_handshake.py": frozenset(),

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 
+import dspex_trio
 from dspex_trio._cli_ray import open_pool_launcher, parse_listen
 from dspex_trio._cli_settings import SettingsError, resolve_settings
 
@@ -24,8 +25,12 @@ def test_listen_addresses() -> None:
 
 
 async def test_without_ray_the_workers_are_local_and_get_worker_env() -> None:
+    """Without ``ray``: the workers' warm template on this machine (started before the bind) and the
+    operator's ``worker_env``."""
     async with open_pool_launcher(settings(worker_env=("A_VAR",))) as where:
-        assert where == {"worker_env": ("A_VAR",)}
+        assert set(where) == {"launcher", "worker_env"}
+        assert isinstance(where["launcher"], dspex_trio.SharedLauncher)
+        assert where["worker_env"] == ("A_VAR",)
 
 
 async def test_ray_listen_without_ray_is_a_mistake() -> None:
