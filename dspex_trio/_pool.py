@@ -94,6 +94,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         fail_at_start: int | None = None,
         rng: RandomSource | None = None,
         lm_budgets: Iterable[LMBudget] | None = None,
+        events: EventBus | None = None,
     ) -> None:
         super().__init__(clock=clock, session_ttl=options.session_ttl, lm=lm)
         self.options = options
@@ -141,8 +142,9 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         self._slots: set[int] = set(range(options.workers))
         """The slots the pool keeps filled (``resize`` adds and removes some)."""
         self._next_slot = options.workers
-        self.events = EventBus(backend="pool")
-        """Health events: every worker state transition and circuit change."""
+        self.events = events if events is not None else EventBus(backend="pool")
+        """Health events: every worker state transition and circuit change (``open_pool`` makes the bus
+        before the launcher, so that a shared launcher's events reach it too)."""
         self.lm_budgets = (
             None if lm_budgets is None else LMBudgets(lm_budgets, publish=self.events.publish, rng=self._rng)
         )
@@ -676,8 +678,8 @@ async def open_pool(
                 fail_at_start=fail_at_start,
                 rng=rng,
                 lm_budgets=lm_budgets,
+                events=events,
             )
-            pool.events = events
             pool._nursery = nursery
             try:
                 async with trio.open_nursery() as starting:
