@@ -20,6 +20,8 @@ from dspex_trio._errors import CallTimeout as CallTimeout
 from dspex_trio._errors import DspexError as DspexError
 from dspex_trio._errors import ExitStatus as ExitStatus
 from dspex_trio._errors import InvalidParams as InvalidParams
+from dspex_trio._errors import JobCancelled as JobCancelled
+from dspex_trio._errors import JobFailed as JobFailed
 from dspex_trio._errors import LimitExceeded as LimitExceeded
 from dspex_trio._errors import Overloaded as Overloaded
 from dspex_trio._errors import PoolUnavailable as PoolUnavailable

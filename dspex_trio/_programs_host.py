@@ -17,6 +17,7 @@ only cache them. This module writes that layer once:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import msgspec
@@ -25,8 +26,11 @@ import trio
 from bridge_child.registry import EXIT_PROGRAMS, FAILED_PREFIX
 from bridge_child.spec import MAX_STATE_BYTES
 from dspex_trio._errors import InvalidParams, ProgramModuleError, WorkerStartFailed
+from dspex_trio._jobs import EvaluationJob, open_evaluation
 from dspex_trio._sessions import ProgramSpec, SessionStore
 
+JOB_CONCURRENCY: Final = 8
+"""Examples of a job in flight at once on a backend that says no other (the pool: all its capacity)."""
 DEFAULT_LM: Final = "default"
 """``configure_lm(DEFAULT_LM, session=...)``: the session uses the backend's default LM again."""
 
@@ -240,6 +244,14 @@ class ProgramHost(ProgramCatalog):
         """Run ``method(params)`` in a worker; programs in ``params`` resolve in ``session``."""
         raise NotImplementedError
 
+    async def _job_call(self, method: str, params: Any, *, session: str | None, timeout: float | None) -> Any:
+        """One example of a job (``dspex_trio._jobs``): an idempotent call."""
+        return await self.call(method, params, session=session, timeout=timeout, idempotent=True)
+
+    def _job_concurrency(self) -> int:
+        """How many examples of a job are in flight at once by default."""
+        return JOB_CONCURRENCY
+
     # -- the catalog's hooks --------------------------------------------------------------------------
     def _info(self, program: ProgramSpec) -> dict[str, Any]:
         description = self._descriptions.get((program.id, program.version), {})
@@ -335,6 +347,44 @@ class ProgramHost(ProgramCatalog):
         description = await self.call("validate_program", {"spec": spec}, idempotent=True)
         updated = self.sessions.update_program(session, program, state=state)
         self._descriptions[updated.id, updated.version] = description
+
+    def evaluate(
+        self,
+        program: str,
+        devset: list[dict[str, Any]],
+        *,
+        metric: str,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[EvaluationJob]:
+        """Evaluate ``program`` on ``devset`` (``[{"inputs": {...}, "labels": {...}}, ...]``) with the
+        registered ``metric``, its examples spread over every worker, as ``dspy.Evaluate`` does::
+
+            async with pool.evaluate(pid, devset, metric="exact") as job:
+                async for progress in job:          # JobProgress: done, total, errors, score
+                    ...
+            job.result.score                        # EvaluationResult: score, results, errors
+
+        ``max_errors`` failed examples stop it with ``JobFailed`` (default 10, DSPy's); at most
+        ``concurrency`` examples are in flight (default: the backend's capacity); ``timeout`` bounds
+        each example. Leaving the block early cancels every pending example. See ``dspex_trio._jobs``.
+
+        Raises (at ``async with``):
+            ProgramNotFound: no such program in the session.
+            InvalidParams: an unknown metric, an empty devset, an example missing an input field.
+        """
+        return open_evaluation(
+            self,
+            program,
+            devset,
+            metric=metric,
+            session=session,
+            max_errors=max_errors,
+            concurrency=concurrency,
+            timeout=timeout,
+        )
 
     async def execute(
         self,
