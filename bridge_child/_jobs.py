@@ -131,6 +131,11 @@ def _passes(value: Any, threshold: Any) -> bool:
     return bool(value >= threshold) if threshold else bool(value)
 
 
+def _store(demo: Any) -> Any:
+    """A demo's fields: a loaded state's demos are dicts, DSPy's own are ``dspy.Example``s."""
+    return getattr(demo, "_store", demo)
+
+
 def bootstrap_example(worker: Worker, ctx: CallContext) -> Any:
     """One example of ``BootstrapFewShot._bootstrap_one_example`` with the program as the teacher."""
     program = resolve(worker, ctx)
@@ -149,7 +154,7 @@ def bootstrap_example(worker: Worker, ctx: CallContext) -> Any:
     if any(p.demos for _, p in teacher.named_predictors()):  # DSPy leaves the example out of its demos
         teacher = teacher.deepcopy()
         for _, predictor in teacher.named_predictors():
-            predictor.demos = [demo for demo in predictor.demos if demo != example]
+            predictor.demos = [demo for demo in predictor.demos if _store(demo) != example._store]
     if round_idx > 0:
         lm = lm.copy(rollout_id=round_idx, temperature=1.0)
     names = {id(p): name for name, p in teacher.named_predictors()}

@@ -195,7 +195,7 @@ class Job:
     it failed; ``await job.wait()`` waits for its outcome."""
 
     def __init__(self, total: int) -> None:
-        self._progress = JobProgress(done=0, total=total, errors=0, score_sum=0.0)
+        self._progress: Any = JobProgress(done=0, total=total, errors=0, score_sum=0.0)
         self._version = 0
         self._changed = trio.Event()
         self._finished = trio.Event()
@@ -203,14 +203,15 @@ class Job:
         self._outcome: Any = None
 
     @property
-    def progress(self) -> JobProgress:
+    def progress(self) -> Any:
+        """The latest progress (``JobProgress`` of an evaluation, ``CompileProgress`` of a compile job)."""
         return self._progress
 
     @property
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def _publish(self, progress: JobProgress) -> None:
+    def _publish(self, progress: Any) -> None:
         self._progress = progress
         self._version += 1
         self._changed.set()
@@ -221,6 +222,10 @@ class Job:
         self._finished.set()
         self._changed.set()
 
+    async def run(self) -> Any:
+        """Run the job to its outcome (an object with ``to_json()``), in the caller's task."""
+        raise NotImplementedError
+
     async def wait(self) -> Any:
         """The job's outcome, once it ended; its error (``JobFailed``, ``InvalidParams``, ...) if it failed."""
         await self._finished.wait()
@@ -228,10 +233,10 @@ class Job:
             raise self._error
         return self._outcome
 
-    def __aiter__(self) -> AsyncIterator[JobProgress]:
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self._events()
 
-    async def _events(self) -> AsyncIterator[JobProgress]:
+    async def _events(self) -> AsyncIterator[Any]:
         seen = -1
         while True:
             if self._version != seen:
@@ -411,6 +416,21 @@ async def start_evaluation(
 
 
 @asynccontextmanager
+async def open_job(job: Job) -> AsyncIterator[Job]:
+    """Run a checked ``job`` while the block runs. In the block, ``async for progress in job`` follows
+    it and ``await job.wait()`` gives its outcome (or raises its error); after the block, ``job.result``
+    holds it. Leaving the block before the job ended cancels every call still pending, in its worker."""
+    async with open_service_nursery() as nursery:
+        nursery.start_soon(_quietly, job.run)
+        try:
+            yield job
+        finally:
+            nursery.cancel_scope.cancel()
+    if not job.finished:
+        job._finish(error=JobCancelled("the job was cancelled"))
+
+
+@asynccontextmanager
 async def open_evaluation(
     backend: ProgramHost,
     program: str,
@@ -422,13 +442,9 @@ async def open_evaluation(
     concurrency: int | None = None,
     timeout: float | None = None,
 ) -> AsyncIterator[EvaluationJob]:
-    """Evaluate ``program`` on ``devset`` while the block runs (``pool.evaluate``; see the module doc).
-
-    The checks come first (``InvalidParams``, ``ProgramNotFound`` raise at ``async with``). In the block,
-    ``async for progress in job`` follows it and ``await job.wait()`` gives the
-    :class:`EvaluationResult` (or raises ``JobFailed``); after the block, ``job.result`` holds it.
-    Leaving the block before the job ended cancels every example still pending, in its worker.
-    """
+    """Evaluate ``program`` on ``devset`` while the block runs (``pool.evaluate``; see the module doc and
+    :func:`open_job`). The checks come first: ``InvalidParams`` and ``ProgramNotFound`` raise at
+    ``async with``, before any example is sent."""
     job = await start_evaluation(
         backend,
         program,
@@ -439,14 +455,8 @@ async def open_evaluation(
         concurrency=concurrency,
         timeout=timeout,
     )
-    async with open_service_nursery() as nursery:
-        nursery.start_soon(_quietly, job.run)
-        try:
-            yield job
-        finally:
-            nursery.cancel_scope.cancel()
-    if not job.finished:
-        job._finish(error=JobCancelled("the evaluation was cancelled"))
+    async with open_job(job):
+        yield job
 
 
 async def _quietly(run: Any) -> None:

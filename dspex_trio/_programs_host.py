@@ -16,9 +16,9 @@ only cache them. This module writes that layer once:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
@@ -26,8 +26,11 @@ import trio
 from bridge_child.registry import EXIT_PROGRAMS, FAILED_PREFIX
 from bridge_child.spec import MAX_STATE_BYTES
 from dspex_trio._errors import InvalidParams, ProgramModuleError, WorkerStartFailed
-from dspex_trio._jobs import EvaluationJob, open_evaluation
+from dspex_trio._jobs import EvaluationJob, open_evaluation, open_job
 from dspex_trio._sessions import ProgramSpec, SessionStore
+
+if TYPE_CHECKING:
+    from dspex_trio._compile import CompileJob
 
 JOB_CONCURRENCY: Final = 8
 """Examples of a job in flight at once on a backend that says no other (the pool: all its capacity)."""
@@ -385,6 +388,54 @@ class ProgramHost(ProgramCatalog):
             concurrency=concurrency,
             timeout=timeout,
         )
+
+    @asynccontextmanager
+    async def compile(
+        self,
+        program: str,
+        *,
+        optimizer: str,
+        trainset: list[dict[str, Any]],
+        valset: list[dict[str, Any]] | None = None,
+        metric: str,
+        options: dict[str, Any] | None = None,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[CompileJob]:
+        """Run a DSPy optimizer on ``program`` (``bootstrap_few_shot`` or
+        ``bootstrap_few_shot_with_random_search``, with DSPy's ``options``), its executions and candidate
+        evaluations spread over every worker; it ends by creating a new program with the optimized state::
+
+            async with pool.compile(pid, optimizer="bootstrap_few_shot", trainset=train, metric="exact") as job:
+                async for progress in job:          # CompileProgress: stage, trials, best_score, ...
+                    ...
+            job.result.program                      # the new program; job.result.state its DSPy state
+
+        The loop runs on the host, DSPy's draws restated (``dspex_trio._compile``). Leaving the block
+        early cancels every pending call.
+
+        Raises (at ``async with``):
+            ProgramNotFound: no such program in the session.
+            InvalidParams: an unknown optimizer, option or metric; an empty trainset; an example
+                missing an input field.
+        """
+        from dspex_trio._compile import start_compile
+
+        job = await start_compile(
+            self,
+            program,
+            optimizer=optimizer,
+            trainset=trainset,
+            valset=valset,
+            metric=metric,
+            options=options if options is not None else {},
+            session=session,
+            max_errors=max_errors,
+            concurrency=concurrency,
+        )
+        async with open_job(job):
+            yield job
 
     async def execute(
         self,

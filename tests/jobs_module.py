@@ -2,7 +2,8 @@
 and metrics for ``pool.evaluate`` and ``pool.compile``, scored the same by ``dspy.Evaluate`` in-process.
 
 Programs: ``qa`` (one Predict: ``question -> answer, correct: bool``), ``fragile`` (as ``qa``, raising
-for a question that holds "boom"), ``slow`` (as ``qa``, sleeping ``SLOW_S`` first). Metrics: ``agrees``
+for a question that holds "boom"), ``slow`` (as ``qa``, sleeping ``SLOW_S`` first), ``two_step`` (two predictors: a draft, then
+``question, draft -> answer, correct``). Metrics: ``agrees``
 (the prediction's own ``correct``: the offline LM makes it true for some questions, false for others),
 ``overlap`` (a float: words shared by the answer and the label), ``picky`` (raises for an example whose
 label is "raise").
@@ -71,3 +72,19 @@ def picky(example: dspy.Example, prediction: dspy.Prediction, trace: object = No
     if example.answer == "raise":
         raise RuntimeError("picky cannot score this example")
     return bool(prediction.correct)
+
+
+class TwoStep(dspy.Module):
+    """Two predictors: a draft, then a checked answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.Predict("question: str -> draft: str")
+        self.check = dspy.Predict("question: str, draft: str -> answer: str, correct: bool")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        draft = self.draft(question=question).draft
+        return self.check(question=question, draft=draft)
+
+
+program("two_step")(TwoStep)

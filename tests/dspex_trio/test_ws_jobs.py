@@ -1,0 +1,174 @@
+"""Jobs over the websocket (``job/submit``, ``job/event``, ``job/cancel``, ``job/list``) against a real
+pool, driven by a third-party client (the ``websockets`` library, in a thread): the same result as
+``pool.evaluate``, progress then one terminal event in ``seq`` order, cancellation, and the operator's
+limits (a million-example devset refused by ``max_job_examples`` on a server whose message size
+allows it; with the default 1 MiB message size it cannot even arrive: 1009, test_websocket.py). Real processes mean real time: every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+
+import dspex_trio
+from tests.dspex_trio.test_jobs import devset
+from tests.dspex_trio.test_websocket import Client, in_thread, start_server
+
+APP = "tests.jobs_module"
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[dspex_trio.Pool]:
+    async with dspex_trio.open_pool(workers=2, programs=[APP]) as pool:
+        yield pool
+
+
+def job_events(client: Client, job: str) -> list[dict[str, Any]]:
+    """Every ``job/event`` of ``job`` up to its terminal one."""
+    events = []
+    while True:
+        params = client.notification("job/event")
+        assert params["job"] == job
+        events.append(params)
+        if params["event"] in TERMINAL:
+            return events
+
+
+def submit_and_follow(url: str, program: str, examples: Any, **extra: Any) -> tuple[Any, list[Any], Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        pid = client.result("program/create", {"module": program, "session": session})["program"]
+        job = client.result(
+            "job/submit",
+            {"kind": "evaluate", "program": pid, "session": session, "metric": "agrees", "devset": examples}
+            | extra,
+        )["job"]
+        events = job_events(client, job)
+        listed = client.result("job/list")["jobs"]
+        return job, events, listed
+
+
+async def test_an_evaluation_job_gives_the_pool_s_result_with_progress_then_one_terminal_event(
+    pool: dspex_trio.Pool,
+) -> None:
+    examples = devset(300)
+    pid = await pool.create_program(module="qa")
+    async with pool.evaluate(pid, examples, metric="agrees") as local:
+        expected = await local.wait()
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        job, events, listed = await in_thread(submit_and_follow, server.url, "qa", examples)
+        nursery.cancel_scope.cancel()
+    assert job.startswith("j_")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["event"] for e in events[:-1]} == {"progress"}
+    assert events[-1]["event"] == "completed"
+    done = [e["data"]["done"] for e in events[:-1]]
+    assert done == sorted(done) and all(e["data"]["total"] == 300 for e in events[:-1])
+    result = events[-1]["data"]
+    assert result["score"] == expected.score
+    assert [r["score"] for r in result["results"]] == [r.score for r in expected.results]
+    assert listed == [
+        {
+            "job": job,
+            "kind": "evaluate",
+            "program": listed[0]["program"],
+            "state": "completed",
+            "progress": {"done": 300, "total": 300, "errors": 0, "score": listed[0]["progress"]["score"]},
+        }
+    ]
+
+
+def cancel_mid_job(url: str) -> tuple[list[Any], Any, Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        slow = client.result("program/create", {"module": "slow", "session": session})["program"]
+        qa = client.result("program/create", {"module": "qa", "session": session})["program"]
+        job = client.result(
+            "job/submit",
+            {
+                "kind": "evaluate",
+                "program": slow,
+                "session": session,
+                "metric": "agrees",
+                "devset": devset(500),
+                "concurrency": 4,
+            },
+        )["job"]
+        first = client.notification("job/event")
+        assert first["event"] == "progress"
+        served = client.result(
+            "execution/run", {"program": qa, "session": session, "inputs": {"question": "hi?"}}
+        )
+        assert client.result("job/cancel", {"job": job}) == {"job": job, "cancelled": True}
+        events = [first, *job_events(client, job)]
+        again = client.result("job/cancel", {"job": job})
+        return events, served, again
+
+
+async def test_job_cancel_ends_the_job_with_cancelled_and_the_pool_serves_others(
+    pool: dspex_trio.Pool,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        events, served, again = await in_thread(cancel_mid_job, server.url)
+        nursery.cancel_scope.cancel()
+    assert served["outputs"]["answer"]
+    assert events[-1]["event"] == "cancelled"
+    assert events[-1]["data"] == {"reason": "cancelled by the client"}
+    assert events[-1]["data"] and events[-2]["data"]["done"] < 500
+    assert again["cancelled"] is False and again["state"] == "cancelled"
+
+
+def refusals(url: str) -> dict[str, Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        pid = client.result("program/create", {"module": "qa", "session": session})["program"]
+        base = {"kind": "evaluate", "program": pid, "session": session, "metric": "agrees"}
+        out = {
+            "unknown metric": client.error("job/submit", base | {"metric": "nope", "devset": devset(2)}),
+            "missing input": client.error("job/submit", base | {"devset": [{"inputs": {}, "labels": {}}]}),
+            "empty": client.error("job/submit", base | {"devset": []}),
+            "kind": client.error("job/submit", base | {"kind": "train", "devset": devset(2)}),
+            "too many": client.error("job/submit", base | {"devset": devset(11)}),
+            "unknown job": client.error("job/cancel", {"job": "j_nope"}),
+        }
+        million = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 99,
+                "method": "job/submit",
+                "params": base | {"devset": [{"inputs": {"question": "q"}}] * 1_000_000},
+            }
+        )
+        client.ws.send(million)
+        out["million"] = client.reply(99)
+        slow = client.result("program/create", {"module": "slow", "session": session})["program"]
+        long = base | {"program": slow, "devset": devset(8), "concurrency": 1}  # 1.6 s each
+        out["jobs"] = [client.result("job/submit", long) for _ in range(2)]
+        out["jobs at once"] = client.error("job/submit", long)
+        return out
+
+
+async def test_bad_jobs_and_the_limits_are_refused_before_anything_runs(pool: dspex_trio.Pool) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(
+            nursery, pool, max_job_examples=10, max_jobs=2, max_message_size=64 * 1024 * 1024
+        )
+        out = await in_thread(refusals, server.url)
+        nursery.cancel_scope.cancel()
+    assert "unknown metric 'nope'" in out["unknown metric"]["message"]
+    assert "devset[0] is missing input field(s) 'question'" in out["missing input"]["message"]
+    assert "empty devset" in out["empty"]["message"]
+    assert "unknown job kind 'train'" in out["kind"]["message"]
+    assert out["too many"]["data"]["kind"] == "limit_exceeded"
+    assert out["unknown job"]["data"]["kind"] == "unknown_execution"
+    assert out["jobs at once"]["data"]["kind"] == "limit_exceeded"
+    assert "at most 2 jobs" in out["jobs at once"]["message"]
+    assert out["million"]["error"]["data"]["kind"] == "limit_exceeded"
+    assert "1000000 examples; at most 10" in out["million"]["error"]["message"]
