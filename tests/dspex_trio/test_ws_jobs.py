@@ -172,3 +172,42 @@ async def test_bad_jobs_and_the_limits_are_refused_before_anything_runs(pool: ds
     assert "at most 2 jobs" in out["jobs at once"]["message"]
     assert out["million"]["error"]["data"]["kind"] == "limit_exceeded"
     assert "1000000 examples; at most 10" in out["million"]["error"]["message"]
+
+
+def compile_over_ws(url: str, trainset: Any) -> tuple[list[Any], Any, Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        pid = client.result("program/create", {"module": "qa", "session": session})["program"]
+        params = {
+            "kind": "compile",
+            "program": pid,
+            "session": session,
+            "metric": "agrees",
+            "optimizer": "bootstrap_few_shot",
+            "trainset": trainset,
+            "options": {"max_bootstrapped_demos": 2, "max_labeled_demos": 4},
+        }
+        job = client.result("job/submit", params)["job"]
+        events = job_events(client, job)
+        state = client.result("program/get", {"program": events[-1]["data"]["program"], "session": session})
+        refused = client.error("job/submit", params | {"optimizer": "gepa"})
+        return events, state, refused
+
+
+async def test_a_compile_job_over_the_websocket_creates_the_optimized_program(pool: dspex_trio.Pool) -> None:
+    trainset = devset(12)
+    pid = await pool.create_program(module="qa")
+    options = {"max_bootstrapped_demos": 2, "max_labeled_demos": 4}
+    async with pool.compile(
+        pid, optimizer="bootstrap_few_shot", trainset=trainset, metric="agrees", options=options
+    ) as local:
+        expected = await local.wait()
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        events, described, refused = await in_thread(compile_over_ws, server.url, trainset)
+        nursery.cancel_scope.cancel()
+    assert events[-1]["event"] == "completed"
+    assert {e["event"] for e in events[:-1]} <= {"progress"}
+    assert events[-1]["data"]["state"]["demos"] == expected.state["demos"]
+    assert described["id"] == events[-1]["data"]["program"]
+    assert "'gepa' is not provided" in refused["message"]
