@@ -36,6 +36,7 @@ import trio
 
 from dspex_trio._errors import (
     CallTimeout,
+    DspexError,
     InvalidParams,
     JobCancelled,
     JobFailed,
@@ -71,6 +72,9 @@ MAX_CANDIDATES: Final = 256
 """Most candidate programs of a random search (``num_candidate_programs``)."""
 MAX_ROUNDS: Final = 16
 """Most rounds per example (``max_rounds``)."""
+CANDIDATES_AT_ONCE: Final = 4
+"""Candidates of a random search bootstrapped and evaluated at once (their outcomes are then taken in
+DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them)."""
 
 _OPTIONS: Final = {
     "bootstrap_few_shot": {
@@ -97,7 +101,8 @@ class CompileProgress:
     """Where a compile job stands."""
 
     stage: str
-    """``bootstrap`` or ``evaluate`` (of a candidate)."""
+    """``bootstrap`` (bootstrap_few_shot) or ``search`` (random search: ``done`` / ``total`` count
+    candidates)."""
     trials: int
     """Candidates evaluated (random search), or 0."""
     total_trials: int
@@ -225,6 +230,7 @@ class CompileJob(Job):
         self.names = ["self"] if self.flat else [k for k in state if k != "metadata"]
         self._progress = CompileProgress("bootstrap", 0, 0, 0, None)
         self._created: list[str] = []
+        self._report = True
 
     @property
     def result(self) -> CompileResult:
@@ -237,6 +243,11 @@ class CompileJob(Job):
 
     def _update(self, **changes: Any) -> None:
         self._publish(attrs.evolve(self._progress, **changes))
+
+    def _detail(self, **changes: Any) -> None:
+        """Progress inside one bootstrap or evaluation: published unless candidates overlap."""
+        if self._report:
+            self._update(**changes)
 
     # -- programs -------------------------------------------------------------------------------------
     def _with_demos(self, demos: dict[str, list[Any]]) -> dict[str, Any]:
@@ -287,34 +298,62 @@ class CompileJob(Job):
             return CompileResult(program, await self.backend.get_state(program, session=self.session), None)
         valset = self.valset or self.trainset
         seeds = list(range(-3, o["num_candidate_programs"]))
-        self._update(total_trials=len(seeds))
+        self._update(stage="search", total_trials=len(seeds), done=0, total=len(seeds))
+        self._report = False  # candidates overlap: only trials and the best score are published
+        outcomes: dict[int, tuple[str, float] | BaseException] = {}
+        arrived = trio.Event()
+        limiter = trio.Semaphore(CANDIDATES_AT_ONCE)
+
+        async def candidate(seed: int) -> None:
+            nonlocal arrived
+            async with limiter:
+                try:
+                    outcomes[seed] = await self._candidate(seed, valset)
+                except DspexError as exc:  # the replay raises it in DSPy's order
+                    outcomes[seed] = exc
+            arrived.set()
+            arrived = trio.Event()
+
         best: tuple[float, str] | None = None
         candidates = []
-        for seed in seeds:
-            trainset = list(self.trainset)
-            if seed == -3:
-                demos: dict[str, list[Any]] = {}
-            elif seed == -2:
-                demos = _labeled(trainset, self.names, o["max_labeled_demos"], o["labeled_sample"])
-            elif seed == -1:
-                demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"])
-            else:
-                random.Random(seed).shuffle(trainset)
-                size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
-                demos = await self._bootstrap_few_shot(trainset, size)
-            program = await self._create(self._with_demos(demos))
-            self._update(stage="evaluate", done=0, total=len(valset))
-            score = await self._evaluate(program, valset)
-            candidates.append({"seed": seed, "score": score})
-            if best is None or score > best[0]:
-                best = (score, program)
-            self._update(trials=len(candidates), best_score=best[0], stage="bootstrap")
-            if o["stop_at_score"] is not None and score >= o["stop_at_score"]:
-                break
+        async with trio.open_nursery() as nursery:
+            for seed in seeds:
+                nursery.start_soon(candidate, seed)
+            for seed in seeds:  # DSPy's loop, in its order, over the candidates' outcomes
+                while seed not in outcomes:
+                    await arrived.wait()
+                outcome = outcomes[seed]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                program, score = outcome
+                candidates.append({"seed": seed, "score": score})
+                if best is None or score > best[0]:
+                    best = (score, program)
+                self._update(trials=len(candidates), best_score=best[0], done=len(candidates))
+                if o["stop_at_score"] is not None and score >= o["stop_at_score"]:
+                    break
+            nursery.cancel_scope.cancel()
         assert best is not None
         await self._forget(best[1])
         state = await self.backend.get_state(best[1], session=self.session)
         return CompileResult(best[1], state, best[0], tuple(candidates))
+
+    async def _candidate(self, seed: int, valset: list[dict[str, Any]]) -> tuple[str, float]:
+        """One candidate of the random search (DSPy's ``seed``): its program and its score."""
+        o = self.options
+        trainset = list(self.trainset)
+        if seed == -3:
+            demos: dict[str, list[Any]] = {}
+        elif seed == -2:
+            demos = _labeled(trainset, self.names, o["max_labeled_demos"], o["labeled_sample"])
+        elif seed == -1:
+            demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"])
+        else:
+            random.Random(seed).shuffle(trainset)
+            size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
+            demos = await self._bootstrap_few_shot(trainset, size)
+        program = await self._create(self._with_demos(demos))
+        return program, await self._evaluate(program, valset)
 
     async def _evaluate(self, program: str, valset: list[dict[str, Any]]) -> float:
         job = EvaluationJob(
@@ -331,7 +370,7 @@ class CompileJob(Job):
 
             async def follow() -> None:
                 async for progress in job:
-                    self._update(done=progress.done)
+                    self._detail(done=progress.done)
 
             nursery.start_soon(follow)
             result = await job.run()
@@ -345,7 +384,7 @@ class CompileJob(Job):
         trainset=trainset)``'s demos per predictor (each optimizer counts its own errors)."""
         o = self.options
         errors = [0]
-        self._update(stage="bootstrap", bootstrapped=0, done=0, total=len(trainset))
+        self._detail(stage="bootstrap", bootstrapped=0, done=0, total=len(trainset))
         if o["max_labeled_demos"]:
             teacher = await self._create(
                 self._with_demos(_labeled(trainset, self.names, o["max_labeled_demos"], True))
@@ -403,7 +442,7 @@ class CompileJob(Job):
                 index += 1
                 state["replayed"] = index
                 state["bootstrapped"] = len(bootstrapped)
-                self._update(bootstrapped=len(bootstrapped), done=index)
+                self._detail(bootstrapped=len(bootstrapped), done=index)
                 arrived.set()
                 arrived = trio.Event()
             state["done"] = True
