@@ -2,11 +2,13 @@
 metric the operator registered (``METRICS``). The host spreads a job's examples over the workers as
 idempotent calls of these methods; no code crosses the wire, only the metric's name and the data.
 
-- ``score_example {"program": ref, "example": {"inputs", "labels"}, "metric": name, "lm": optional}``:
-  what ``dspy.Evaluate``'s ``process_item`` does for one example: ``prediction = program(**inputs)``,
-  ``score = metric(example, prediction)``. The answer is ``{"outputs", "score"}``; a program or metric
-  that raises is a ``PROGRAM_ERROR`` whose ``details.stage`` says which (``program`` or ``metric``): the
-  host counts it as DSPy counts a failed example.
+- ``score_examples {"program": ref, "examples": [{"inputs", "labels"}, ...], "metric": name, "lm":
+  optional}``: what ``dspy.Evaluate``'s ``process_item`` does, for each example in turn: ``prediction =
+  program(**inputs)``, ``score = metric(example, prediction)``. The answer is ``{"results": [...]}``,
+  each ``{"outputs", "score"}`` or, when the program or the metric raised, ``{"error": {"type",
+  "message", "stage"}}`` (``stage``: ``program`` or ``metric``): the host counts it as DSPy counts a
+  failed example. (The host sends several examples per call when they are CPU-bound: one worker runs
+  them one after another anyway, and the call's fixed cost is paid once.)
 - ``bootstrap_example {... "round": int, "threshold": number | null}``: what ``BootstrapFewShot``'s
   ``_bootstrap_one_example`` does for one example with the program as its teacher: run it under a
   trace, score it with ``metric(example, prediction, trace)``, and, when it passes, each predictor's
@@ -54,10 +56,11 @@ def _metric(name: str) -> Any:
     return found
 
 
-def _example(ctx: CallContext, program: Program) -> tuple[Any, dict[str, Any]]:
-    """The call's example as a ``dspy.Example`` (inputs, then labels; the inputs its input keys) and the
+def _example(ctx: CallContext, program: Program, raw: Any) -> tuple[Any, dict[str, Any]]:
+    """An example as a ``dspy.Example`` (inputs, then labels; the inputs its input keys) and the
     program's keyword arguments. An example the program cannot take is ``InvalidParams``."""
-    raw = ctx.param("example", dict)
+    if not isinstance(raw, dict):
+        raise invalid_params(f"{ctx.method}: an example must be {{'inputs': {{...}}, 'labels': {{...}}}}")
     inputs = raw.get("inputs")
     labels = raw.get("labels", {})
     if not isinstance(inputs, dict) or not isinstance(labels, dict):
@@ -80,13 +83,19 @@ def _lm(worker: Worker, ctx: CallContext) -> tuple[Any, dict[str, Any] | None]:
     return lm_for(worker, config), config
 
 
+def _error(stage: str, exc: BaseException, config: dict[str, Any] | None) -> dict[str, Any]:
+    """A failed example's error, as data (the message without the LM's secrets)."""
+    return {
+        "type": type(exc).__name__,
+        "message": _redact(str(exc) or type(exc).__name__, config),
+        "stage": stage,
+    }
+
+
 def _failed(stage: str, exc: BaseException, config: dict[str, Any] | None) -> MethodError:
-    message = str(exc) or type(exc).__name__
+    error = _error(stage, exc, config)
     return MethodError(
-        wire.ErrorCode.PROGRAM_ERROR,
-        _redact(message, config),
-        type=type(exc).__name__,
-        details={"stage": stage},
+        wire.ErrorCode.PROGRAM_ERROR, error["message"], type=error["type"], details={"stage": stage}
     )
 
 
@@ -98,14 +107,19 @@ def _score_value(score: Any) -> Any:
     return float(score)
 
 
-def score_example(worker: Worker, ctx: CallContext) -> Any:
-    program = resolve(worker, ctx)
-    metric = _metric(ctx.param("metric", str))
+MAX_BATCH: Final = 64
+"""Most examples of one ``score_examples`` call."""
+
+
+def _score(
+    ctx: CallContext, program: Program, metric: Any, raw: Any, lm: Any, config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One example, as ``dspy.Evaluate``'s ``process_item``: ``{"outputs", "score"}``, or ``{"error":
+    {"type", "message", "stage"}}`` when the program or the metric raised."""
     try:
-        example, kwargs = _example(ctx, program)
+        example, kwargs = _example(ctx, program, raw)
     except SpecError as exc:
         raise invalid_params(str(exc)) from None
-    lm, config = _lm(worker, ctx)
     dspy = _import_dspy()
     from bridge_child._lmguard import current_call
 
@@ -115,14 +129,29 @@ def score_example(worker: Worker, ctx: CallContext) -> Any:
             with dspy.context(**settings):
                 prediction = program.module(**kwargs)
         except Exception as exc:
-            raise _failed(STAGE_PROGRAM, call.refusal or exc, config) from exc
+            return {"error": _error(STAGE_PROGRAM, call.refusal or exc, config)}
     try:
         score = _score_value(metric(example, prediction))
     except Exception as exc:
-        raise _failed(STAGE_METRIC, exc, config) from exc
-    if ctx.cancelled.is_set():
-        return None
+        return {"error": _error(STAGE_METRIC, exc, config)}
     return {"outputs": _outputs(program, prediction), "score": score}
+
+
+def score_examples(worker: Worker, ctx: CallContext) -> Any:
+    """``{"results": [...]}``: each example of ``examples`` scored in turn (:func:`_score`), stopping
+    early when the call is cancelled."""
+    program = resolve(worker, ctx)
+    metric = _metric(ctx.param("metric", str))
+    examples = ctx.param("examples", list)
+    if not 1 <= len(examples) <= MAX_BATCH:
+        raise invalid_params(f"score_examples: 1 to {MAX_BATCH} examples per call")
+    lm, config = _lm(worker, ctx)
+    results = []
+    for raw in examples:
+        if ctx.cancelled.is_set():
+            return None
+        results.append(_score(ctx, program, metric, raw, lm, config))
+    return {"results": results}
 
 
 def _passes(value: Any, threshold: Any) -> bool:
@@ -143,7 +172,7 @@ def bootstrap_example(worker: Worker, ctx: CallContext) -> Any:
     round_idx = ctx.param("round", int, 0)
     threshold = ctx.param("threshold", (int, float), None)
     try:
-        example, kwargs = _example(ctx, program)
+        example, kwargs = _example(ctx, program, ctx.param("example", dict))
     except SpecError as exc:
         raise invalid_params(str(exc)) from None
     lm, config = _lm(worker, ctx)
@@ -193,7 +222,7 @@ def bootstrap_example(worker: Worker, ctx: CallContext) -> Any:
 
 
 METHODS: Final = {
-    "score_example": Method(score_example, lane=on_cpu_lane),
+    "score_examples": Method(score_examples, lane=on_cpu_lane),
     "bootstrap_example": Method(bootstrap_example, lane=on_cpu_lane),
 }
 """The job methods, for the worker's registry (``_methods.build_registry``)."""

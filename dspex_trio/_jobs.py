@@ -52,6 +52,11 @@ MAX_JOB_CONCURRENCY: Final = 4096
 """Most examples of one job in flight at once."""
 MAX_EXAMPLES: Final = 1_000_000
 """Most examples of one job from Python (the websocket's own limit is lower: ``WebsocketOptions``)."""
+CPU_BATCH: Final = 8
+"""Examples per worker call when they are CPU-bound (the offline LM): a worker runs them one after
+another on its CPU lane anyway, so a call's fixed cost (framing, dispatch) is paid once per 8."""
+CPU_BATCH_MIN_CALLS: Final = 16
+"""Calls a CPU-bound job's examples are spread over at least (when it has that many examples)."""
 FAILURE_SCORE: Final = 0.0
 """The score of a failed example (``dspy.Evaluate``'s default ``failure_score``)."""
 
@@ -118,6 +123,17 @@ class EvaluationResult:
             "errors": self.errors,
             "results": [r.to_json() for r in self.results],
         }
+
+
+def batch_size(lm_params: dict[str, Any], examples: int) -> int:
+    """Examples per worker call: up to ``CPU_BATCH`` with the offline LM (while that leaves
+    ``CPU_BATCH_MIN_CALLS`` calls to spread), else one (an LM over the network: each example waits on
+    its own)."""
+    lm = lm_params.get("lm")
+    model = lm if isinstance(lm, str) or lm is None else lm.get("model")
+    if model not in (None, "offline"):
+        return 1
+    return max(1, min(CPU_BATCH, examples // CPU_BATCH_MIN_CALLS))
 
 
 def check_examples(
@@ -276,6 +292,8 @@ class EvaluationJob(Job):
         self.timeout = timeout
         self._results: list[ExampleResult | None] = [None] * len(devset)
         self._next = 0
+        self.batch = batch_size(backend._lm_params(session), len(devset))
+        """Examples per worker call."""
         self.attempts = 0
         """Sends of examples to workers, in all (more than the devset when workers died)."""
 
@@ -293,7 +311,8 @@ class EvaluationJob(Job):
         """Run every example to its one outcome; the result, or ``JobFailed`` at ``max_errors`` failures."""
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(self.concurrency, len(self.devset))):
+                calls = -(-min(self.concurrency, len(self.devset)) // self.batch)
+                for _ in range(calls):
                     nursery.start_soon(self._runner)
         except BaseException as exc:
             error = _single(exc)
@@ -315,33 +334,37 @@ class EvaluationJob(Job):
 
     async def _runner(self) -> None:
         while self._next < len(self.devset):
-            index = self._next
-            self._next += 1
-            self._record(await self._score(index))
+            first = self._next
+            self._next = min(first + self.batch, len(self.devset))
+            for result in await self._score(range(first, self._next)):
+                self._record(result)
 
-    async def _score(self, index: int) -> ExampleResult:
+    async def _score(self, indices: range) -> list[ExampleResult]:
         params = {
             "program": self.program,
-            "example": self.devset[index],
+            "examples": self.devset[indices.start : indices.stop],
             "metric": self.metric,
             **self.backend._lm_params(self.session),
         }
         sent = 0
         while True:
+            self.attempts += 1
             try:
                 value = await self.backend._job_call(
-                    "score_example", params, session=self.session, timeout=self.timeout
+                    "score_examples", params, session=self.session, timeout=self.timeout
                 )
-            except ProgramError as exc:
-                return ExampleResult(index, None, FAILURE_SCORE, error_info(exc))
-            except (WorkerCrashed, WorkerClosed, CallTimeout) as exc:
+            except (WorkerCrashed, WorkerClosed, CallTimeout, ProgramError) as exc:
                 sent += exc.attempts
-                if isinstance(exc, CallTimeout) or sent >= MAX_EXAMPLE_ATTEMPTS:
-                    return ExampleResult(index, None, FAILURE_SCORE, error_info(exc))
-                continue
-            finally:
-                self.attempts += 1
-            return ExampleResult(index, value["outputs"], value["score"])
+                retry = isinstance(exc, WorkerCrashed | WorkerClosed) and sent < MAX_EXAMPLE_ATTEMPTS
+                if retry:
+                    continue
+                return [ExampleResult(i, None, FAILURE_SCORE, error_info(exc)) for i in indices]
+            return [
+                ExampleResult(i, None, FAILURE_SCORE, {**r["error"]})
+                if "error" in r
+                else ExampleResult(i, r["outputs"], r["score"])
+                for i, r in zip(indices, value["results"], strict=True)
+            ]
 
     def _record(self, result: ExampleResult) -> None:
         assert self._results[result.index] is None, "an example is scored once"

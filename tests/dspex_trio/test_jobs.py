@@ -188,4 +188,4 @@ async def test_bad_input_is_refused_before_anything_runs(pool: dspex_trio.Pool) 
         async with pool.evaluate(pid, devset(3), metric="agrees", max_errors=0):
             pass
     stats = pool.statistics()
-    assert not any(m == "score_example" for m in stats.latency), "no example was sent"
+    assert not any(m == "score_examples" for m in stats.latency), "no example was sent"
