@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from bridge_child.spec import SpecError, parse_type
 from dspex_trio._errors import (
     CallTimeout,
     DspexError,
@@ -153,6 +154,13 @@ def check_examples(
     if len(examples) > limit:
         raise InvalidParams(f"the {what} holds {len(examples)} examples; at most {limit} are allowed")
     names = [f["name"] for f in inputs]
+    types = {}
+    for f in inputs:  # as the worker checks them (a type the host cannot read: the worker checks it)
+        if "schema" not in f:
+            try:
+                types[f["name"]] = parse_type(f.get("type", "str"))
+            except SpecError:
+                pass
     required = [f["name"] for f in inputs if not f.get("optional")]
     checked = []
     for index, example in enumerate(examples):
@@ -178,6 +186,12 @@ def check_examples(
                 f"{what}[{index}] has unknown input field(s) {', '.join(map(repr, unknown))}; "
                 f"the program's inputs are {', '.join(names)}"
             )
+        for name, type_ in types.items():
+            if name in given and not type_.accepts(given[name]):
+                raise InvalidParams(
+                    f"{what}[{index}]: input {name!r} must be {type_.render()}, "
+                    f"not {type(given[name]).__name__}"
+                )
         checked.append({"inputs": given, "labels": labels})
     return checked
 

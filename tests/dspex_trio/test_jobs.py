@@ -178,6 +178,10 @@ async def test_bad_input_is_refused_before_anything_runs(pool: dspex_trio.Pool) 
     with pytest.raises(dspex_trio.InvalidParams, match=r"devset\[3\] is missing input field\(s\) 'question'"):
         async with pool.evaluate(pid, missing, metric="agrees"):
             pass
+    typed = [{"inputs": {"question": 5}, "labels": {}}]
+    with pytest.raises(dspex_trio.InvalidParams, match=r"devset\[0\]: input 'question' must be str, not int"):
+        async with pool.evaluate(pid, typed, metric="agrees"):
+            pass
     with pytest.raises(dspex_trio.InvalidParams, match=r"devset\[0\] must be"):
         async with pool.evaluate(pid, ["not an example"], metric="agrees"):
             pass
