@@ -56,9 +56,11 @@ from dspex_trio._jobs import (
     check_metric,
     error_info,
 )
+from dspex_trio._programs_host import check_state_size
 
 if TYPE_CHECKING:
     from dspex_trio._programs_host import ProgramHost
+
 
 OPTIMIZERS: Final = ("bootstrap_few_shot", "bootstrap_few_shot_with_random_search")
 """The optimizers a compile job runs."""
@@ -262,10 +264,21 @@ class CompileJob(Job):
         return state
 
     async def _create(self, state: dict[str, Any]) -> str:
-        spec = {**self.backend.sessions.program(self.session, self.program).spec, "state": state}
-        created = await self.backend._add_program(spec, self.session, None)
-        self._created.append(created)
-        return created
+        """A program of the session: the student with ``state`` (a teacher, a candidate, the result).
+
+        Not validated by a worker first, as ``create_program`` does: its spec is the student's, and its
+        state the student's own with demos the workers made, checked by each worker that builds it
+        (the first call naming it). It is described as the student is."""
+        await trio.lowlevel.checkpoint()
+        check_state_size(state)
+        backend = self.backend
+        student = backend.sessions.program(self.session, self.program)
+        created = backend.sessions.add_program(self.session, {**student.spec, "state": state})
+        backend._descriptions[created.id, created.version] = backend._descriptions.get(
+            (student.id, student.version), {}
+        )
+        self._created.append(created.id)
+        return created.id
 
     async def _forget(self, keep: str | None) -> None:
         for program in self._created:
