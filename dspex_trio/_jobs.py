@@ -216,7 +216,12 @@ def error_info(exc: DspexError) -> dict[str, Any]:
             "message": message[len(prefix) :] if message.startswith(prefix) else message,
             "stage": details.get("stage", "program"),
         }
-    return {"type": type(exc).__name__, "message": str(exc), "stage": "worker"}
+    if isinstance(exc, WorkerCrashed):  # its text may hold the worker's stderr: not for a client
+        status = f" ({exc.exit_status.describe()})" if exc.exit_status is not None else ""
+        message = f"the worker running it died{status}, {exc.attempts} time(s)"
+    else:
+        message = str(exc)
+    return {"type": type(exc).__name__, "message": message, "stage": "worker"}
 
 
 class Job:

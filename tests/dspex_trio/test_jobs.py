@@ -193,3 +193,22 @@ async def test_bad_input_is_refused_before_anything_runs(pool: dspex_trio.Pool) 
             pass
     stats = pool.statistics()
     assert not any(m == "score_examples" for m in stats.latency), "no example was sent"
+
+
+async def test_the_bridge_evaluates_and_compiles_as_the_pool_does(pool: dspex_trio.Pool) -> None:
+    examples = devset(30, boom=(4,))
+    pid = await pool.create_program(module="fragile")
+    expected = await evaluate(pool, pid, examples, metric="agrees")
+    async with dspex_trio.open_backend("bridge", programs=[APP]) as bridge:
+        bid = await bridge.create_program(module="fragile")
+        async with bridge.evaluate(bid, examples, metric="agrees") as job:  # type: ignore[attr-defined]
+            result = await job.wait()
+        async with (
+            bridge.compile(  # type: ignore[attr-defined]
+                bid, optimizer="bootstrap_few_shot", trainset=examples[:10], metric="agrees"
+            ) as job
+        ):
+            compiled = await job.wait()
+    assert result.score == expected.score and result.errors == 1
+    assert [r.score for r in result.results] == [r.score for r in expected.results]
+    assert compiled.state["respond"]["demos"], "the bridge bootstrapped demos"

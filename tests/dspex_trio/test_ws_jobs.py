@@ -15,8 +15,10 @@ import pytest
 import trio
 
 import dspex_trio
+from tests import jobs_module
 from tests.dspex_trio.test_jobs import devset
 from tests.dspex_trio.test_websocket import Client, in_thread, start_server
+from tests.helpers import wait_until
 
 APP = "tests.jobs_module"
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -211,3 +213,38 @@ async def test_a_compile_job_over_the_websocket_creates_the_optimized_program(po
     assert events[-1]["data"]["state"]["demos"] == expected.state["demos"]
     assert described["id"] == events[-1]["data"]["program"]
     assert "'gepa' is not provided" in refused["message"]
+
+
+def failing_then_abandoned(url: str) -> list[Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        fragile = client.result("program/create", {"module": "fragile", "session": session})["program"]
+        slow = client.result("program/create", {"module": "slow", "session": session})["program"]
+        base = {"kind": "evaluate", "session": session, "metric": "agrees"}
+        job = client.result(
+            "job/submit", base | {"program": fragile, "devset": devset(20, boom=(0,)), "max_errors": 1}
+        )["job"]
+        events = job_events(client, job)
+        client.result("job/submit", base | {"program": slow, "devset": devset(200), "concurrency": 4})
+        assert client.notification("job/event")["event"] == "progress"
+    return events  # the connection closed with the slow job running
+
+
+async def test_a_failed_job_ends_with_failed_and_a_closed_connection_cancels_its_jobs(
+    pool: dspex_trio.Pool,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        events = await in_thread(failing_then_abandoned, server.url)
+
+        async def idle() -> bool:
+            stats = [await w.call("stats") for w in pool.workers()]
+            return all(not s["executing"] and not s["pending"] for s in stats)
+
+        await wait_until(
+            idle, timeout=1.0 + jobs_module.SLOW_S, message="the closed connection's job stopped"
+        )
+        nursery.cancel_scope.cancel()
+    assert events[-1]["event"] == "failed"
+    assert events[-1]["data"]["error"] == "JobFailed"
+    assert "1 examples failed (max_errors 1)" in events[-1]["data"]["message"]
