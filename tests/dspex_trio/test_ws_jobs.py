@@ -248,3 +248,42 @@ async def test_a_failed_job_ends_with_failed_and_a_closed_connection_cancels_its
     assert events[-1]["event"] == "failed"
     assert events[-1]["data"]["error"] == "JobFailed"
     assert "1 examples failed (max_errors 1)" in events[-1]["data"]["message"]
+
+
+async def test_the_remote_client_runs_jobs_as_the_pool_does(pool: dspex_trio.Pool) -> None:
+    examples = devset(120, boom=(3,))
+    pid = await pool.create_program(module="fragile")
+    async with pool.evaluate(pid, examples, metric="agrees") as local:
+        expected = await local.wait()
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        async with dspex_trio.connect(server.url) as remote:
+            rid = await remote.create_program(module="fragile")
+            async with remote.evaluate(rid, examples, metric="agrees") as job:
+                seen = [p async for p in job]
+            result = job.result
+            async with remote.compile(
+                rid, optimizer="bootstrap_few_shot", trainset=examples[:12], metric="agrees"
+            ) as job:
+                compiled = await job.wait()
+            assert (await remote.get_program(compiled.program))["id"] == compiled.program
+            with pytest.raises(dspex_trio.InvalidParams, match="unknown metric"):
+                async with remote.evaluate(rid, examples, metric="nope"):
+                    pass
+            slow = await remote.create_program(module="slow")
+            async with remote.evaluate(slow, devset(200), metric="agrees", concurrency=4) as job:
+                async for _progress in job:
+                    break  # leaving early cancels it on the server
+            with pytest.raises(dspex_trio.JobCancelled):
+                job.result  # noqa: B018
+
+            async def idle() -> bool:
+                stats = [await w.call("stats") for w in pool.workers()]
+                return all(not s["executing"] and not s["pending"] for s in stats)
+
+            await wait_until(idle, timeout=2.0 + jobs_module.SLOW_S, message="the left job stopped")
+        nursery.cancel_scope.cancel()
+    assert result.score == expected.score and result.errors == 1
+    assert [r.score for r in result.results] == [r.score for r in expected.results]
+    assert seen and seen[-1].done <= 120
+    assert compiled.state["respond"]["demos"]
