@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_ERRORS: Final = 10
 """Failed examples that stop a job when the caller gives no ``max_errors`` (``dspy.settings.max_errors``)."""
 MAX_EXAMPLE_ATTEMPTS: Final = 6
-"""Times one example is sent to a worker, in all, while its workers die under it (each send by the
-dispatch counts, its idempotent retry included); past it the example failed (``WorkerCrashed``)."""
+"""Times one example (or one call of several) is sent to a worker, in all, while its workers die under
+it (each send by the dispatch counts, its idempotent retry included); past it the example failed
+(``WorkerCrashed``)."""
 MAX_JOB_CONCURRENCY: Final = 4096
 """Most examples of one job in flight at once."""
 MAX_EXAMPLES: Final = 1_000_000
@@ -314,7 +315,8 @@ class EvaluationJob(Job):
         self.batch = batch_size(backend._lm_params(session), len(devset))
         """Examples per worker call."""
         self.attempts = 0
-        """Sends of examples to workers, in all (more than the devset when workers died)."""
+        """Calls of ``score_examples`` the job made, in all (a call sent again after its worker died
+        counts again; the dispatch's own re-sends inside one call do not)."""
 
     @property
     def result(self) -> EvaluationResult:
