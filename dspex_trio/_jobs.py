@@ -312,8 +312,8 @@ class EvaluationJob(Job):
         self.timeout = timeout
         self._results: list[ExampleResult | None] = [None] * len(devset)
         self._next = 0
-        self.batch = batch_size(backend._lm_params(session), len(devset))
-        """Examples per worker call."""
+        self.batch = min(batch_size(backend._lm_params(session), len(devset)), concurrency)
+        """Examples per worker call (never more than ``concurrency``)."""
         self.attempts = 0
         """Calls of ``score_examples`` the job made, in all (a call sent again after its worker died
         counts again; the dispatch's own re-sends inside one call do not)."""
