@@ -456,6 +456,7 @@ class ApiConnection:
             await self._executions_ended.wait()
         else:
             await trio.lowlevel.checkpoint()
+        await self.jobs.wait_ended()  # and its jobs (stopped with the executions)
 
     def _record(self, execution: _Execution, state: str) -> None:
         execution.recorded = True

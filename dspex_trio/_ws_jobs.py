@@ -95,6 +95,8 @@ class JobTable:
         self.connection = connection
         self.jobs: dict[str, _JobRecord] = {}
         self.finished: collections.OrderedDict[str, _JobRecord] = collections.OrderedDict()
+        self._ended = trio.Event()
+        """Set (and replaced) whenever the last running job ended."""
 
     def methods(self) -> dict[str, _Method]:
         from dspex_trio._ws_api import _Method
@@ -228,6 +230,9 @@ class JobTable:
             if record.state == "running":
                 record.state = "cancelled"
             self.jobs.pop(record.id, None)
+            if not self.jobs:
+                self._ended.set()
+                self._ended = trio.Event()
             self.finished[record.id] = record
             while len(self.finished) > self.connection.options.remember_finished:
                 self.finished.popitem(last=False)
@@ -253,6 +258,13 @@ class JobTable:
     async def list(self, p: rpc.NoParams) -> Any:
         await trio.lowlevel.checkpoint()
         return {"jobs": [r.describe() for r in [*self.jobs.values(), *self.finished.values()]]}
+
+    async def wait_ended(self) -> None:
+        """Return once no job of this connection runs (each queued its terminal event)."""
+        if self.jobs:
+            await self._ended.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def stop(self, reason: str) -> None:
         """End every job now with its terminal ``cancelled`` event (``reason``): the server's shutdown."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from websockets.exceptions import ConnectionClosed
 
 import dspex_trio
 from tests import jobs_module
@@ -287,3 +288,35 @@ async def test_the_remote_client_runs_jobs_as_the_pool_does(pool: dspex_trio.Poo
     assert [r.score for r in result.results] == [r.score for r in expected.results]
     assert seen and seen[-1].done <= 120
     assert compiled.state["respond"]["demos"]
+
+
+def until_shutdown(url: str, running: Any) -> tuple[list[Any], int | None]:
+    with Client(url) as client:
+        session = client.open_session()
+        slow = client.result("program/create", {"module": "slow", "session": session})["program"]
+        params = {"kind": "evaluate", "program": slow, "session": session, "metric": "agrees"}
+        job = client.result("job/submit", params | {"devset": devset(200), "concurrency": 2})["job"]
+        events = [client.notification("job/event")]
+        trio.from_thread.run_sync(running.set)
+        events += job_events(client, job)
+        with pytest.raises(ConnectionClosed) as closed:
+            client.recv()
+        return events, closed.value.rcvd.code if closed.value.rcvd else None
+
+
+async def test_the_server_s_shutdown_ends_a_job_with_cancelled_before_closing(pool: dspex_trio.Pool) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        running = trio.Event()
+
+        async def shut_down_once_running() -> None:
+            with trio.fail_after(20):
+                await running.wait()
+                await server.shutdown()
+
+        nursery.start_soon(shut_down_once_running)
+        with trio.fail_after(30):
+            events, code = await in_thread(until_shutdown, server.url, running)
+        nursery.cancel_scope.cancel()
+    assert events[-1] == {**events[-1], "event": "cancelled", "data": {"reason": "server_shutdown"}}
+    assert code == 1001
