@@ -36,12 +36,17 @@ from dspex_trio._errors import WorkerCrashed as WorkerCrashed
 from dspex_trio._errors import WorkerError as WorkerError
 from dspex_trio._errors import WorkerStartFailed as WorkerStartFailed
 from dspex_trio._errors import WorkerUnresponsive as WorkerUnresponsive
+from dspex_trio._compile import CompileProgress as CompileProgress
+from dspex_trio._compile import CompileResult as CompileResult
 from dspex_trio._events import HealthEvent as HealthEvent
 from dspex_trio._events import Subscription as Subscription
 from dspex_trio._exports import fixup_module_metadata as _fixup_module_metadata
 from dspex_trio._fallback import open_backend as open_backend
 from dspex_trio._health import HealthSnapshot as HealthSnapshot
 from dspex_trio._health import WorkerHealth as WorkerHealth
+from dspex_trio._jobs import EvaluationResult as EvaluationResult
+from dspex_trio._jobs import ExampleResult as ExampleResult
+from dspex_trio._jobs import JobProgress as JobProgress
 from dspex_trio._options import PoolOptions as PoolOptions
 from dspex_trio._options import WorkerOptions as WorkerOptions
 from dspex_trio._pool import Pool as Pool
