@@ -16,6 +16,8 @@ from dspex_trio._client import RemoteProtocolError as RemoteProtocolError
 from dspex_trio._client import RemoteStatistics as RemoteStatistics
 from dspex_trio._client import connect as connect
 from dspex_trio._client_lm import NamedLM as NamedLM
+from dspex_trio._compile import CompileProgress as CompileProgress
+from dspex_trio._compile import CompileResult as CompileResult
 from dspex_trio._errors import CallTimeout as CallTimeout
 from dspex_trio._errors import DspexError as DspexError
 from dspex_trio._errors import ExitStatus as ExitStatus
@@ -36,8 +38,6 @@ from dspex_trio._errors import WorkerCrashed as WorkerCrashed
 from dspex_trio._errors import WorkerError as WorkerError
 from dspex_trio._errors import WorkerStartFailed as WorkerStartFailed
 from dspex_trio._errors import WorkerUnresponsive as WorkerUnresponsive
-from dspex_trio._compile import CompileProgress as CompileProgress
-from dspex_trio._compile import CompileResult as CompileResult
 from dspex_trio._events import HealthEvent as HealthEvent
 from dspex_trio._events import Subscription as Subscription
 from dspex_trio._exports import fixup_module_metadata as _fixup_module_metadata
