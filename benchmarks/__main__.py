@@ -168,6 +168,19 @@ def plan(
                 "window": 20.0 if q else 40.0,
             }
             steps.append(("lm_layer", "benchmarks.lm_layer", spec, 100.0 if q else 140.0))
+    if want("jobs"):
+        for r in range(rounds or (1 if q else 2)):
+            spec = {
+                "implementations": _common.rotate(pick(["cpu", "io", "random_search"]), r),
+                "examples": 500 if q else 2000,
+                "io_examples": 1280 if q else 5120,
+                "latency": 0.1,
+                "in_flight": 256,
+                "train": 50,
+                "val": 50,
+                "time_limit": 300.0,
+            }
+            steps.append(("jobs", "benchmarks.jobs", spec, 40.0 if q else 90.0))
     return steps
 
 
@@ -206,6 +219,10 @@ def measure(family: str, spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import lm_layer
 
         result = lm_layer.measure(spec)
+    elif family == "jobs":
+        from benchmarks import jobs
+
+        result = jobs.measure(spec)
     else:
         raise SystemExit(f"unknown family {family!r}")
     result.setdefault("facts", {})["code_under_test"] = _common.code_under_test()
@@ -232,6 +249,9 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "11_scrape": ("statistics", "same"),
     "11_noop_metrics": ("metrics_off", "same"),
     "12_lm_in_flight": ("ideal", "same"),
+    "10_evaluate_cpu": ("dspy_evaluate_8_threads", "same"),
+    "10_evaluate_io": ("ideal", "same"),
+    "10_random_search": ("in_process_8_threads", "same"),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)
@@ -452,6 +472,39 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         100.0,
         None,
         "pool of 2 on a warm launcher to its first call answered, p50 of 20 pools <= 100 ms (issue 21)",
+    ),
+    (
+        "10a",
+        "10_evaluate_cpu",
+        "pool_2w",
+        "examples_per_s",
+        None,
+        ">=",
+        1.6,
+        ("dspy_evaluate_8_threads", None),
+        "pool.evaluate, CPU-bound, 2 workers >= 1.6x dspy.Evaluate(num_threads=8)",
+    ),
+    (
+        "10b",
+        "10_evaluate_io",
+        "pool_2w",
+        "examples_per_s",
+        256,
+        ">=",
+        0.9,
+        ("ideal", 256),
+        "pool.evaluate, fake-lm 100 ms, 256 in flight >= 90% of the ideal",
+    ),
+    (
+        "10c",
+        "10_random_search",
+        "pool_2w",
+        "seconds",
+        None,
+        "<=",
+        0.65,
+        ("in_process_8_threads", None),
+        "random search (4 candidates, 50/50), 2 workers: wall <= 0.65x in-process num_threads=8",
     ),
 ]
 
@@ -761,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="F[,F]",
-        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, metrics, lm_layer",
+        help="families: noop, cold_start, recovery, memory, dspy, programs, websocket, metrics, lm_layer, jobs",
     )
     parser.add_argument("--impl", metavar="NAME[,NAME]", help="only these implementations (where they apply)")
     parser.add_argument(

@@ -190,6 +190,14 @@ def plot_metrics(plt: Any, rows: Rows) -> Any:
     return fig
 
 
+def plot_jobs(plt: Any, rows: Rows) -> Any:
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.4))
+    _bars(a, _select(rows, "10_evaluate_cpu", "examples_per_s"), "10a. evaluate, offline LM", "examples/s")
+    _bars(b, _select(rows, "10_evaluate_io", "examples_per_s"), "10b. evaluate, fake-lm 100 ms", "examples/s")
+    _bars(c, _select(rows, "10_random_search", "seconds"), "10c. random search, 50/50", "s")
+    return fig
+
+
 FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, Rows], Any]]] = {
     "noop": (("1_round_trip", "2_throughput"), plot_noop),
     "cold_start": (("3_cold_start",), plot_cold_start),
@@ -199,6 +207,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[Any, Rows], Any]]] = {
     "websocket": (("7_websocket",), plot_websocket),
     "dspex_way": (("8_dspex_way",), plot_dspex_way),
     "metrics": (("11_scrape", "11_noop_metrics"), plot_metrics),
+    "jobs": (("10_evaluate_cpu", "10_evaluate_io", "10_random_search"), plot_jobs),
 }
 
 

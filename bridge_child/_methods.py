@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import _programs, wire
+from bridge_child import _jobs, _programs, wire
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError, invalid_params
 
@@ -283,4 +283,5 @@ def build_registry(*, diagnostics: bool) -> dict[str, Method]:
     if diagnostics:
         registry.update(DIAGNOSTIC_METHODS)
     registry.update(_programs.METHODS)
+    registry.update(_jobs.METHODS)
     return registry

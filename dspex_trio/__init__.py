@@ -16,10 +16,14 @@ from dspex_trio._client import RemoteProtocolError as RemoteProtocolError
 from dspex_trio._client import RemoteStatistics as RemoteStatistics
 from dspex_trio._client import connect as connect
 from dspex_trio._client_lm import NamedLM as NamedLM
+from dspex_trio._compile import CompileProgress as CompileProgress
+from dspex_trio._compile import CompileResult as CompileResult
 from dspex_trio._errors import CallTimeout as CallTimeout
 from dspex_trio._errors import DspexError as DspexError
 from dspex_trio._errors import ExitStatus as ExitStatus
 from dspex_trio._errors import InvalidParams as InvalidParams
+from dspex_trio._errors import JobCancelled as JobCancelled
+from dspex_trio._errors import JobFailed as JobFailed
 from dspex_trio._errors import LimitExceeded as LimitExceeded
 from dspex_trio._errors import Overloaded as Overloaded
 from dspex_trio._errors import PoolUnavailable as PoolUnavailable
@@ -41,6 +45,9 @@ from dspex_trio._fallback import open_backend as open_backend
 from dspex_trio._health import HealthSnapshot as HealthSnapshot
 from dspex_trio._health import WorkerHealth as WorkerHealth
 from dspex_trio._http_routes import serve_http as serve_http
+from dspex_trio._jobs import EvaluationResult as EvaluationResult
+from dspex_trio._jobs import ExampleResult as ExampleResult
+from dspex_trio._jobs import JobProgress as JobProgress
 from dspex_trio._lm_budgets import LMBudget as LMBudget
 from dspex_trio._lm_budgets import LMStatistics as LMStatistics
 from dspex_trio._metrics import RuntimeCollector as RuntimeCollector

@@ -34,6 +34,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._cli_client import client_token, status
+from dspex_trio._cli_jobs import add_job_commands
 from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from, serve_tracing
 from dspex_trio._cli_ray import open_pool_launcher
 from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
@@ -287,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve a small OpenAI-compatible LM for tests (dspex-trio fake-lm --help)",
         add_help=False,
     )
+    _COMMANDS.update(add_job_commands(commands))
     return parser
 
 

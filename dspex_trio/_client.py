@@ -60,6 +60,7 @@ import attrs
 import trio
 
 from dspex_trio._breaker import CircuitState
+from dspex_trio._client_jobs import RemoteJob, open_remote_job
 from dspex_trio._client_protocol import (
     ConnectionLost,
     ExecutionTrack,
@@ -226,13 +227,17 @@ class _Slots:
 class _Pending:
     """A request waiting for its reply."""
 
-    __slots__ = ("done", "error", "execution", "id", "method", "result")
+    __slots__ = ("done", "error", "execution", "id", "job", "method", "result")
 
-    def __init__(self, request_id: int, method: str, execution: _Execution | None) -> None:
+    def __init__(
+        self, request_id: int, method: str, execution: _Execution | None, job: RemoteJob | None = None
+    ) -> None:
         self.id = request_id
         self.method = method
         self.execution = execution
         """For ``execution/submit``: the execution, registered on the connection with the reply."""
+        self.job = job
+        """For ``job/submit``: the job, registered on the connection with the reply."""
         self.done = trio.Event()
         self.result: Any = None
         self.error: DspexError | None = None
@@ -320,6 +325,7 @@ class _Link:
         self.abandoned: dict[int, _Pending] = {}
         """Requests whose caller left before the reply (their reply is dropped)."""
         self.executions: dict[str, _Execution] = {}
+        self.jobs: dict[str, RemoteJob] = {}
         self.failure: Callable[[], DspexError] | None = None
         """Makes the error of what was in flight once the connection ended (one exception per caller)."""
         self.health_subscription: str | None = None
@@ -398,6 +404,12 @@ class _Link:
             if terminal:
                 del self.executions[execution.id]
             execution.offer(event, data, terminal)  # type: ignore[arg-type]
+        elif message.method == "job/event":
+            job = self.jobs.get(params.get("job"))  # type: ignore[arg-type]
+            if job is None:
+                return  # a job this client cancelled (its last events cross the cancel)
+            if job.offer_untrusted(params):
+                del self.jobs[job.id]
         elif message.method == "health/event":
             if params.get("subscription") != self.health_subscription or self.health_subscription is None:
                 return  # a subscription this client just ended
@@ -428,8 +440,17 @@ class _Link:
             return
         if reply.error is not None:
             pending.error = error_from_reply_untrusted(reply.error)
+        elif pending.job is not None:  # before any of its events is read
+            self._register_job(pending.job, reply.result)
         pending.result = reply.result
         pending.done.set()
+
+    def _register_job(self, job: RemoteJob, result: Any) -> None:
+        job_id = result.get("job") if isinstance(result, dict) else None
+        if not isinstance(job_id, str) or not job_id or job_id in self.jobs:
+            raise RemoteProtocolError(f"job/submit was answered with {str(result)[:64]!r}, not a new job id")
+        job.id, job.link = job_id, self
+        self.jobs[job_id] = job
 
     def _register(self, execution: _Execution, result: Any) -> _Execution:
         execution_id = result.get("execution") if isinstance(result, dict) else None
@@ -458,6 +479,9 @@ class _Link:
         for execution in self.executions.values():
             execution.fail(failure())
         self.executions.clear()
+        for job in self.jobs.values():
+            job.fail(failure())
+        self.jobs.clear()
 
 
 class RemoteBackend(metaclass=NoPublicConstructor):
@@ -756,12 +780,17 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         return self._ids, text
 
     async def _request_on(
-        self, link: _Link, method: str, params: dict[str, Any], execution: _Execution | None = None
+        self,
+        link: _Link,
+        method: str,
+        params: dict[str, Any],
+        execution: _Execution | None = None,
+        job: RemoteJob | None = None,
     ) -> Any:
         """One request on ``link``; its result. Raises the mapped error reply, ``ConnectionLost``, or
         ``_NotSent`` when the connection had closed before it was written."""
         request_id, text = self._message(method, params)
-        pending = _Pending(request_id, method, execution)
+        pending = _Pending(request_id, method, execution, job)
         link.pending[request_id] = pending
         try:
             sent = await link.write(text)
@@ -789,6 +818,7 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         *,
         execution: _Execution | None = None,
         resend: bool | None = None,
+        job: RemoteJob | None = None,
     ) -> Any:
         """One request on the current connection (connecting first if need be). A request that could not
         be written is sent on the next connection; one in flight when its connection dropped is sent
@@ -797,7 +827,7 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         while True:
             link = await self._wait_link()
             try:
-                return await self._request_on(link, method, params, execution)
+                return await self._request_on(link, method, params, execution, job)
             except _NotSent:
                 self._counts.resent += 1
                 continue
@@ -1199,6 +1229,58 @@ class RemoteBackend(metaclass=NoPublicConstructor):
             finally:
                 self._in_flight -= 1
 
+    # -- jobs (dspex_trio._client_jobs) ----------------------------------------------------------------
+    def evaluate(
+        self,
+        program: str,
+        devset: list[dict[str, Any]],
+        *,
+        metric: str,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+    ) -> AbstractAsyncContextManager[RemoteJob]:
+        """``pool.evaluate`` on the server (``job/submit``): the same progress and result objects."""
+        params = {
+            "program": program,
+            "devset": devset,
+            "metric": metric,
+            "session": self._job_session(session),
+        }
+        return open_remote_job(
+            self, "evaluate", _given(params, max_errors=max_errors, concurrency=concurrency)
+        )
+
+    def compile(
+        self,
+        program: str,
+        *,
+        optimizer: str,
+        trainset: list[dict[str, Any]],
+        valset: list[dict[str, Any]] | None = None,
+        metric: str,
+        options: dict[str, Any] | None = None,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+    ) -> AbstractAsyncContextManager[RemoteJob]:
+        """``pool.compile`` on the server (``job/submit``): the new program is in ``session``."""
+        params = {
+            "program": program,
+            "optimizer": optimizer,
+            "trainset": trainset,
+            "metric": metric,
+            "session": self._job_session(session),
+        }
+        extra = {"valset": valset, "options": options, "max_errors": max_errors, "concurrency": concurrency}
+        return open_remote_job(self, "compile", _given(params, **extra))
+
+    def _job_session(self, session: str | None) -> str:
+        sid = self._session_for_read(session)
+        if sid is None:
+            raise ProgramNotFound(f"no program in session {session if session is not None else 'default'!r}")
+        return sid
+
     # -- the rest of the interface ----------------------------------------------------------------------
     async def call(
         self,
@@ -1418,6 +1500,11 @@ class _Attempt:
         self.permanent = False
         self.lasted = 0.0
         """Seconds it served callers."""
+
+
+def _given(params: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """``params`` with the ``optional`` ones that are not None."""
+    return {**params, **{k: v for k, v in optional.items() if v is not None}}
 
 
 class _NotSent(Exception):

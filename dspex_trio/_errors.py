@@ -103,6 +103,19 @@ class ProgramError(DspexError):
         self.details = details
 
 
+class JobFailed(DspexError):
+    """A job (evaluate, compile) stopped: as many examples failed as its ``max_errors`` allows, or its
+    optimizer failed. ``results`` holds the examples finished before it stopped (``ExampleResult``)."""
+
+    def __init__(self, message: str, *, results: Any = None) -> None:
+        super().__init__(message)
+        self.results = results if results is not None else []
+
+
+class JobCancelled(DspexError):
+    """A job was cancelled before it ended (its block was left, or ``job/cancel`` was sent)."""
+
+
 class ProgramModuleError(DspexError, ValueError):
     """An operator's program module cannot be used (it does not import, or registers something invalid):
     the pool, bridge or mock does not start. The message names the module and what is wrong."""

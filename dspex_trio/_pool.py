@@ -245,6 +245,14 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         )
         return await dispatch.result()
 
+    async def _job_call(self, method: str, params: Any, *, session: str | None, timeout: float | None) -> Any:
+        """One example of a job: idempotent, and waiting for a place in a full queue."""
+        return await self.call(method, params, session=session, timeout=timeout, idempotent=True, wait=True)
+
+    def _job_concurrency(self) -> int:
+        """A job's examples in flight by default: the capacity of every worker."""
+        return self.options.workers * self.worker_options.capacity
+
     # -- DSPy programs --------------------------------------------------------------------------------
     async def create_program(
         self,

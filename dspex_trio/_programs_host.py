@@ -16,8 +16,9 @@ only cache them. This module writes that layer once:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
@@ -25,8 +26,14 @@ import trio
 from bridge_child.registry import EXIT_PROGRAMS, FAILED_PREFIX
 from bridge_child.spec import MAX_STATE_BYTES
 from dspex_trio._errors import InvalidParams, ProgramModuleError, WorkerStartFailed
+from dspex_trio._jobs import EvaluationJob, open_evaluation, open_job
 from dspex_trio._sessions import ProgramSpec, SessionStore
 
+if TYPE_CHECKING:
+    from dspex_trio._compile import CompileJob
+
+JOB_CONCURRENCY: Final = 8
+"""Examples of a job in flight at once on a backend that says no other (the pool: all its capacity)."""
 DEFAULT_LM: Final = "default"
 """``configure_lm(DEFAULT_LM, session=...)``: the session uses the backend's default LM again."""
 
@@ -240,6 +247,14 @@ class ProgramHost(ProgramCatalog):
         """Run ``method(params)`` in a worker; programs in ``params`` resolve in ``session``."""
         raise NotImplementedError
 
+    async def _job_call(self, method: str, params: Any, *, session: str | None, timeout: float | None) -> Any:
+        """One example of a job (``dspex_trio._jobs``): an idempotent call."""
+        return await self.call(method, params, session=session, timeout=timeout, idempotent=True)
+
+    def _job_concurrency(self) -> int:
+        """How many examples of a job are in flight at once by default."""
+        return JOB_CONCURRENCY
+
     # -- the catalog's hooks --------------------------------------------------------------------------
     def _info(self, program: ProgramSpec) -> dict[str, Any]:
         description = self._descriptions.get((program.id, program.version), {})
@@ -335,6 +350,92 @@ class ProgramHost(ProgramCatalog):
         description = await self.call("validate_program", {"spec": spec}, idempotent=True)
         updated = self.sessions.update_program(session, program, state=state)
         self._descriptions[updated.id, updated.version] = description
+
+    def evaluate(
+        self,
+        program: str,
+        devset: list[dict[str, Any]],
+        *,
+        metric: str,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[EvaluationJob]:
+        """Evaluate ``program`` on ``devset`` (``[{"inputs": {...}, "labels": {...}}, ...]``) with the
+        registered ``metric``, its examples spread over every worker, as ``dspy.Evaluate`` does::
+
+            async with pool.evaluate(pid, devset, metric="exact") as job:
+                async for progress in job:          # JobProgress: done, total, errors, score
+                    ...
+            job.result.score                        # EvaluationResult: score, results, errors
+
+        ``max_errors`` failed examples stop it with ``JobFailed`` (default 10, DSPy's); at most
+        ``concurrency`` examples are in flight (default: the backend's capacity); ``timeout`` bounds
+        each example. Leaving the block early cancels every pending example. See ``dspex_trio._jobs``.
+
+        Raises (at ``async with``):
+            ProgramNotFound: no such program in the session.
+            InvalidParams: an unknown metric, an empty devset, an example missing an input field.
+        """
+        return open_evaluation(
+            self,
+            program,
+            devset,
+            metric=metric,
+            session=session,
+            max_errors=max_errors,
+            concurrency=concurrency,
+            timeout=timeout,
+        )
+
+    @asynccontextmanager
+    async def compile(
+        self,
+        program: str,
+        *,
+        optimizer: str,
+        trainset: list[dict[str, Any]],
+        valset: list[dict[str, Any]] | None = None,
+        metric: str,
+        options: dict[str, Any] | None = None,
+        session: str | None = None,
+        max_errors: int | None = None,
+        concurrency: int | None = None,
+    ) -> AsyncIterator[CompileJob]:
+        """Run a DSPy optimizer on ``program`` (``bootstrap_few_shot`` or
+        ``bootstrap_few_shot_with_random_search``, with DSPy's ``options``), its executions and candidate
+        evaluations spread over every worker; it ends by creating a new program with the optimized state::
+
+            async with pool.compile(pid, optimizer="bootstrap_few_shot", trainset=train, metric="exact") as job:
+                async for progress in job:          # CompileProgress: stage, trials, best_score, ...
+                    ...
+            job.result.program                      # the new program; job.result.state its DSPy state
+
+        The loop runs on the host, DSPy's draws restated (``dspex_trio._compile``). Leaving the block
+        early cancels every pending call.
+
+        Raises (at ``async with``):
+            ProgramNotFound: no such program in the session.
+            InvalidParams: an unknown optimizer, option or metric; an empty trainset; an example
+                missing an input field.
+        """
+        from dspex_trio._compile import start_compile
+
+        job = await start_compile(
+            self,
+            program,
+            optimizer=optimizer,
+            trainset=trainset,
+            valset=valset,
+            metric=metric,
+            options=options if options is not None else {},
+            session=session,
+            max_errors=max_errors,
+            concurrency=concurrency,
+        )
+        async with open_job(job):
+            yield job
 
     async def execute(
         self,

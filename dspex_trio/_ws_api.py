@@ -45,6 +45,7 @@ from dspex_trio._errors import (
 from dspex_trio._handshake import SUBPROTOCOL, Role
 from dspex_trio._sessions import MINTED_PREFIX, public_session_id
 from dspex_trio._ws_errors import failure, rpc_error_from
+from dspex_trio._ws_jobs import JobTable
 from dspex_trio._ws_options import WebsocketOptions
 
 logger = logging.getLogger("dspex_trio.websocket")
@@ -181,11 +182,15 @@ class ApiConnection:
             "runtime/status": _Method(rpc.NoParams, self.runtime_status, False),
             "ping": _Method(rpc.NoParams, self.ping, False),
         }
+        self.jobs = JobTable(self)
+        self.methods.update(self.jobs.methods())
 
     @property
     def busy(self) -> bool:
         """Whether the connection has work in flight (an execution, a request, a subscription)."""
-        return bool(self.executions or self.runs or self.subscriptions or self.pending_requests)
+        return bool(
+            self.executions or self.runs or self.subscriptions or self.pending_requests or self.jobs.jobs
+        )
 
     # -- requests -------------------------------------------------------------------------------------
     async def handle(self, text: str) -> None:
@@ -464,6 +469,7 @@ class ApiConnection:
             await self._executions_ended.wait()
         else:
             await trio.lowlevel.checkpoint()
+        await self.jobs.wait_ended()  # and its jobs (stopped with the executions)
 
     def _record(self, execution: _Execution, state: str) -> None:
         execution.recorded = True
@@ -525,6 +531,7 @@ class ApiConnection:
             self._cancel(execution, reason)
         for scope in self.subscriptions.values():
             scope.cancel(reason=reason)
+        self.jobs.stop(reason)
 
     # -- health ---------------------------------------------------------------------------------------
     async def health_subscribe(self, p: rpc.NoParams) -> Any:

@@ -18,6 +18,8 @@ from dspex_trio._errors import (
     CallTimeout,
     DspexError,
     InvalidParams,
+    JobCancelled,
+    JobFailed,
     LimitExceeded,
     Overloaded,
     PoolUnavailable,
@@ -43,6 +45,8 @@ _CLEAR_ERRORS: Final = (
     UnknownMethod,
     WorkerClosed,
     ProgramError,
+    JobFailed,  # its text: the program's own failure, or ours (``dspex_trio._jobs.error_info``)
+    JobCancelled,
 )
 """Errors whose text a client may read (ours, or the program's own failure); any other error's text may
 hold internals (a worker's stderr, a traceback, paths) and is logged, the client gets a reference."""

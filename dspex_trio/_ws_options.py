@@ -94,6 +94,16 @@ class WebsocketOptions:
     """Health subscriptions at once; past it: ``limit_exceeded``."""
     health_buffer: int = attrs.field(default=64, validator=positive)
     """Health events buffered per subscription before they are dropped (then ``lagged`` + snapshot)."""
+    # -- jobs (job/submit: evaluate, compile) --------------------------------------------------------------
+    max_jobs: int = attrs.field(default=4, validator=positive)
+    """Jobs running at once on one connection; past it: ``limit_exceeded``."""
+    max_job_examples: int = attrs.field(default=10_000, validator=positive)
+    """Examples in one job (a devset; a trainset and a valset together); past it: ``limit_exceeded``."""
+    max_job_concurrency: int = attrs.field(default=256, validator=positive)
+    """Examples of one job in flight at once (a client asking for more gets this many)."""
+    job_progress_interval: float = attrs.field(default=0.1, validator=positive)
+    """Seconds between two ``progress`` events of one job (the latest progress is sent; the rest is
+    coalesced)."""
     # -- sessions -----------------------------------------------------------------------------------------
     max_sessions_per_connection: int = attrs.field(default=16, validator=positive)
     """Sessions one connection has opened (``session/open``) and not ended, at once."""

@@ -145,3 +145,31 @@ def test_cold_start_family_measures_pools_on_a_warm_launcher(
     assert (
         target["value"] is not None and target["met"] is not None
     )  # measured (met or not: not asserted here)
+
+
+def test_the_jobs_family_measures_each_part_with_tiny_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import jobs
+
+    spec = {
+        "implementations": ["cpu", "io", "random_search"],
+        "examples": 40,
+        "io_examples": 256,
+        "latency": 0.1,
+        "in_flight": 256,
+        "train": 8,
+        "val": 8,
+    }
+    result = jobs.measure(spec)
+    assert result["errors"] == []
+    rows = {(r["scenario"], r["implementation"]) for r in result["rows"]}
+    assert rows == {
+        ("10_evaluate_cpu", "dspy_evaluate_8_threads"),
+        ("10_evaluate_cpu", "pool_2w"),
+        ("10_evaluate_io", "ideal"),
+        ("10_evaluate_io", "pool_2w"),
+        ("10_evaluate_io", "dspy_evaluate_256_threads"),
+        ("10_random_search", "in_process_8_threads"),
+        ("10_random_search", "pool_2w"),
+    }
+    assert all(r["value"] > 0 for r in result["rows"])

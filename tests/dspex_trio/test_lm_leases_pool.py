@@ -95,7 +95,9 @@ async def test_a_429_with_retry_after_stops_every_worker_for_its_time(fake: Fake
     during = [t - answered_429 for t in later if t < answered_429 + 2.0 - 0.1]
     assert [t for t in during if t > 0.05] == [], during  # (requests already sent when it answered)
     assert len(times) == 17  # 16 executions and the one retry
-    assert any(e.kind == "lm_paused" and e.data["retry_after"] == 2.0 for e in events), [(e.kind, e.data) for e in events]
+    assert any(e.kind == "lm_paused" and e.data["retry_after"] == 2.0 for e in events), [
+        (e.kind, e.data) for e in events
+    ]
     [lm] = pool.statistics().lm
     assert lm.rate_limited == 1 and lm.pauses == 1
 

@@ -70,10 +70,14 @@ METHODS = [
     "health/unsubscribe",
     "runtime/status",
     "ping",
+    "job/submit",
+    "job/cancel",
+    "job/list",
 ]
 PARAM_NAMES = [
     "signature", "module", "instructions", "session", "state", "program", "model", "api_base", "api_key",
     "settings", "inputs", "stream", "timeout", "execution", "subscription", "extra",
+    "kind", "metric", "devset", "job",
 ]  # fmt: skip
 RECV_TIMEOUT_S = 10.0
 MAX_MESSAGE = 16_384
