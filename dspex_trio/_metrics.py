@@ -167,6 +167,23 @@ class RuntimeCollector:
         backend)."""
         return []
 
+    @staticmethod
+    def _lm_families(lms: Any, gauge: Callable[..., Any], counter: Callable[..., Any]) -> Iterator[Metric]:
+        """The LM families: every one always present (empty without budgets), so a dashboard's query
+        finds them; errors by status class (``429``, ``5xx``)."""
+        for kind, name, doc, read in _LM_FAMILIES:
+            family = (counter if kind == "counter" else gauge)(name, doc, labels=("lm",))
+            for lm in lms:
+                family.add_metric([lm.lm], read(lm))
+            yield family
+        errors = counter(
+            "lm_errors", "LM answers that failed, by LM and status (429, 5xx).", labels=("lm", "status")
+        )
+        for lm in lms:
+            errors.add_metric([lm.lm, "429"], lm.rate_limited)
+            errors.add_metric([lm.lm, "5xx"], lm.server_errors)
+        yield errors
+
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.metrics_core import (
             CounterMetricFamily,
@@ -298,6 +315,9 @@ class RuntimeCollector:
         yield calls
         yield durations
 
+        # -- LMs: the pool-wide budgets' book (a pool with ``lm_budgets``; docs/lm.md) ------------------
+        yield from self._lm_families(getattr(stats, "lm", ()), gauge, counter)
+
         # -- the websocket server ----------------------------------------------------------------------
         if self.server is not None:
             ws = self.server.statistics()
@@ -325,6 +345,39 @@ class RuntimeCollector:
 
         for source in self._sources:
             yield from source()
+
+
+_LM_FAMILIES: Final[tuple[tuple[str, str, str, Callable[[Any], float]], ...]] = (
+    ("counter", "lm_requests", "LM requests granted, by LM (model @ base).", lambda s: s.granted),
+    ("gauge", "lm_requests_in_flight", "LM requests in flight now, by LM.", lambda s: s.in_flight),
+    ("counter", "lm_tokens", "Tokens the LM's answers reported, by LM.", lambda s: s.tokens),
+    (
+        "counter",
+        "lm_throttled",
+        "LM requests that waited for a budget or a pause, by LM.",
+        lambda s: s.throttled,
+    ),
+    (
+        "counter",
+        "lm_throttled_seconds",
+        "Seconds LM requests waited for a budget or a pause, by LM.",
+        lambda s: s.throttled_seconds,
+    ),
+    ("counter", "lm_pauses", "Times a 429 or 5xx paused the LM for every worker, by LM.", lambda s: s.pauses),
+    (
+        "gauge",
+        "lm_paused_seconds",
+        "Seconds the LM stays paused from now (0: not paused), by LM.",
+        lambda s: s.paused_for,
+    ),
+    (
+        "counter",
+        "lm_leases_refused",
+        "Leases refused (the pool was closing) or given up before the answer, by LM.",
+        lambda s: s.refused,
+    ),
+)
+"""The LM families read from ``PoolStatistics.lm``: (type, name, help, value of one ``LMStatistics``)."""
 
 
 def render_metrics(collector: RuntimeCollector) -> tuple[bytes, str]:

@@ -43,6 +43,15 @@ EXPECTED_TYPES = {
     "dspex_calls_retried": "counter",
     "dspex_calls": "counter",
     "dspex_call_duration_seconds": "histogram",
+    "dspex_lm_requests": "counter",
+    "dspex_lm_requests_in_flight": "gauge",
+    "dspex_lm_tokens": "counter",
+    "dspex_lm_throttled": "counter",
+    "dspex_lm_throttled_seconds": "counter",
+    "dspex_lm_pauses": "counter",
+    "dspex_lm_paused_seconds": "gauge",
+    "dspex_lm_leases_refused": "counter",
+    "dspex_lm_errors": "counter",
 }
 """Every family of a pool's scrape (without a websocket server) and its type, as the parser names it."""
 
@@ -164,6 +173,37 @@ async def test_an_open_circuit_shows_and_refusals_count_as_unavailable(autojump_
         assert value(families, "dspex_refusals", reason="unavailable") == 1
         assert value(families, "dspex_calls", method="echo", outcome="PoolUnavailable") == 1
         assert value(families, "dspex_worker_exits", cause="exited") == 1
+
+
+async def test_lm_requests_tokens_errors_and_throttling_by_lm(autojump_clock: Any) -> None:
+    """The LM families follow the pool's budgets book (what workers lease through; docs/lm.md)."""
+    budget = dspex_trio.LMBudget(model="openai/m", api_base="http://127.0.0.1:9/v1", max_concurrent=4)
+    async with (
+        open_fake_launcher() as launcher,
+        dspex_trio.open_pool(workers=1, launcher=launcher, lm_budgets=[budget]) as pool,
+    ):
+        assert pool.lm_budgets is not None
+        collector = RuntimeCollector(pool)
+        lm = budget.key
+        first = await pool.lm_budgets.acquire(lm, tokens=10)
+        busy = scrape(collector)
+        assert value(busy, "dspex_lm_requests", lm=lm) == 1
+        assert value(busy, "dspex_lm_requests_in_flight", lm=lm) == 1
+        pool.lm_budgets.release(first, status=429, retry_after=2.0, tokens=12, sent_ago=0.0)
+        paused = scrape(collector)
+        assert value(paused, "dspex_lm_errors", lm=lm, status="429") == 1
+        assert value(paused, "dspex_lm_errors", lm=lm, status="5xx") == 0
+        assert value(paused, "dspex_lm_pauses", lm=lm) == 1
+        assert value(paused, "dspex_lm_paused_seconds", lm=lm) > 0
+        assert value(paused, "dspex_lm_tokens", lm=lm) == 12
+        second = await pool.lm_budgets.acquire(lm)  # waits out the pause (virtual time)
+        pool.lm_budgets.release(second, status=200, tokens=3, sent_ago=0.0)
+        after = scrape(collector)
+        assert value(after, "dspex_lm_requests", lm=lm) == 2
+        assert value(after, "dspex_lm_throttled", lm=lm) == 1
+        assert value(after, "dspex_lm_throttled_seconds", lm=lm) >= 1.5
+        assert value(after, "dspex_lm_requests_in_flight", lm=lm) == 0
+        assert value(after, "dspex_lm_tokens", lm=lm) == 15
 
 
 async def test_an_application_registers_the_collector_in_its_own_registry(autojump_clock: Any) -> None:
