@@ -176,6 +176,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             raise ValueError(f"workers must be an int >= 1, not {workers!r}")
         if self._closing or self._nursery is None:
             raise WorkerClosed("the pool is closing")
+        await trio.lowlevel.checkpoint()  # a checkpoint whichever way it goes (shrinking does not wait)
         current = sorted(self._slots)
         logger.info("pool resized from %d to %d workers", len(current), workers)
         if workers < len(current):
