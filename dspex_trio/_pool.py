@@ -24,6 +24,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from dspex_trio import _log_context as log_context
 from dspex_trio._breaker import CircuitBreaker, CircuitState
 from dspex_trio._call_metrics import CallMetrics
 from dspex_trio._dispatch import Dispatch
@@ -195,7 +196,10 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
 
     def _retire_for_resize(self, tenure: _Tenure) -> None:
         if not tenure.retiring:
-            logger.info("worker %s retiring: its slot was removed by resize", tenure.worker.worker_id)
+            worker_id = tenure.worker.worker_id
+            _log_worker(
+                logging.INFO, worker_id, "worker %s retiring: its slot was removed by resize", worker_id
+            )
             tenure.retiring = True
             tenure.ended.set()
 
@@ -456,7 +460,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
     def _retire(self, tenure: _Tenure, reason: str) -> None:
         if tenure.retiring:
             return
-        logger.info("worker %s retiring: %s", tenure.worker.worker_id, reason)
+        worker_id = tenure.worker.worker_id
+        _log_worker(logging.INFO, worker_id, "worker %s retiring: %s", worker_id, reason)
         tenure.retiring = True
         self._counts["recycled"] += 1
         tenure.ended.set()
@@ -548,23 +553,37 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             if not started:
                 started = True
                 task_status.started()
+            worker = tenure.worker
             if previous is not None:
-                logger.info(
+                _log_worker(
+                    logging.INFO,
+                    worker.worker_id,
                     "worker %s (pid %d) replaced worker %s in slot %d",
-                    tenure.worker.worker_id,
-                    tenure.worker.pid,
+                    worker.worker_id,
+                    worker.pid,
                     previous.worker.worker_id,
+                    slot,
+                )
+            else:
+                _log_worker(
+                    logging.DEBUG,
+                    worker.worker_id,
+                    "worker %s (pid %d) started in slot %d",
+                    worker.worker_id,
+                    worker.pid,
                     slot,
                 )
             await tenure.ended.wait()
             previous = tenure
             if tenure.retiring or self._closing:
                 continue
-            logger.warning(
+            _log_worker(
+                logging.WARNING,
+                worker.worker_id,
                 "worker %s (pid %d) %s: %s; starting a replacement",
-                tenure.worker.worker_id,
-                tenure.worker.pid,
-                tenure.worker.state,
+                worker.worker_id,
+                worker.pid,
+                worker.state,
                 tenure.end_reason or "stopped",
             )
             self._counts["restarts"] += 1
@@ -708,3 +727,11 @@ async def open_pool(
         if unusable is None:
             raise
         raise unusable from None
+
+
+def _log_worker(level: int, worker_id: str, message: str, *args: Any) -> None:
+    """A supervisor's line about one worker: with its ``worker_id`` field (``_log_context.py``), as the
+    worker's own tasks' lines have it."""
+    if logger.isEnabledFor(level):
+        with log_context.bound(worker_id=worker_id):
+            logger.log(level, message, *args)

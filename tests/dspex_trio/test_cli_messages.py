@@ -118,6 +118,17 @@ def test_a_port_in_use_names_the_port_and_the_fix() -> None:
     )
 
 
+def test_the_http_port_in_use_names_its_own_flag() -> None:
+    from functools import partial
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CliError, match=r"choose another port with --http-port \(0 picks a free one\)$"):
+            trio.run(partial(_cli._listen, "127.0.0.1", port, flag="--http-port"))
+
+
 def test_environment_values_are_explained() -> None:
     with pytest.raises(SettingsError, match=r"^DSPEX_PORT: expected a whole number, not 'eighty'$"):
         resolve_settings(file=None, environ={"DSPEX_PORT": "eighty"}, flags={})
