@@ -271,6 +271,22 @@ def test_log_lines_as_text_and_as_json() -> None:
     assert line["time"].endswith("Z")
 
 
+def test_serves_log_format_setting_switches_the_cli_handler() -> None:
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        root.handlers.clear()
+        _cli._configure_logging(0, "text")
+        (handler,) = root.handlers
+        _cli._use_log_format("json")  # DSPEX_LOG_FORMAT=json, or log_format in the config file
+        assert isinstance(handler.formatter, _cli._JsonFormatter)
+        _cli._use_log_format("text")
+        assert isinstance(handler.formatter, _cli._TextFormatter)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
 def test_vv_does_not_log_websocket_frames() -> None:
     root, frames = logging.getLogger(), logging.getLogger("trio-websocket")
     saved = root.level, list(root.handlers), frames.level
