@@ -140,6 +140,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         """Calls by method and outcome, duration histograms (read by the Prometheus collector)."""
         self._nursery: trio.Nursery | None = None
         self._slot_restarts = collections.Counter[int]()
+        self._starting: dict[int, str] = {}
+        """Slot -> the id of the worker starting in it (for the log line of a start that fails)."""
         self._slots: set[int] = set(range(options.workers))
         """The slots the pool keeps filled (``resize`` adds and removes some)."""
         self._next_slot = options.workers
@@ -483,10 +485,12 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
     ) -> None:
         """Own one worker for its whole life: start it, serve, drain if retiring, tear it down."""
         async with open_service_nursery() as nursery:
+            spec = self._spec()
+            self._starting[slot] = spec.worker_id
             worker = await start_worker(
                 nursery,
                 launcher=self._launcher,
-                spec=self._spec(),
+                spec=spec,
                 options=self.worker_options,
                 on_transition=self._on_transition,
                 lm_budgets=self.lm_budgets,
@@ -536,13 +540,14 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
                 if not started and (unusable := program_module_error(exc)) is not None:
                     raise unusable from None  # the program modules cannot be used: no pool
                 self._counts["restarts"] += 1 if started else 0
-                logger.warning("slot %d: %s", slot, exc)
+                _log_worker(logging.WARNING, self._starting.pop(slot, ""), "slot %d: %s", slot, exc)
                 reason = str(exc).splitlines()[0]
                 if probing:
                     breaker.probe_failed(reason)
                 else:
                     breaker.record_failure(reason)
                 continue  # a first start retries within the budget; after it, the breaker decides
+            self._starting.pop(slot, None)
             if slot not in self._slots:  # removed by resize while its worker started
                 self._retire_for_resize(tenure)
             if probing:
@@ -732,6 +737,10 @@ async def open_pool(
 def _log_worker(level: int, worker_id: str, message: str, *args: Any) -> None:
     """A supervisor's line about one worker: with its ``worker_id`` field (``_log_context.py``), as the
     worker's own tasks' lines have it."""
-    if logger.isEnabledFor(level):
-        with log_context.bound(worker_id=worker_id):
-            logger.log(level, message, *args)
+    if not logger.isEnabledFor(level):
+        return
+    if not worker_id:  # not known (a start that failed before its worker had an id)
+        logger.log(level, message, *args)
+        return
+    with log_context.bound(worker_id=worker_id):
+        logger.log(level, message, *args)
