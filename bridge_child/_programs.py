@@ -433,11 +433,11 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
                     if ctx.stream
                     else program.module(**kwargs)
                 )
-        except MethodError:
-            raise
+        except MethodError as exc:
+            raise _with_spans(exc, recorder)
         except ExecutionStopped as exc:  # a tool outlived the execution's cancel or deadline
             code = wire.ErrorCode.TIMEOUT if exc.reason == "deadline" else wire.ErrorCode.CANCELLED
-            raise MethodError(code, str(exc), type="ExecutionStopped") from None
+            raise _with_spans(MethodError(code, str(exc), type="ExecutionStopped"), recorder) from None
         except Exception as exc:
             cause = call.refusal or exc  # a guard's refusal is named as itself, not LMUnexpectedError
             message = str(cause) or type(cause).__name__
@@ -445,12 +445,16 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
                 type(cause).__name__ == NO_KEY_ERROR
             ):  # DSPy's text speaks of dspy.LM(...): say where a key goes
                 message = no_key_message((lm_config or {}).get("model", ""))
-            raise MethodError(
+            error = MethodError(
                 wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
-            ) from exc
+            )
+            raise _with_spans(error, recorder) from exc
     if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
-    answer = {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    try:
+        answer = {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    except MethodError as exc:
+        raise _with_spans(exc, recorder)
     if recorder is not None:
         answer["trace_spans"] = recorder.finished()
     return answer
@@ -464,6 +468,14 @@ def _recorder(ctx: CallContext) -> Any:
 
     parsed = parse_traceparent_untrusted(ctx.trace)
     return None if parsed is None else SpanRecorder(*parsed)
+
+
+def _with_spans(error: MethodError, recorder: Any) -> MethodError:
+    """``error`` carrying the spans of its traced call (``recorder``) in its details' ``trace_spans``:
+    the host exports them and takes them out before the error reaches the caller."""
+    if recorder is not None and (error.details is None or isinstance(error.details, dict)):
+        error.details = {**(error.details or {}), "trace_spans": recorder.finished()}
+    return error
 
 
 def _traced(recorder: Any) -> Any:

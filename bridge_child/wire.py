@@ -173,7 +173,8 @@ class TracedCall(Call, frozen=True, tag="tcall"):
     """A ``Call`` that carries the caller's trace context (OpenTelemetry, opt-in; docs/monitoring.md).
 
     Its own kind, so that an untraced call's frame stays byte for byte what it was; the child answers it
-    as any ``Call`` (and, for ``execute``, with its spans in the result's ``trace_spans``)."""
+    as any ``Call`` (and, for ``execute``, with its spans in the result's ``trace_spans``, or in the
+    error's ``details["trace_spans"]`` when it fails)."""
 
     trace: str = ""
     """The W3C ``traceparent`` of the caller's span: ``00-<trace id>-<span id>-<flags>``."""

@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         help="log at INFO (-vv: DEBUG, except trio-websocket's frames; -vvv: those too)",
     )
     parser.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON objects"
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text (the default) or JSON objects (serve: also DSPEX_LOG_FORMAT, log_format)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="start a pool, run calls through it, print its statistics")
@@ -324,8 +327,8 @@ async def _demo(args: argparse.Namespace) -> int:
 # -- serve -------------------------------------------------------------------------------------------------
 
 
-def _bind_failure(host: str, port: int, exc: OSError) -> str:
-    """The one line for a listening socket that could not be opened."""
+def _bind_failure(host: str, port: int, exc: OSError, flag: str = "--port") -> str:
+    """The one line for a listening socket (of ``flag``'s port) that could not be opened."""
     if isinstance(exc, socket.gaierror):
         return (
             f"cannot listen on {host!r}: {exc.strerror or exc}: give an address of this machine with --host"
@@ -333,23 +336,24 @@ def _bind_failure(host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return (
             f"port {port} on {host} is already in use (another dspex-trio serve?): stop that server, "
-            "or choose another port with --port (0 picks a free one)"
+            f"or choose another port with {flag} (0 picks a free one)"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {host}: it is not an address of this machine: choose one with --host"
     if exc.errno == errno.EACCES:
         return (
-            f"not allowed to listen on port {port} (below 1024 needs privileges): choose another with --port"
+            f"not allowed to listen on port {port} (below 1024 needs privileges): choose another with {flag}"
         )
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-async def _listen(host: str, port: int) -> list[trio.SocketListener]:
-    """Bind the server's socket first: a port in use fails here, before any worker starts."""
+async def _listen(host: str, port: int, *, flag: str = "--port") -> list[trio.SocketListener]:
+    """Bind the server's socket (or ``--http-port``'s) first: a port in use fails here, before any
+    worker starts."""
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise CliError(_bind_failure(host, port, exc)) from exc
+        raise CliError(_bind_failure(host, port, exc, flag)) from exc
 
 
 def _signal_name(signum: int) -> str:
@@ -396,6 +400,15 @@ async def _serve_on(
     draining = trio.CancelScope()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         listeners = await _listen(settings.host, settings.port)
+        http_listeners = None
+        if monitoring.http_port is not None:
+            try:
+                http_listeners = await _listen(settings.host, monitoring.http_port, flag="--http-port")
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await listener.aclose()
+                raise
         logger.info(
             "bound %s:%d; starting %d worker(s)",
             settings.host,
@@ -462,6 +475,7 @@ async def _serve_on(
                                     pool,
                                     settings.host,
                                     monitoring.http_port,
+                                    listeners=http_listeners,
                                     token=keys.token,
                                     admin_token=keys.admin_token,
                                     metrics_token=monitoring.metrics_token,
@@ -483,7 +497,7 @@ async def _serve_on(
                 everything.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                for listener in listeners:
+                for listener in [*listeners, *(http_listeners or ())]:
                     await listener.aclose()
     _say("dspex-trio stopped" + (" (interrupted)" if interrupted else ""))
     return EXIT_INTERRUPTED if interrupted else 0
@@ -515,7 +529,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _warn("serve", "--token puts the token in the process list; prefer --token-file or DSPEX_TOKEN")
     for line in missing_key_warnings(settings, keys):
         _warn("serve", line)
-    monitoring = monitoring_from(args)
+    if settings.log_format != (args.log_format or "text"):  # DSPEX_LOG_FORMAT or the config file's
+        _use_log_format(settings.log_format)
+    monitoring = monitoring_from(settings)
     with serve_tracing(monitoring):
         return trio.run(_serve, settings, keys, tls, monitoring)
 
@@ -596,6 +612,13 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+def _use_log_format(log_format: str) -> None:
+    """Switch the handler ``_configure_logging`` installed to ``log_format`` (serve's own setting)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, _TextFormatter | _JsonFormatter):
+            handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
 
 
 def _configure_logging(verbose: int, log_format: str) -> None:
@@ -679,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     fake_lm = _split_fake_lm(argv)
     args = _parser().parse_args(fake_lm[0] if fake_lm is not None else argv)
-    _configure_logging(args.verbose, args.log_format)
+    _configure_logging(args.verbose, args.log_format or "text")
     try:
         if fake_lm is not None:
             from dspex_trio.testing._fake_lm import main as fake_lm_main

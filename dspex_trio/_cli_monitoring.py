@@ -1,5 +1,5 @@
 """``dspex-trio serve``'s monitoring flags: ``--metrics-token-file``, ``--http-port``, ``--tracing``,
-``--no-http-routes``.
+``--no-http-routes``; each is also a config key and a ``DSPEX_*`` variable (``ServeSettings``).
 
 ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard are answered on the websocket's port by
 default; ``--http-port`` serves them on a port of their own too (same host, same token rules), and
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from dspex_trio._cli_settings import SettingsError, read_secret
+from dspex_trio._cli_settings import ServeSettings, SettingsError, read_secret
 
 __all__ = ["Monitoring", "add_monitoring_arguments", "monitoring_from", "serve_tracing"]
 
@@ -50,24 +50,29 @@ def add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tracing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="OpenTelemetry traces of every execution, configured by OTEL_TRACES_EXPORTER (otlp, console), "
         "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...",
     )
     group.add_argument(
         "--no-http-routes",
-        action="store_true",
+        dest="http_routes",
+        action="store_false",
+        default=None,
         help="answer no monitoring route on the websocket's port (plain HTTP requests get 426)",
     )
 
 
-def monitoring_from(args: argparse.Namespace) -> Monitoring:
-    token = read_secret(args.metrics_token_file, "metrics token") if args.metrics_token_file else None
+def monitoring_from(settings: ServeSettings) -> Monitoring:
+    """What the settings ask for (flags, ``DSPEX_*`` variables or config keys: ``_cli_settings.py``);
+    the metrics token read from its file."""
+    path = settings.metrics_token_file
     return Monitoring(
-        http_routes=not args.no_http_routes,
-        http_port=args.http_port,
-        metrics_token=token,
-        tracing=args.tracing,
+        http_routes=settings.http_routes,
+        http_port=settings.http_port,
+        metrics_token=read_secret(path, "metrics token") if path else None,
+        tracing=settings.tracing,
     )
 
 

@@ -90,6 +90,16 @@ class ServeSettings:
     """Run the workers on this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"): docs/scale-out.md."""
     ray_listen: str | None = None
     """``HOST:PORT`` the Ray nodes reach this server's worker listener on (default 127.0.0.1:0)."""
+    http_port: int | None = None
+    """Also serve ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard on this port (0: a free one)."""
+    metrics_token_file: str | None = None
+    """A file holding a scraper's own token: it opens ``/metrics`` only."""
+    http_routes: bool = True
+    """Answer the monitoring routes on the websocket's port (``--no-http-routes``: False)."""
+    tracing: bool = False
+    """OpenTelemetry traces, configured by the standard ``OTEL_*`` variables (docs/monitoring.md)."""
+    log_format: str = "text"
+    """Log lines as ``text`` or ``json`` objects (``dspex-trio --log-format json serve``)."""
 
 
 attrs.resolve_types(ServeSettings)
@@ -103,7 +113,7 @@ def _parse_env_value(name: str, raw: str) -> Any:
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if field_type == dict[str, dict[str, Any]]:
         raise ValueError("set it in the config file")
-    if field_type is int:
+    if field_type is int or field_type == int | None:
         try:
             return int(raw)
         except ValueError:
@@ -177,6 +187,10 @@ def resolve_settings(
         raise SettingsError("invalid settings: keyfile needs certfile (the certificate it is the key of)")
     if settings.async_capacity < 0:
         raise SettingsError(f"invalid settings: async_capacity must be >= 0, not {settings.async_capacity}")
+    if settings.http_port is not None and not 0 <= settings.http_port <= 65535:
+        raise SettingsError(f"invalid settings: http_port must be 0-65535, not {settings.http_port}")
+    if settings.log_format not in ("text", "json"):
+        raise SettingsError(f"invalid settings: log_format must be text or json, not {settings.log_format!r}")
     for text in settings.lm_budgets:
         try:
             parse_lm_budget(text)

@@ -87,6 +87,7 @@ class Dispatch(Attempts):
     __slots__ = (
         "_attempt",
         "_finished",
+        "_span",
         "flags",
         "host",
         "key",
@@ -128,6 +129,8 @@ class Dispatch(Attempts):
         """A stream's outcome was counted."""
         self.trace = ""
         """The ``traceparent`` its attempts carry to the worker (tracing on), else empty."""
+        self._span: Any = None
+        """A stream's ``dspex.pool`` span (tracing on), until its outcome."""
         host._counts["calls"] += 1
 
     # -- one attempt ----------------------------------------------------------------------------------
@@ -210,8 +213,9 @@ class Dispatch(Attempts):
         when a worker is free at once: a cancelled caller sends nothing. (Once per stream, not per event;
         a call's ``result()`` needs none of its own: it always waits for its reply.)"""
         await trio.lowlevel.checkpoint()
-        if _tracing.STATE.tracer is not None:  # the stream's attempts carry the caller's span
-            self.trace = _tracing.current_traceparent()
+        if _tracing.STATE.tracer is not None:  # a span of its own, ended with its outcome (``_finish``)
+            self._span = _tracing.start_span(f"dspex.pool {self.method}", {"dspex.method": self.method})
+            self.trace = _tracing.traceparent_of(self._span)
         await self._start()
         return self
 
@@ -231,6 +235,9 @@ class Dispatch(Attempts):
     def _finish(self, *, failed: bool, outcome: str = "error") -> None:
         if not self._finished:
             self._finished = True
+            if self._span is not None:
+                _tracing.end_span(self._span, outcome if failed and outcome != "cancelled" else None)
+                self._span = None
             if failed:
                 self.host._counts["failed"] += 1
                 self.host._record_outcome(self.method, outcome, trio.current_time() - self.started_at)

@@ -323,6 +323,7 @@ async def serve_http(
     metrics_token: str | None = None,
     allowed_origins: Sequence[str] = (),
     websocket_url: str | None = None,
+    listeners: Sequence[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard of ``backend`` over plain HTTP on
@@ -332,7 +333,8 @@ async def serve_http(
     :class:`HttpServer` with ``.port`` and ``.url``. The token rules are the websocket's (see the
     module doc): binding a non-loopback address without ``token`` raises ``ValueError``.
     ``websocket_url`` is the endpoint the dashboard reads (``?ws=<url>`` on the page's address; it is
-    also allowed by the page's Content-Security-Policy).
+    also allowed by the page's Content-Security-Policy). ``listeners``: sockets bound already (on
+    ``host``; ``port`` is then ignored), so that a port in use fails before anything else starts.
     """
     from dspex_trio._handshake import is_loopback
 
@@ -350,11 +352,11 @@ async def serve_http(
         allowed_origins=allowed_origins,
         connect_sources=[websocket_url] if websocket_url else [],
     )
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    server = HttpServer(host, listeners[0].socket.getsockname()[1], routes)
+    bound = list(listeners) if listeners is not None else await trio.open_tcp_listeners(port, host=host)
+    server = HttpServer(host, bound[0].socket.getsockname()[1], routes)
     limiter = trio.CapacityLimiter(MAX_HTTP_CONNECTIONS)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, partial(_serve_one, routes, limiter), listeners)
+        await nursery.start(trio.serve_listeners, partial(_serve_one, routes, limiter), bound)
         logger.info("monitoring routes on %s", server.url)
         task_status.started(server)
         await trio.sleep_forever()

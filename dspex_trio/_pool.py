@@ -24,6 +24,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from dspex_trio import _log_context as log_context
 from dspex_trio._breaker import CircuitBreaker, CircuitState
 from dspex_trio._call_metrics import CallMetrics
 from dspex_trio._dispatch import Dispatch
@@ -139,6 +140,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         """Calls by method and outcome, duration histograms (read by the Prometheus collector)."""
         self._nursery: trio.Nursery | None = None
         self._slot_restarts = collections.Counter[int]()
+        self._starting: dict[int, str] = {}
+        """Slot -> the id of the worker starting in it (for the log line of a start that fails)."""
         self._slots: set[int] = set(range(options.workers))
         """The slots the pool keeps filled (``resize`` adds and removes some)."""
         self._next_slot = options.workers
@@ -196,7 +199,10 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
 
     def _retire_for_resize(self, tenure: _Tenure) -> None:
         if not tenure.retiring:
-            logger.info("worker %s retiring: its slot was removed by resize", tenure.worker.worker_id)
+            worker_id = tenure.worker.worker_id
+            _log_worker(
+                logging.INFO, worker_id, "worker %s retiring: its slot was removed by resize", worker_id
+            )
             tenure.retiring = True
             tenure.ended.set()
 
@@ -457,7 +463,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
     def _retire(self, tenure: _Tenure, reason: str) -> None:
         if tenure.retiring:
             return
-        logger.info("worker %s retiring: %s", tenure.worker.worker_id, reason)
+        worker_id = tenure.worker.worker_id
+        _log_worker(logging.INFO, worker_id, "worker %s retiring: %s", worker_id, reason)
         tenure.retiring = True
         self._counts["recycled"] += 1
         tenure.ended.set()
@@ -479,10 +486,12 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
     ) -> None:
         """Own one worker for its whole life: start it, serve, drain if retiring, tear it down."""
         async with open_service_nursery() as nursery:
+            spec = self._spec()
+            self._starting[slot] = spec.worker_id
             worker = await start_worker(
                 nursery,
                 launcher=self._launcher,
-                spec=self._spec(),
+                spec=spec,
                 options=self.worker_options,
                 on_transition=self._on_transition,
                 lm_budgets=self.lm_budgets,
@@ -532,13 +541,14 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
                 if not started and (unusable := program_module_error(exc)) is not None:
                     raise unusable from None  # the program modules cannot be used: no pool
                 self._counts["restarts"] += 1 if started else 0
-                logger.warning("slot %d: %s", slot, exc)
+                _log_worker(logging.WARNING, self._starting.pop(slot, ""), "slot %d: %s", slot, exc)
                 reason = str(exc).splitlines()[0]
                 if probing:
                     breaker.probe_failed(reason)
                 else:
                     breaker.record_failure(reason)
                 continue  # a first start retries within the budget; after it, the breaker decides
+            self._starting.pop(slot, None)
             if slot not in self._slots:  # removed by resize while its worker started
                 self._retire_for_resize(tenure)
             if probing:
@@ -549,23 +559,37 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             if not started:
                 started = True
                 task_status.started()
+            worker = tenure.worker
             if previous is not None:
-                logger.info(
+                _log_worker(
+                    logging.INFO,
+                    worker.worker_id,
                     "worker %s (pid %d) replaced worker %s in slot %d",
-                    tenure.worker.worker_id,
-                    tenure.worker.pid,
+                    worker.worker_id,
+                    worker.pid,
                     previous.worker.worker_id,
+                    slot,
+                )
+            else:
+                _log_worker(
+                    logging.DEBUG,
+                    worker.worker_id,
+                    "worker %s (pid %d) started in slot %d",
+                    worker.worker_id,
+                    worker.pid,
                     slot,
                 )
             await tenure.ended.wait()
             previous = tenure
             if tenure.retiring or self._closing:
                 continue
-            logger.warning(
+            _log_worker(
+                logging.WARNING,
+                worker.worker_id,
                 "worker %s (pid %d) %s: %s; starting a replacement",
-                tenure.worker.worker_id,
-                tenure.worker.pid,
-                tenure.worker.state,
+                worker.worker_id,
+                worker.pid,
+                worker.state,
                 tenure.end_reason or "stopped",
             )
             self._counts["restarts"] += 1
@@ -709,3 +733,15 @@ async def open_pool(
         if unusable is None:
             raise
         raise unusable from None
+
+
+def _log_worker(level: int, worker_id: str, message: str, *args: Any) -> None:
+    """A supervisor's line about one worker: with its ``worker_id`` field (``_log_context.py``), as the
+    worker's own tasks' lines have it."""
+    if not logger.isEnabledFor(level):
+        return
+    if not worker_id:  # not known (a start that failed before its worker had an id)
+        logger.log(level, message, *args)
+        return
+    with log_context.bound(worker_id=worker_id):
+        logger.log(level, message, *args)

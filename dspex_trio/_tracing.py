@@ -4,12 +4,14 @@ Off by default, and then free: the call path checks one module attribute (``STAT
 imports nothing. On (:func:`enable_tracing`, ``dspex-trio serve --tracing``), one execution gives one
 trace:
 
-- ``dspex.websocket <method>`` (server span) for the JSON-RPC request (``_ws_api.py``);
-- ``dspex.pool <method>`` for the call through the pool's dispatch (``_dispatch.py``): its trace context
-  goes to the worker in the call frame (a ``wire.TracedCall``: its W3C ``traceparent``);
+- ``dspex.websocket <method>`` (server span) for the JSON-RPC request (``_ws_api.py``), each request
+  (an execution's lasts until its outcome);
+- ``dspex.pool <method>`` for the call or stream through the pool's dispatch (``_dispatch.py``): its
+  trace context goes to the worker in the call frame (a ``wire.TracedCall``: its W3C ``traceparent``);
 - in the worker (``bridge_child/_tracing.py``): ``dspex.worker execute``, then ``dspy.module <Kind>``
   for the program and each predictor, ``dspy.lm request`` for each LM request, ``dspy.tool <name>``.
-  The worker records them as plain data and returns them with the result; they are exported here,
+  The worker records them as plain data and returns them with the result (or, when the call fails,
+  in its error frame's details); they are exported here,
   through the host's pipeline (:func:`ingest_worker_spans`), so workers need no exporter and no network.
 
 Configuration is OpenTelemetry's own: :func:`configure_from_environment` builds an SDK
@@ -36,8 +38,13 @@ __all__ = [
     "current_traceparent",
     "disable_tracing",
     "enable_tracing",
+    "end_span",
     "ingest_worker_spans",
+    "mark_current_error",
+    "mark_error",
     "span",
+    "start_span",
+    "traceparent_of",
 ]
 
 MAX_WORKER_SPANS: Final = 256
@@ -120,16 +127,61 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, server: bool = 
         yield current
 
 
+def start_span(name: str, attributes: dict[str, Any] | None = None) -> Any:
+    """A span started now as a child of the current one, but not made current: a stream's, which lives
+    across its consumer's iterations (end it with :func:`end_span`). None while tracing is off."""
+    tracer = STATE.tracer
+    if tracer is None:
+        return None
+    return tracer.start_span(name, attributes=attributes)
+
+
+def mark_error(current: Any, error: BaseException | str) -> None:
+    """Give ``current`` (a span, or None) the error status, described by ``error``'s type name (or
+    ``error`` itself): what a failure caught inside the span, and so not raised through it, needs."""
+    if current is None:
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    described = error if isinstance(error, str) else type(error).__name__
+    current.set_status(Status(StatusCode.ERROR, described[:MAX_SPAN_NAME_CHARS]))
+
+
+def mark_current_error(error: BaseException | str) -> None:
+    """:func:`mark_error` on the current span, when tracing is on (a failure caught within its block)."""
+    if STATE.tracer is None:
+        return
+    from opentelemetry import trace
+
+    mark_error(trace.get_current_span(), error)
+
+
+def end_span(current: Any, error: BaseException | str | None = None) -> None:
+    """End a span of :func:`start_span` (None: nothing), with the error status when ``error`` is given."""
+    if current is None:
+        return
+    if error is not None:
+        mark_error(current, error)
+    current.end()
+
+
+def traceparent_of(current: Any) -> str:
+    """The W3C ``traceparent`` of ``current`` (a span) when it is sampled, else ``""``."""
+    if current is None:
+        return ""
+    context = current.get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return ""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
 def current_traceparent() -> str:
     """The W3C ``traceparent`` of the current span when tracing is on and it is sampled, else ``""``."""
     if STATE.tracer is None:
         return ""
     from opentelemetry import trace
 
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid or not context.trace_flags.sampled:
-        return ""
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    return traceparent_of(trace.get_current_span())
 
 
 def _attributes_untrusted(value: Any) -> dict[str, Any]:

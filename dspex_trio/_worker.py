@@ -500,6 +500,8 @@ class Worker(metaclass=NoPublicConstructor):
         elif type(message) is wire.Error:
             del self._calls[call.id]
             self._calls_failed += 1
+            if call.trace and type(message.details) is dict and "trace_spans" in message.details:
+                message = _spans_taken(message, call.trace)
             error = error_from_frame(message, acked=call.acked, worker=self.worker_id)
             call.finish(outcome.Error(error))
             self._update_load()
@@ -730,6 +732,14 @@ class CallStream:
         if self._call.events is not None:
             self._call.events.clear()
         return value
+
+
+def _spans_taken(message: wire.Error, trace: str) -> wire.Error:
+    """The error frame of a traced call without the worker's spans in its details, once they are
+    exported (``_tracing.ingest_worker_spans``): they never reach the caller."""
+    details = dict(message.details)
+    ingest_worker_spans(details.pop("trace_spans"), trace)
+    return wire.Error(message.id, message.code, message.type, message.message, details or None)
 
 
 def _wire_timeout(timeout: float | None, now: float) -> float | None:

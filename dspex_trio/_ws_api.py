@@ -50,6 +50,8 @@ from dspex_trio._ws_options import WebsocketOptions
 
 logger = logging.getLogger("dspex_trio.websocket")
 
+_OWN_SPANS: Final = frozenset({"execution/run", "execution/submit"})
+"""Methods whose websocket span lasts until the execution's outcome (opened by the method itself)."""
 SERVER_SHUTDOWN: Final = "server_shutdown"
 """The ``reason`` of the ``cancelled`` event of an execution the server's shutdown stopped."""
 CLIENT_CANCEL: Final = "cancelled by the client"
@@ -230,18 +232,29 @@ class ApiConnection:
 
     async def _answer(self, request: rpc.Request, method: _Method) -> None:
         then: Callable[[], Awaitable[None]] | None = None
-        try:
-            params = rpc.structure_params_untrusted(request.params, method.params)
-            result = await method.handler(params)
-            if isinstance(result, _AndThen):
-                result, then = result.result, result.then
-            reply = rpc.result_reply(request.id, result)
-        except Exception as exc:
-            reply = rpc.error_reply(request.id, rpc_error_from(exc))
+        if _tracing.STATE.tracer is None or request.method in _OWN_SPANS:
+            reply = await self._reply(request, method)
+        else:
+            with _tracing.span(f"dspex.websocket {request.method}", server=True):
+                reply = await self._reply(request, method)
+        if isinstance(reply, _AndThen):
+            reply, then = reply.result, reply.then
         if request.has_id:
             await self.outbox.send(reply)
         if then is not None:
             await then()
+
+    async def _reply(self, request: rpc.Request, method: _Method) -> Any:
+        """The request's reply (an ``_AndThen`` holding it when the method has more to do after it)."""
+        try:
+            params = rpc.structure_params_untrusted(request.params, method.params)
+            result = await method.handler(params)
+            if isinstance(result, _AndThen):
+                return _AndThen(rpc.result_reply(request.id, result.result), result.then)
+            return rpc.result_reply(request.id, result)
+        except Exception as exc:
+            _tracing.mark_current_error(exc)  # answered as an error: its span (tracing on) failed
+            return rpc.error_reply(request.id, rpc_error_from(exc))
 
     # -- sessions -------------------------------------------------------------------------------------
     def _named(self, session: str) -> str:
@@ -511,6 +524,7 @@ class ApiConnection:
                         terminal = "completed", {"outputs": answer["outputs"], "usage": answer.get("usage")}
                 except Exception as exc:
                     terminal = "failed", failure(exc)
+                    _tracing.mark_current_error(exc)
                     _log_failed(execution.id, terminal[1])
             if terminal is None:
                 terminal = "cancelled", {"reason": execution.cancel_reason or "cancelled"}

@@ -184,6 +184,63 @@ async def test_serve_on_a_port_in_use_fails_at_once_in_one_line() -> None:
         assert "starting" not in err and "worker" not in err.replace("(another dspex-trio serve?)", "")
 
 
+async def test_serve_with_its_http_port_in_use_fails_before_serving_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await cli("serve", "--port", "0", "--http-port", str(port))
+    assert (code, out) == (1, "")  # no "serving" line: the port is bound before anything is served
+    assert err == (
+        f"dspex-trio serve: error: port {port} on 127.0.0.1 is already in use (another dspex-trio "
+        "serve?): stop that server, or choose another port with --http-port (0 picks a free one)\n"
+    )
+
+
+def test_the_monitoring_settings_are_flags_config_keys_and_variables(tmp_path):
+    from dspex_trio._cli import _parser
+    from dspex_trio._cli_monitoring import Monitoring, monitoring_from
+
+    token = tmp_path / "metrics-token"
+    token.write_text("scrape\n")
+    config = tmp_path / "dspex.toml"
+    config.write_text(f'http-port = 9100\nmetrics_token_file = "{token}"\nhttp_routes = false\n')
+    env = {"DSPEX_TRACING": "true", "DSPEX_LOG_FORMAT": "json", "DSPEX_HTTP_PORT": "9200"}
+    args = _parser().parse_args(["serve"])
+    flags = {name: getattr(args, name, None) for name in SETTING_NAMES}
+    assert {n: flags[n] for n in ("http_port", "http_routes", "tracing", "log_format")} == dict.fromkeys(
+        ("http_port", "http_routes", "tracing", "log_format")
+    )  # flags not given are unset: the file and the environment decide
+    settings = resolve_settings(file=str(config), environ=env, flags=flags)
+    assert (settings.http_port, settings.http_routes, settings.tracing, settings.log_format) == (
+        9200,  # the environment beats the file
+        False,
+        True,
+        "json",
+    )
+    assert monitoring_from(settings) == Monitoring(
+        http_routes=False, http_port=9200, metrics_token="scrape", tracing=True
+    )
+    args = _parser().parse_args(
+        ["--log-format", "text", "serve", "--http-port", "0", "--no-tracing", "--no-http-routes"]
+    )
+    flags = {name: getattr(args, name, None) for name in SETTING_NAMES}
+    settings = resolve_settings(file=str(config), environ=env, flags=flags)
+    assert (settings.http_port, settings.http_routes, settings.tracing, settings.log_format) == (
+        0,
+        False,
+        False,
+        "text",
+    )  # flags beat both
+    assert resolve_settings(file=None, environ={}, flags={}).http_routes is True
+    with pytest.raises(SettingsError, match=r"^DSPEX_HTTP_PORT: expected a whole number, not 'x'$"):
+        resolve_settings(file=None, environ={"DSPEX_HTTP_PORT": "x"}, flags={})
+    with pytest.raises(SettingsError, match="http_port must be 0-65535"):
+        resolve_settings(file=None, environ={"DSPEX_HTTP_PORT": "70000"}, flags={})
+    with pytest.raises(SettingsError, match="log_format must be text or json"):
+        resolve_settings(file=None, environ={"DSPEX_LOG_FORMAT": "xml"}, flags={})
+
+
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [

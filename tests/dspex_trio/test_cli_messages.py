@@ -118,6 +118,17 @@ def test_a_port_in_use_names_the_port_and_the_fix() -> None:
     )
 
 
+def test_the_http_port_in_use_names_its_own_flag() -> None:
+    from functools import partial
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CliError, match=r"choose another port with --http-port \(0 picks a free one\)$"):
+            trio.run(partial(_cli._listen, "127.0.0.1", port, flag="--http-port"))
+
+
 def test_environment_values_are_explained() -> None:
     with pytest.raises(SettingsError, match=r"^DSPEX_PORT: expected a whole number, not 'eighty'$"):
         resolve_settings(file=None, environ={"DSPEX_PORT": "eighty"}, flags={})
@@ -258,6 +269,22 @@ def test_log_lines_as_text_and_as_json() -> None:
     line = json.loads(_cli._JsonFormatter().format(_record("trio-websocket", "x", logging.DEBUG)))
     assert line["level"] == "DEBUG" and line["logger"] == "trio-websocket" and line["message"] == "x"
     assert line["time"].endswith("Z")
+
+
+def test_serves_log_format_setting_switches_the_cli_handler() -> None:
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        root.handlers.clear()
+        _cli._configure_logging(0, "text")
+        (handler,) = root.handlers
+        _cli._use_log_format("json")  # DSPEX_LOG_FORMAT=json, or log_format in the config file
+        assert isinstance(handler.formatter, _cli._JsonFormatter)
+        _cli._use_log_format("text")
+        assert isinstance(handler.formatter, _cli._TextFormatter)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
 
 
 def test_vv_does_not_log_websocket_frames() -> None:

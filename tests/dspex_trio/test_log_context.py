@@ -67,6 +67,43 @@ async def test_a_workers_own_lines_carry_its_id(lines: Lines, autojump_clock: An
         assert all("execution" not in line for line in lines.lines)
 
 
+async def test_the_supervisors_lines_about_a_worker_carry_its_id(lines: Lines, autojump_clock: Any) -> None:
+    async with (
+        open_fake_launcher() as launcher,
+        dspex_trio.open_pool(workers=1, launcher=launcher) as pool,
+    ):
+        (first,) = pool.workers()
+        launcher.live[0].die(signal=9)
+        await wait_until(lambda: pool.statistics().restarts == 1 and pool.statistics().ready == 1, 30)
+        (second,) = pool.workers()
+
+    def about(text: str) -> dict[str, Any]:
+        (line,) = [
+            line for line in lines.lines if line["logger"] == "dspex_trio.pool" and text in line["message"]
+        ]
+        return line
+
+    assert about(f"worker {first.worker_id} (pid {first.pid}) started")["worker_id"] == first.worker_id
+    assert about("starting a replacement")["worker_id"] == first.worker_id
+    assert about(f"replaced worker {first.worker_id}")["worker_id"] == second.worker_id
+
+
+async def test_a_failed_start_is_logged_with_the_workers_id(lines: Lines, autojump_clock: Any) -> None:
+    async with (
+        open_fake_launcher() as launcher,
+        dspex_trio.open_pool(workers=1, launcher=launcher) as pool,
+    ):
+        launcher.fail_at_start = 3
+        launcher.live[0].die(signal=9)
+        await wait_until(lambda: len(launcher.processes) >= 3, 30)
+        launcher.fail_at_start = None
+        await wait_until(lambda: pool.statistics().ready == 1, 60)
+    failed = [line for line in lines.lines if line["message"].startswith("slot 0: ")]
+    assert failed
+    for line in failed:
+        assert line["message"].startswith(f"slot 0: worker {line['worker_id']} ")
+
+
 @pytest.mark.real_processes
 async def test_an_executions_lines_carry_its_id_session_and_trace(lines: Lines) -> None:
     from websockets.sync.client import connect

@@ -164,10 +164,90 @@ async def test_a_streamed_execution_is_one_trace_too(exporter: InMemorySpanExpor
     (root,) = [s for s in spans if s.name == "dspex.websocket execution/submit"]
     ours = {s.context.span_id: s for s in spans if s.context.trace_id == root.context.trace_id}
     parents = {s.name: ours[s.parent.span_id].name for s in ours.values() if s.parent is not None}
-    assert parents["dspex.worker execute"] == "dspex.websocket execution/submit"  # streams: no pool span
+    assert parents["dspex.pool execute"] == "dspex.websocket execution/submit"  # a stream's own pool span
+    assert parents["dspex.worker execute"] == "dspex.pool execute"
     assert parents["dspy.module ChainOfThought"] == "dspex.worker execute"
     assert parents["dspy.module Predict"] == "dspy.module ChainOfThought"
     assert parents["dspy.lm request"] == "dspy.module Predict"
+
+
+def statuses(spans: Any) -> dict[str, str]:
+    return {s.name: s.status.status_code.name for s in spans}
+
+
+async def test_a_failed_call_returns_the_workers_spans_marked_as_errors(
+    exporter: InMemorySpanExporter,
+) -> None:
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool:
+            # an LM with no key: DSPy's predictor fails inside the worker (LMNotConfiguredError), nothing sent
+            await pool.configure_lm("openai/fake", session="nokey", api_base="http://127.0.0.1:9")
+            program = await pool.create_program("question -> answer", session="nokey")
+            exporter.clear()
+            with pytest.raises(dspex_trio.ProgramError) as caught:
+                await pool.execute(program, {"question": "q"}, session="nokey")
+            assert "trace_spans" not in repr(caught.value.details)  # exported, never the caller's
+            plain = exporter.get_finished_spans()
+            exporter.clear()
+            with pytest.raises(dspex_trio.ProgramError):  # the same, streamed
+                async with pool.stream(program, {"question": "q"}, session="nokey") as events:
+                    async for _ in events:
+                        pass
+            streamed = exporter.get_finished_spans()
+    for spans in (plain, streamed):
+        (root,) = [s for s in spans if s.parent is None]
+        assert root.name == "dspex.pool execute"
+        ours = {s.context.span_id: s for s in spans if s.context.trace_id == root.context.trace_id}
+        assert len(ours) == len(spans)  # one trace
+        parents = {s.name: ours[s.parent.span_id].name for s in ours.values() if s.parent is not None}
+        assert parents["dspex.worker execute"] == "dspex.pool execute"
+        assert parents["dspy.module Predict"] == "dspex.worker execute"
+        status = statuses(spans)
+        assert status["dspex.pool execute"] == status["dspex.worker execute"] == "ERROR"
+        assert status["dspy.module Predict"] == "ERROR"
+
+
+async def test_a_timed_out_call_marks_its_pool_span_as_an_error(exporter: InMemorySpanExporter) -> None:
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1, diagnostics=True) as pool:
+            with pytest.raises(dspex_trio.CallTimeout):
+                await pool.call("sleep", {"seconds": 5}, timeout=0.2)
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "dspex.pool sleep"]
+    assert span.status.status_code.name == "ERROR" and span.status.description
+
+
+def requests(url: str) -> dict[str, Any]:
+    from websockets.sync.client import connect
+
+    with connect(url, subprotocols=["dspex.v1"], open_timeout=10) as ws:
+        create = {"signature": "question -> answer"}
+        ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "program/create", "params": create}))
+        created = json.loads(ws.recv(timeout=30))
+        ws.send(
+            json.dumps({"jsonrpc": "2.0", "id": 2, "method": "program/get", "params": {"program": "nope"}})
+        )
+        return {"created": created, "missing": json.loads(ws.recv(timeout=30))}
+
+
+async def test_requests_that_are_no_execution_get_a_websocket_span(exporter: InMemorySpanExporter) -> None:
+    with trio.fail_after(START_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool, trio.open_nursery() as nursery:
+            server = await nursery.start(partial(dspex_trio.serve_websocket, pool, port=0))
+            exporter.clear()
+            replies = await trio.to_thread.run_sync(requests, server.url)
+            nursery.cancel_scope.cancel()
+    assert "result" in replies["created"] and "error" in replies["missing"]
+    spans = exporter.get_finished_spans()
+    roots = {s.name: s for s in spans if s.parent is None}
+    assert set(roots) == {"dspex.websocket program/create", "dspex.websocket program/get"}
+    assert all(s.kind.name == "SERVER" for s in roots.values())
+    create = roots["dspex.websocket program/create"]
+    trace = {s.context.span_id for s in spans if s.context.trace_id == create.context.trace_id}
+    below = [s for s in spans if s.context.trace_id == create.context.trace_id and s is not create]
+    assert any(s.name.startswith("dspex.pool ") and s.parent.span_id == create.context.span_id for s in below)
+    assert all(s.parent.span_id in trace for s in below)  # its worker call, in its trace
+    assert create.status.status_code.name == "UNSET"
+    assert roots["dspex.websocket program/get"].status.status_code.name == "ERROR"
 
 
 json_values = st.recursive(
