@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -154,3 +155,41 @@ async def test_a_streamed_execution_falls_back_before_its_first_chunk(
     assert completed["event"] == "completed" and completed["outputs"]["answer"]
     assert completed["usage"]["lm"] == f"openai/second @ {secondary.url}"
     assert primary.statistics.failures_injected == 1 and secondary.statistics.completions == 1
+
+
+async def test_a_websocket_client_selects_a_chain_by_its_name_only(
+    primary: FakeLM, secondary: FakeLM
+) -> None:
+    # The operator names the chain (NamedLM with fallbacks); a client of the server selects it by name,
+    # sees no key, learns which LM answered, and gets the typed error when every LM is down.
+    chain = dspex_trio.NamedLM(
+        model="openai/first",
+        api_base=primary.url,
+        api_key="sk-first",
+        settings={"num_retries": 0},
+        fallbacks=[dspex_trio.NamedLM(model="openai/second", api_base=secondary.url, api_key="sk-second")],
+    )
+    with trio.fail_after(RUN_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool, trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(dspex_trio.serve_websocket, pool, "127.0.0.1", 0, lms={"resilient": chain})
+            )
+            async with dspex_trio.connect(server.url) as remote:
+                listed = {item["name"]: item for item in await remote.list_lms()}
+                assert [f["model"] for f in listed["resilient"]["fallbacks"]] == ["openai/second"]
+                assert "sk-" not in repr(listed)
+                await remote.select_lm("resilient")
+                pid = await remote.create_program("question -> answer")
+                primary.configure(fail_status=500)
+                secondary.configure(fail_status=None)
+                result = await remote.execute(pid, {"question": "remote"}, with_usage=True)
+                assert result["usage"]["lm"] == f"openai/second @ {secondary.url}"
+                secondary.configure(fail_status=503)
+                with pytest.raises(dspex_trio.AllLMsFailed) as caught:
+                    await remote.execute(pid, {"question": "all down"})
+            nursery.cancel_scope.cancel()
+    assert [t["lm"] for t in caught.value.tried] == [
+        f"openai/first @ {primary.url}",
+        f"openai/second @ {secondary.url}",
+    ]
+    assert "sk-first" not in str(caught.value) and "sk-second" not in str(caught.value)
