@@ -6,7 +6,8 @@ goes to the first LM of the chain; when that LM fails with a provider failure (D
 errors: ``5xx``, ``429`` once DSPy's retries and the pool's budget pauses are spent, timeout, connect or
 transport error, ``dspy.is_retryable_lm_error``) the same request goes to the next LM, in the order
 configured. Any other failure (a ``400`` that is the request's fault, an auth error, a guard's refusal,
-a cancel) ends the execution as it would without fallbacks. Every LM of the chain is an ordinary
+a cancel), and any failure after a streamed answer emitted output (DSPy's own rule for its retries),
+ends the execution as it would without fallbacks. Every LM of the chain is an ordinary
 guarded LM (``bridge_child._lmguard.guarded_lm``): its own flags, its own budget key and leases.
 
 When every LM of the chain failed, the execution fails with :class:`AllLMsFailed` (a
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import dspy
+from dspy.clients.call_context import adapter_fallback_scope
 
 from bridge_child import wire
 from bridge_child._context import MethodError
@@ -144,9 +146,10 @@ class FallbackLM(dspy.BaseLM):
         failures: list[tuple[str, BaseException]] = []
         for name, lm in self._chain:
             try:
-                answer = lm(prompt, messages=messages, **kwargs)
+                with adapter_fallback_scope() as progress:  # marked once a stream emitted output
+                    answer = lm(prompt, messages=messages, **kwargs)
             except Exception as exc:
-                if not dspy.is_retryable_lm_error(exc):
+                if progress.emitted or not dspy.is_retryable_lm_error(exc):
                     _note(None, failures)
                     raise
                 failures.append((name, exc))
@@ -160,9 +163,10 @@ class FallbackLM(dspy.BaseLM):
         failures: list[tuple[str, BaseException]] = []
         for name, lm in self._chain:
             try:
-                answer = await lm.acall(prompt, messages=messages, **kwargs)
+                with adapter_fallback_scope() as progress:  # marked once a stream emitted output
+                    answer = await lm.acall(prompt, messages=messages, **kwargs)
             except Exception as exc:
-                if not dspy.is_retryable_lm_error(exc):
+                if progress.emitted or not dspy.is_retryable_lm_error(exc):
                     _note(None, failures)
                     raise
                 failures.append((name, exc))

@@ -186,3 +186,28 @@ def test_the_chain_shows_the_primarys_attributes() -> None:
     assert lm.model == "openai/a" and lm.kwargs == primary.kwargs
     assert lm.supports_function_calling == primary.supports_function_calling
     assert lm.names == ["a", "b"]
+
+
+class EmitsThenFails(StandIn):
+    """A streamed answer that emitted output, then failed (the next LM must not answer after it)."""
+
+    def _answer(self) -> Any:
+        from dspy.clients.call_context import stream_emitted
+
+        self.calls += 1
+        stream_emitted()
+        raise dspy.LMServerError("stream broke", status=502)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["call", "acall"])
+def test_a_failure_after_streamed_output_does_not_fall_back(asynchronous: bool) -> None:
+    second = StandIn(["answer"])
+    lm = _lm_fallback.FallbackLM([("a", EmitsThenFails(None)), ("b", second)], secrets=[])
+    with pytest.raises(dspy.LMServerError):
+        run(lm, asynchronous)
+    assert second.calls == 0
+    # and an ordinary failure on a fresh request still falls back (the mark was this request's)
+    lm = _lm_fallback.FallbackLM(
+        [("a", StandIn(dspy.LMServerError("x", status=500))), ("b", second)], secrets=[]
+    )
+    assert run(lm, asynchronous) == ["answer"]
