@@ -47,21 +47,22 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
+@pytest.mark.parametrize(("status", "error"), [(500, "LMServerError"), (429, "LMRateLimitError")])
 @pytest.mark.parametrize("async_capacity", [0, 8], ids=["threads", "lane"])
-async def test_a_500_moves_to_the_next_lm_which_is_named(
-    primary: FakeLM, secondary: FakeLM, async_capacity: int
+async def test_a_500_or_429_moves_to_the_next_lm_which_is_named(
+    primary: FakeLM, secondary: FakeLM, async_capacity: int, status: int, error: str
 ) -> None:
     with trio.fail_after(RUN_TIMEOUT_S):
         async with dspex_trio.open_pool(workers=1, async_capacity=async_capacity) as pool:
             first = lm(primary, "openai/first", "key-one")
             await pool.configure_lm(**first, fallbacks=[lm(secondary, "openai/second", "key-two")])
             pid = await pool.create_program("question -> answer")
-            primary.configure(fail_status=500)
+            primary.configure(fail_status=status)
             result = await pool.execute(pid, {"question": "who answers?"}, with_usage=True)
             [stats] = [await worker.call("stats") for worker in pool.workers()]
     assert result["outputs"]["answer"]
     assert result["usage"]["lm"] == f"openai/second @ {secondary.url}"
-    assert result["usage"]["fallbacks"] == [{"lm": f"openai/first @ {primary.url}", "error": "LMServerError"}]
+    assert result["usage"]["fallbacks"] == [{"lm": f"openai/first @ {primary.url}", "error": error}]
     assert result["usage"]["total_tokens"] > 0
     assert primary.statistics.failures_injected == 1
     assert secondary.statistics.completions == 1
@@ -193,3 +194,21 @@ async def test_a_websocket_client_selects_a_chain_by_its_name_only(
         f"openai/second @ {secondary.url}",
     ]
     assert "sk-first" not in str(caught.value) and "sk-second" not in str(caught.value)
+
+
+async def test_a_timeout_moves_to_the_next_lm(primary: FakeLM, secondary: FakeLM) -> None:
+    with trio.fail_after(RUN_TIMEOUT_S):
+        async with dspex_trio.open_pool(workers=1) as pool:
+            await pool.configure_lm(
+                **lm(primary, "openai/first", "k1"),
+                timeout=1.0,
+                fallbacks=[lm(secondary, "openai/second", "k2")],
+            )
+            pid = await pool.create_program("question -> answer")
+            primary.configure(latency_s=30.0)
+            result = await pool.execute(pid, {"question": "too slow"}, with_usage=True)
+    assert result["usage"]["lm"] == f"openai/second @ {secondary.url}"
+    [skipped] = result["usage"]["fallbacks"]
+    assert skipped["lm"] == f"openai/first @ {primary.url}"
+    assert skipped["error"] in ("LMTimeoutError", "LMTransportError")
+    assert secondary.statistics.completions == 1
