@@ -197,13 +197,14 @@ async def test_a_websocket_client_selects_a_chain_by_its_name_only(
 
 
 async def test_a_timeout_moves_to_the_next_lm(primary: FakeLM, secondary: FakeLM) -> None:
+    # The chain given to open_pool(lm=...) (the pool's default LM from its start).
+    chain = {
+        **lm(primary, "openai/first", "k1"),
+        "timeout": 1.0,
+        "fallbacks": [lm(secondary, "openai/second", "k2")],
+    }
     with trio.fail_after(RUN_TIMEOUT_S):
-        async with dspex_trio.open_pool(workers=1) as pool:
-            await pool.configure_lm(
-                **lm(primary, "openai/first", "k1"),
-                timeout=1.0,
-                fallbacks=[lm(secondary, "openai/second", "k2")],
-            )
+        async with dspex_trio.open_pool(workers=1, lm=chain) as pool:
             pid = await pool.create_program("question -> answer")
             primary.configure(latency_s=30.0)
             result = await pool.execute(pid, {"question": "too slow"}, with_usage=True)
