@@ -84,21 +84,23 @@ def _spellings(secret: str) -> set[str]:
 
 def secrets_of(config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> list[str]:
     """The secret values a worker error could carry: the configuration's ``api_key``, the password of
-    its ``api_base``, and the values of secret-named variables of the worker's environment (an operator
-    may pass keys with ``worker_env``). Longest first."""
+    its ``api_base`` (and those of its ``fallbacks``), and the values of secret-named variables of the
+    worker's environment (an operator may pass keys with ``worker_env``). Longest first."""
     found: set[str] = set()
     config = config or {}
-    key = config.get("api_key")
-    if isinstance(key, str):
-        found.add(key)
-    base = config.get("api_base")
-    if isinstance(base, str) and "@" in base:
-        try:
-            password = urllib.parse.urlsplit(base).password
-        except ValueError:
-            password = None
-        if password:
-            found.add(password)
+    fallbacks = config.get("fallbacks")  # a fallback chain's keys are secrets of its errors too
+    for each in [config, *(f for f in fallbacks or () if isinstance(f, Mapping))]:
+        key = each.get("api_key")
+        if isinstance(key, str):
+            found.add(key)
+        base = each.get("api_base")
+        if isinstance(base, str) and "@" in base:
+            try:
+                password = urllib.parse.urlsplit(base).password
+            except ValueError:
+                password = None
+            if password:
+                found.add(password)
     environ = os.environ if environ is None else environ
     found.update(v for k, v in environ.items() if k.upper().endswith(SECRET_NAME_SUFFIXES))
     spelled = {s for secret in found if len(secret) >= MIN_REDACTED_CHARS for s in _spellings(secret)}

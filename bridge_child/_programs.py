@@ -136,6 +136,11 @@ def _build_lm(config: dict[str, Any], leases: Any = None) -> Any:
     """A ``dspy.LM`` for ``config``; ``leases`` (the worker's, with ``--lease-lms``) makes every request
     of a network LM wait for the host's lease (``bridge_child._lmguard``)."""
     dspy = _import_dspy()
+    if config.get("fallbacks"):  # a chain: each LM built as below, tried in order
+        from bridge_child._lm_fallback import FallbackLM, lm_name
+
+        chain = [{k: v for k, v in config.items() if k != "fallbacks"}, *config["fallbacks"]]
+        return FallbackLM([(lm_name(c), _build_lm(c, leases)) for c in chain], secrets_of(config))
     settings = {k: v for k, v in config.items() if k != "model"}
     if config["model"] == OFFLINE:
         from bridge_child._offline_lm import offline_lm
@@ -425,7 +430,9 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     recorder = _recorder(ctx)
     if recorder is not None:
         settings["callbacks"] = [recorder.dspy_callback()]
-    with current_call(ctx) as call, running(ctx):
+    from bridge_child._lm_fallback import annotate, recording
+
+    with current_call(ctx) as call, running(ctx), recording() as answered:
         try:
             with dspy.context(**settings), _traced(recorder):
                 prediction = (
@@ -452,7 +459,7 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
     try:
-        answer = {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+        answer = {"outputs": _outputs(program, prediction), "usage": annotate(_usage(prediction), answered)}
     except MethodError as exc:
         raise _with_spans(exc, recorder)
     if recorder is not None:
@@ -509,7 +516,9 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
     from bridge_child._lmguard import current_call
 
     settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
-    with current_call(ctx) as call:
+    from bridge_child._lm_fallback import annotate, recording
+
+    with current_call(ctx) as call, recording() as answered:
         try:
             with dspy.context(**settings):
                 prediction = await program.module.acall(**kwargs)
@@ -523,7 +532,7 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
             raise MethodError(
                 wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
             ) from exc
-    return {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    return {"outputs": _outputs(program, prediction), "usage": annotate(_usage(prediction), answered)}
 
 
 def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:

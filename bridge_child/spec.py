@@ -124,10 +124,14 @@ LM_KEYS: Final = {
     "max_tokens": (int, type(None)),
     "hermetic": (bool,),
     "public_only": (bool,),
+    "fallbacks": (list,),
 }
 """The keys of an LM configuration and the types each may have. ``hermetic`` and ``public_only``: see
 ``bridge_child._lmrules`` (a client-chosen LM sends no credential but its own, and reaches public
-addresses only)."""
+addresses only). ``fallbacks``: the LM configurations tried next, in order, when this one fails with a
+provider failure (``bridge_child._lm_fallback``); at most ``MAX_FALLBACK_LMS``, none with its own."""
+MAX_FALLBACK_LMS: Final = 8
+"""Most LMs in one configuration's ``fallbacks`` list, a count."""
 
 
 # -- program specs ----------------------------------------------------------------------------------
@@ -276,16 +280,40 @@ def check_lm_config(raw: Any, where: str = "lm") -> dict[str, Any]:
     refusal = hermetic_refusal(model) if raw.get("hermetic") and model != OFFLINE else None
     if refusal is not None:
         raise SpecError(f"{where}: {refusal}")
-    return {k: v for k, v in raw.items() if v is not None and v is not False}
+    checked = {k: v for k, v in raw.items() if v is not None and v is not False}
+    if "fallbacks" in checked:
+        checked["fallbacks"] = _check_fallbacks(checked["fallbacks"], raw, where)
+        if not checked["fallbacks"]:
+            del checked["fallbacks"]
+    return checked
+
+
+def _check_fallbacks(raw: list[Any], primary: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The checked ``fallbacks`` of an LM configuration: each an LM configuration without fallbacks of
+    its own; a hermetic or public-only primary makes every fallback so too."""
+    if len(raw) > MAX_FALLBACK_LMS:
+        raise SpecError(f"{where}.fallbacks: at most {MAX_FALLBACK_LMS} LMs, not {len(raw)}")
+    out = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict) and "fallbacks" in item:
+            raise SpecError(f"{where}.fallbacks[{i}]: a fallback LM has no fallbacks of its own")
+        if isinstance(item, str):
+            item = {"model": item}
+        if isinstance(item, dict):
+            item = {**item, **{flag: True for flag in ("hermetic", "public_only") if primary.get(flag)}}
+        out.append(check_lm_config(item, f"{where}.fallbacks[{i}]"))
+    return out
 
 
 def describe_lm(config: dict[str, Any] | None) -> dict[str, Any]:
     """What an LM configuration is, without its key."""
     config = config or {"model": OFFLINE}
-    out = {k: v for k, v in config.items() if k != "api_key"}
+    out = {k: v for k, v in config.items() if k not in ("api_key", "fallbacks")}
     if isinstance(out.get("api_base"), str):
         out["api_base"] = public_url(out["api_base"])
     out["has_api_key"] = "api_key" in config
+    if isinstance(config.get("fallbacks"), list):
+        out["fallbacks"] = [describe_lm(item) for item in config["fallbacks"]]
     return out
 
 

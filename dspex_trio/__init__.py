@@ -18,6 +18,7 @@ from dspex_trio._client import connect as connect
 from dspex_trio._client_lm import NamedLM as NamedLM
 from dspex_trio._compile import CompileProgress as CompileProgress
 from dspex_trio._compile import CompileResult as CompileResult
+from dspex_trio._errors import AllLMsFailed as AllLMsFailed
 from dspex_trio._errors import CallTimeout as CallTimeout
 from dspex_trio._errors import DspexError as DspexError
 from dspex_trio._errors import ExitStatus as ExitStatus

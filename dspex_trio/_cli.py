@@ -26,7 +26,7 @@ import ssl
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -121,7 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=int, default=None, help="port (default 8765; 0 picks a free one)")
     serve.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
-    serve.add_argument("--lm", default=None, help="'offline' (default: the embedded LM) or provider/model")
+    serve.add_argument(
+        "--lm",
+        default=None,
+        help="'offline' (default: the embedded LM), provider/model, or the NAME of an [lms.NAME] table of "
+        "the config file (with its fallbacks)",
+    )
     serve.add_argument("--lm-base-url", default=None, help="base URL of an OpenAI-compatible endpoint")
     serve.add_argument(
         "--token",
@@ -446,7 +451,7 @@ async def _serve_on(
                     async_capacity=settings.async_capacity,
                     **where,
                 ) as pool:
-                    await _configure_default_lm(pool, settings, keys.lm_key)
+                    await _configure_default_lm(pool, settings, keys.lm_key, keys.lms)
                     async with trio.open_nursery() as nursery:
                         server = await nursery.start(
                             partial(
@@ -508,13 +513,24 @@ def _say(text: str) -> None:
 
 
 async def _configure_default_lm(
-    pool: dspex_trio.Pool, settings: ServeSettings, key: str | None = None
+    pool: dspex_trio.Pool,
+    settings: ServeSettings,
+    key: str | None = None,
+    lms: Mapping[str, dict[str, Any]] | None = None,
 ) -> None:
+    lms = lms or {}
     if settings.lm in (None, "offline"):
         if settings.lm_base_url is not None:
             raise SettingsError("--lm-base-url needs --lm provider/model")
         return
     try:
+        if settings.lm in lms and "/" not in settings.lm:  # --lm NAME: a [lms.NAME] table (a chain too)
+            if settings.lm_base_url is not None:
+                raise SettingsError(
+                    f"--lm-base-url is for --lm provider/model, not the named LM {settings.lm!r}"
+                )
+            await pool.configure_lm(**dspex_trio.NamedLM.from_config(lms[settings.lm]).configure_kwargs())
+            return
         await pool.configure_lm(settings.lm, api_base=settings.lm_base_url, api_key=key)
     except dspex_trio.InvalidParams as exc:
         raise SettingsError(f"--lm {settings.lm}: {exc}") from None

@@ -277,7 +277,31 @@ def resolve_secrets(settings: ServeSettings, environ: Mapping[str, str]) -> Secr
         elif key_file is not None:
             config["api_key"] = read_secret(key_file, f"lms.{name} key")
         lms[name] = config
-    return Secrets(token, admin, lm_key, lms, generated)
+    return Secrets(token, admin, lm_key, resolve_fallbacks(lms), generated)
+
+
+def resolve_fallbacks(lms: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``[lms.NAME]`` tables whose ``fallbacks = ["OTHER", ...]`` name other tables: each name replaced
+    by that LM's configuration (with its key), in order. Raises ``SettingsError`` for an unknown name,
+    a name that is not a string, or a fallback LM that has fallbacks of its own."""
+    resolved = {}
+    for name, config in lms.items():
+        names = config.get("fallbacks")
+        if names is None:
+            resolved[name] = config
+            continue
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise SettingsError(f'lms.{name}: fallbacks must be a list of LM names, e.g. ["local"]')
+        chain = []
+        for other in names:
+            if other not in lms or other == name:
+                known = ", ".join(sorted(set(lms) - {name})) or "none"
+                raise SettingsError(f"lms.{name}: fallbacks: no other LM named {other!r} (defined: {known})")
+            if "fallbacks" in lms[other]:
+                raise SettingsError(f"lms.{name}: fallbacks: lms.{other} has fallbacks of its own")
+            chain.append(dict(lms[other]))
+        resolved[name] = {**config, "fallbacks": chain}
+    return resolved
 
 
 def lm_key_from_environment(environ: Mapping[str, str]) -> str | None:

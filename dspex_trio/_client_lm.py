@@ -22,7 +22,7 @@ address check) and may change the pool's default; its configuration is hermetic 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
 import attrs
@@ -43,6 +43,10 @@ class LMPolicyRefused(InvalidParams):
     websocket)."""
 
 
+def _named_tuple(lms: Iterable[NamedLM]) -> tuple[NamedLM, ...]:
+    return tuple(lms)
+
+
 @attrs.frozen(kw_only=True)
 class NamedLM:
     """An LM the operator offers to websocket clients by name (``lm/list``, ``lm/select``)."""
@@ -51,31 +55,55 @@ class NamedLM:
     api_base: str | None = None
     api_key: str | None = attrs.field(default=None, repr=False)
     settings: Mapping[str, Any] = attrs.field(factory=dict)
+    fallbacks: tuple[NamedLM, ...] = attrs.field(default=(), converter=_named_tuple)
+    """The LMs tried next, in order, when this one fails with a provider failure (``5xx``, ``429``,
+    timeout, connect error): see docs/lm.md, "Fallback". A client selects the chain by its name only."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> NamedLM:
-        """From ``{"model", "api_base"?, "api_key"?, **settings}`` (as ``open_pool(lm=...)`` takes)."""
+        """From ``{"model", "api_base"?, "api_key"?, "fallbacks"?: [config, ...], **settings}`` (as
+        ``open_pool(lm=...)`` takes)."""
         rest = dict(config)
         try:
             model = rest.pop("model")
         except KeyError:
             raise ValueError("a named LM needs a 'model'") from None
+        fallbacks = tuple(
+            lm if isinstance(lm, NamedLM) else cls.from_config(lm) for lm in rest.pop("fallbacks", None) or ()
+        )
         return cls(
-            model=model, api_base=rest.pop("api_base", None), api_key=rest.pop("api_key", None), settings=rest
+            model=model,
+            api_base=rest.pop("api_base", None),
+            api_key=rest.pop("api_key", None),
+            settings=rest,
+            fallbacks=fallbacks,
         )
 
     def describe(self, name: str) -> dict[str, Any]:
         """What ``lm/list`` shows: never the key."""
-        return {
+        described: dict[str, Any] = {
             "name": name,
             "model": self.model,
             "api_base": self.api_base,
             "has_api_key": self.api_key is not None,
         }
+        if self.fallbacks:
+            described["fallbacks"] = [
+                {"model": lm.model, "api_base": lm.api_base, "has_api_key": lm.api_key is not None}
+                for lm in self.fallbacks
+            ]
+        return described
 
     def configure_kwargs(self) -> dict[str, Any]:
         """The keywords of ``Backend.configure_lm`` (besides ``session``)."""
-        return {"model": self.model, "api_base": self.api_base, "api_key": self.api_key, **self.settings}
+        kwargs = {"model": self.model, "api_base": self.api_base, "api_key": self.api_key, **self.settings}
+        if self.fallbacks:
+            kwargs["fallbacks"] = [_without_none(lm.configure_kwargs()) for lm in self.fallbacks]
+        return kwargs
+
+
+def _without_none(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def _cap(name: str, value: Any, maximum: float) -> None:

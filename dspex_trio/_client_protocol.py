@@ -26,6 +26,7 @@ from dspex_trio import _jsonrpc as rpc
 from dspex_trio._breaker import CircuitState
 from dspex_trio._client_lm import LMPolicyRefused
 from dspex_trio._errors import (
+    AllLMsFailed,
     CallTimeout,
     DspexError,
     InvalidParams,
@@ -178,12 +179,31 @@ def _text(value: Any) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def _named_error(error: str, error_type: str, message: str) -> DspexError | None:
+MAX_TRIED_LMS: Final = 16
+"""Most entries of an ``AllLMsFailed``'s ``tried`` read from a server, a count (a chain has at most 9)."""
+
+
+def _tried_untrusted(value: Any) -> list[dict[str, str]]:
+    """The ``tried`` list of an ``AllLMsFailed`` failure: at most ``MAX_TRIED_LMS`` entries of
+    ``{lm, error}`` strings (anything else is dropped)."""
+    if not isinstance(value, list):
+        return []
+    return [
+        {"lm": _text(item.get("lm")), "error": _text(item.get("error"))}
+        for item in value[:MAX_TRIED_LMS]
+        if isinstance(item, dict)
+    ]
+
+
+def _named_error(error: str, error_type: str, message: str, data: Any = None) -> DspexError | None:
     """The exception named ``error`` (a ``failed`` event's or an ``execution_failed`` reply's), or None."""
-    if error == "ProgramError":
+    if error in ("ProgramError", "AllLMsFailed"):
         prefix = f"{error_type}: "
         if error_type and message.startswith(prefix):
             message = message[len(prefix) :]  # the server sent str(ProgramError), which repeats the type
+        if error == "AllLMsFailed":
+            tried = _tried_untrusted(data.get("tried") if isinstance(data, dict) else None)
+            return AllLMsFailed(message, details={"tried": tried})
         return ProgramError(message, error_type=error_type)
     if error in ("WorkerError", "CacheMiss"):
         return WorkerError(message, error_type=error_type)
@@ -251,7 +271,7 @@ def error_from_reply_untrusted(error: dict[str, Any]) -> DspexError:
     )
     if kind == "execution_failed":
         named = _named_error(
-            _text(data.get("error")), _text(data.get("type")), _text(data.get("message")) or message
+            _text(data.get("error")), _text(data.get("type")), _text(data.get("message")) or message, data
         )
         return named if named is not None else WorkerError(message, error_type=_text(data.get("type")))
     if kind in ("parse_error", "invalid_request"):
@@ -265,7 +285,7 @@ def error_from_reply_untrusted(error: dict[str, Any]) -> DspexError:
 def error_from_failure_untrusted(data: dict[str, Any]) -> DspexError:
     """The exception for a ``failed`` event's data (``type``, ``error``, ``message``, ``kind``?)."""
     message = _text(data.get("message"))
-    named = _named_error(_text(data.get("error")), _text(data.get("type")), message)
+    named = _named_error(_text(data.get("error")), _text(data.get("type")), message, data)
     if named is not None:
         return named
     kind = data.get("kind")

@@ -103,6 +103,17 @@ class ProgramError(DspexError):
         self.details = details
 
 
+class AllLMsFailed(ProgramError):
+    """Every LM of the execution's fallback chain failed with a provider failure (``5xx``, ``429``,
+    timeout, connect error): ``tried`` lists each, in order, as ``{"lm": "model @ base", "error":
+    "LMServerError"}`` (also ``details["tried"]``); the message says why each failed."""
+
+    def __init__(self, message: str, *, error_type: str = "AllLMsFailed", details: Any = None) -> None:
+        super().__init__(message, error_type=error_type, details=details)
+        tried = details.get("tried") if isinstance(details, dict) else None
+        self.tried: list[dict[str, Any]] = list(tried) if isinstance(tried, list) else []
+
+
 class JobFailed(DspexError):
     """A job (evaluate, compile) stopped: as many examples failed as its ``max_errors`` allows, or its
     optimizer failed. ``results`` holds the examples finished before it stopped (``ExampleResult``)."""
@@ -184,6 +195,8 @@ def error_from_frame(frame: wire.Error, *, acked: bool, worker: str) -> DspexErr
         return CacheMiss(message, error_type=frame.type, details=frame.details)
     if code == wire.ErrorCode.PROGRAM_NOT_FOUND:
         return ProgramNotFound(message)
+    if code == wire.ErrorCode.PROGRAM_ERROR and frame.type == "AllLMsFailed":
+        return AllLMsFailed(message, details=frame.details)
     if code == wire.ErrorCode.PROGRAM_ERROR:
         return ProgramError(message, error_type=frame.type, details=frame.details)
     if code == wire.ErrorCode.TIMEOUT:

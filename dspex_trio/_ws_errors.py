@@ -15,6 +15,7 @@ from typing import Any, Final
 from dspex_trio import _jsonrpc as rpc
 from dspex_trio._client_lm import LMPolicyRefused
 from dspex_trio._errors import (
+    AllLMsFailed,
     CallTimeout,
     DspexError,
     InvalidParams,
@@ -131,4 +132,7 @@ def failure(exc: Exception, *, with_kind: bool = True) -> dict[str, Any]:
     error_type = type(exc).__name__
     if isinstance(exc, ProgramError) and exc.error_type:
         error_type = exc.error_type
-    return {"type": error_type, "error": type(exc).__name__, "message": client_message(exc)}
+    data: dict[str, Any] = {"type": error_type, "error": type(exc).__name__, "message": client_message(exc)}
+    if isinstance(exc, AllLMsFailed):  # every LM of the fallback chain, in order, and its error type
+        data["tried"] = exc.tried
+    return data
