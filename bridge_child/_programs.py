@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import wire
+from bridge_child import _lmcache, wire
 from bridge_child._builtins import build_module
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError
@@ -425,7 +425,8 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     recorder = _recorder(ctx)
     if recorder is not None:
         settings["callbacks"] = [recorder.dspy_callback()]
-    with current_call(ctx) as call, running(ctx):
+    mode = _lmcache.call_mode(ctx)
+    with current_call(ctx) as call, running(ctx), _lmcache.scope(mode, ctx, coalesce=not ctx.stream) as hits:
         try:
             with dspy.context(**settings), _traced(recorder):
                 prediction = (
@@ -450,7 +451,7 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
             ) from exc
     if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
-    answer = {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    answer = {"outputs": _outputs(program, prediction), "usage": _lmcache.with_hits(_usage(prediction), hits)}
     if recorder is not None:
         answer["trace_spans"] = recorder.finished()
     return answer
@@ -497,7 +498,7 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
     from bridge_child._lmguard import current_call
 
     settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
-    with current_call(ctx) as call:
+    with current_call(ctx) as call, _lmcache.scope(_lmcache.call_mode(ctx)) as hits:
         try:
             with dspy.context(**settings):
                 prediction = await program.module.acall(**kwargs)
@@ -511,7 +512,7 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
             raise MethodError(
                 wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
             ) from exc
-    return {"outputs": _outputs(program, prediction), "usage": _usage(prediction)}
+    return {"outputs": _outputs(program, prediction), "usage": _lmcache.with_hits(_usage(prediction), hits)}
 
 
 def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:
