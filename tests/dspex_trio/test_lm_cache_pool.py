@@ -138,3 +138,21 @@ async def test_100_identical_concurrent_executions_send_one_request(
     assert fake.requests == 1
     assert len(results) == RUN and len({r["outputs"]["answer"] for r in results}) == 1
     assert sorted(r["usage"]["cache_hits"] for r in results) == [0] + [1] * (RUN - 1)
+
+
+async def test_the_asynchronous_lane_reads_and_stores_too(fake: FakeLM) -> None:
+    async with dspex_trio.open_pool(workers=1, async_capacity=8, lm_cache=LMCache(memory_entries=64)) as pool:
+        await pool.configure_lm("openai/fake", api_base=fake.url, api_key=API_KEY, num_retries=0)
+        pid = await pool.create_program("question -> answer")
+        first = await pool.execute(pid, {"question": "lane"}, with_usage=True)
+        second = await pool.execute(pid, {"question": "lane"}, with_usage=True)
+        off = await pool.execute(pid, {"question": "lane"}, with_usage=True, lm_cache="off")
+        [stats] = [await worker.call("stats") for worker in pool.workers()]
+    assert stats["aio_calls"] == 3  # all three ran on the lane
+    assert (first["usage"]["cache_hits"], second["usage"]["cache_hits"], off["usage"]["cache_hits"]) == (
+        0,
+        1,
+        0,
+    )
+    assert second["outputs"] == first["outputs"]
+    assert fake.requests == 2
