@@ -579,7 +579,9 @@ def guarded_lm(dspy: Any, config: dict[str, Any], leases: _leases.Leases | None 
     install()
     hermetic, public_only = bool(config.get("hermetic")), bool(config.get("public_only"))
     settings = {k: v for k, v in config.items() if k not in ("model", "hermetic", "public_only")}
-    lm = dspy.LM(config["model"], engine="lm15", cache=False, **settings)
+    from bridge_child import _lmcache
+
+    lm = dspy.LM(config["model"], engine="lm15", cache=_lmcache.enabled(), **settings)
     provider, policy, hosted = _route(lm)
     if hermetic and (hosted or policy not in KEY_POLICIES):
         kind = "a cloud door" if hosted else f"credential policy {policy!r}"

@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import wire
+from bridge_child import _lmcache, wire
 from bridge_child._builtins import build_module
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError
@@ -432,7 +432,13 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
         settings["callbacks"] = [recorder.dspy_callback()]
     from bridge_child._lm_fallback import annotate, recording
 
-    with current_call(ctx) as call, running(ctx), recording() as answered:
+    mode = _lmcache.call_mode(ctx)
+    with (
+        current_call(ctx) as call,
+        running(ctx),
+        recording() as answered,
+        _lmcache.scope(mode, ctx, coalesce=not ctx.stream) as hits,
+    ):
         try:
             with dspy.context(**settings), _traced(recorder):
                 prediction = (
@@ -459,7 +465,8 @@ def execute(worker: Worker, ctx: CallContext) -> Any:
     if ctx.cancelled.is_set():  # its terminal frame was already sent
         return None
     try:
-        answer = {"outputs": _outputs(program, prediction), "usage": annotate(_usage(prediction), answered)}
+        usage = _lmcache.with_hits(annotate(_usage(prediction), answered), hits)
+        answer = {"outputs": _outputs(program, prediction), "usage": usage}
     except MethodError as exc:
         raise _with_spans(exc, recorder)
     if recorder is not None:
@@ -518,7 +525,7 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
     settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
     from bridge_child._lm_fallback import annotate, recording
 
-    with current_call(ctx) as call, recording() as answered:
+    with current_call(ctx) as call, recording() as answered, _lmcache.scope(_lmcache.call_mode(ctx)) as hits:
         try:
             with dspy.context(**settings):
                 prediction = await program.module.acall(**kwargs)
@@ -532,7 +539,8 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
             raise MethodError(
                 wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
             ) from exc
-    return {"outputs": _outputs(program, prediction), "usage": annotate(_usage(prediction), answered)}
+    usage = _lmcache.with_hits(annotate(_usage(prediction), answered), hits)
+    return {"outputs": _outputs(program, prediction), "usage": usage}
 
 
 def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:

@@ -491,6 +491,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="executions with a network LM run on an event loop, up to this many besides the threads",
     )
     parser.add_argument(
+        "--lm-cache-entries", type=int, default=0, help="LM answers cached in memory (0: no LM cache)"
+    )
+    parser.add_argument("--lm-cache-dir", default=None, help="a disk LM cache shared by the pool's workers")
+    parser.add_argument("--lm-cache-disk-bytes", type=int, default=None, help="the disk LM cache's cap")
+    parser.add_argument("--lm-cache-mode", default="read_write", help="read_write, read_only or off")
+    parser.add_argument(
         "--programs", default="", help="program modules to import before the hello, comma-separated"
     )
     parser.add_argument(
@@ -535,6 +541,13 @@ def run_worker(args: argparse.Namespace, read_fd: int, write_fd: int) -> int:
         except (registry.RegistryError, ValueError) as exc:
             print(f"{registry.FAILED_PREFIX}{exc}", file=sys.stderr)
             _exit_now(registry.EXIT_PROGRAMS)
+    if args.lm_cache_entries > 0:  # after the fork: a disk cache opens SQLite files
+        from bridge_child import _lmcache, _programs
+
+        _programs._import_dspy()
+        _lmcache.configure(
+            args.lm_cache_entries, args.lm_cache_dir, args.lm_cache_disk_bytes, args.lm_cache_mode
+        )
     worker = Worker(
         read_fd,
         write_fd,

@@ -30,6 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from bridge_child._lmcache import DEFAULT_MODE as LM_CACHE_DEFAULT_MODE
+from bridge_child._lmcache import MAX_MEMORY_ENTRIES as LM_CACHE_MAX_ENTRIES
+from bridge_child._lmcache import MIN_DISK_BYTES as LM_CACHE_MIN_DISK_BYTES
+from bridge_child._lmcache import MODES as LM_CACHE_MODES
 from bridge_child._lmrules import hermetic_refusal, public_url
 from bridge_child._modules import (
     BASE_MODULES,
@@ -69,6 +73,10 @@ from bridge_child._values import digest, fake_from_schema, fake_value
 __all__ = [
     "BASE_MODULES",
     "BUILTIN_MODULES",
+    "LM_CACHE_DEFAULT_MODE",
+    "LM_CACHE_MAX_ENTRIES",
+    "LM_CACHE_MIN_DISK_BYTES",
+    "LM_CACHE_MODES",
     "LM_KEYS",
     "MAX_DEMOS",
     "MAX_FIELDS",

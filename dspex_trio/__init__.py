@@ -51,6 +51,7 @@ from dspex_trio._jobs import ExampleResult as ExampleResult
 from dspex_trio._jobs import JobProgress as JobProgress
 from dspex_trio._lm_budgets import LMBudget as LMBudget
 from dspex_trio._lm_budgets import LMStatistics as LMStatistics
+from dspex_trio._lm_cache import LMCache as LMCache
 from dspex_trio._metrics import RuntimeCollector as RuntimeCollector
 from dspex_trio._options import PoolOptions as PoolOptions
 from dspex_trio._options import WorkerOptions as WorkerOptions

@@ -53,6 +53,7 @@ from dspex_trio._cli_settings import (
 )
 from dspex_trio._handshake import SUBPROTOCOL, is_loopback
 from dspex_trio._lm_budgets import parse_lm_budget
+from dspex_trio._lm_cache import parse_lm_cache
 from dspex_trio._log_context import fields as log_fields
 
 __all__ = ["CliError", "ServeSettings", "SettingsError", "main", "resolve_secrets", "resolve_settings"]
@@ -186,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="a pool-wide LM budget: 'MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=SECONDS]' "
         "(repeatable; docs/lm.md)",
+    )
+    serve.add_argument(
+        "--lm-cache",
+        default=None,
+        metavar="SPEC",
+        help="cache LM answers in the workers: 'on' or '[entries=N] [dir=PATH] [disk_mb=N] "
+        "[mode=read_write|read_only|off]' (docs/lm.md)",
     )
     serve.add_argument(
         "--programs",
@@ -449,6 +457,7 @@ async def _serve_on(
                     programs=settings.programs,
                     lm_budgets=[parse_lm_budget(text) for text in settings.lm_budgets] or None,
                     async_capacity=settings.async_capacity,
+                    lm_cache=None if settings.lm_cache is None else parse_lm_cache(settings.lm_cache),
                     **where,
                 ) as pool:
                     await _configure_default_lm(pool, settings, keys.lm_key, keys.lms)

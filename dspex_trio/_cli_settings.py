@@ -19,6 +19,7 @@ import attrs
 import cattrs
 
 from dspex_trio._lm_budgets import parse_lm_budget
+from dspex_trio._lm_cache import parse_lm_cache
 
 __all__ = [
     "DRAIN_GRACE_S",
@@ -78,6 +79,9 @@ class ServeSettings:
     lm_budgets: tuple[str, ...] = ()
     """Pool-wide LM budgets, each ``MODEL[@BASE] [concurrent=N] [rpm=N] [tpm=N] [window=S]``
     (``--lm-budget``, repeatable; ``DSPEX_LM_BUDGETS``, comma-separated); any one makes workers lease."""
+    lm_cache: str | None = None
+    """The workers' LM answer cache, ``[entries=N] [dir=PATH] [disk_mb=N] [mode=MODE]`` or ``on``
+    (``--lm-cache``, ``DSPEX_LM_CACHE``; docs/lm.md, "Cache"); None: off."""
     lms: dict[str, dict[str, Any]] = attrs.Factory(dict)
     """Named LMs clients may select (config file only): ``[lms.NAME]`` with ``model``, ``api_base``,
     ``api_key_env`` or ``api_key_file``, and ``dspy.LM`` settings."""
@@ -196,6 +200,11 @@ def resolve_settings(
             parse_lm_budget(text)
         except ValueError as exc:
             raise SettingsError(f"invalid settings: {exc}") from None
+    if settings.lm_cache is not None:
+        try:
+            parse_lm_cache(settings.lm_cache)
+        except ValueError as exc:
+            raise SettingsError(f"invalid settings: lm_cache: {exc}") from None
     return settings
 
 

@@ -118,6 +118,8 @@ class WorkerSpec:
     """The worker asks the host for a lease before each LM request (the pool's LM budgets)."""
     async_capacity: int = 0
     """Executions with a network LM run on the worker's event loop, up to this many (0: none)."""
+    lm_cache: tuple[str, ...] = ()
+    """The worker's LM cache arguments (``LMCache.argv``; empty: no LM cache)."""
 
     def argv(self) -> list[str]:
         """The ``bridge_child`` command-line arguments for this spec."""
@@ -133,6 +135,7 @@ class WorkerSpec:
             args.append("--lease-lms")
         if self.async_capacity:
             args += ["--async-capacity", str(self.async_capacity)]
+        args += self.lm_cache
         return args
 
 

@@ -43,6 +43,7 @@ from dspex_trio._exports import NoPublicConstructor
 from dspex_trio._health import HealthSnapshot, WorkerHealth, worker_state_data
 from dspex_trio._launcher import Launcher, WorkerSpec
 from dspex_trio._lm_budgets import LMBudget, LMBudgets
+from dspex_trio._lm_cache import LMCache
 from dspex_trio._options import PoolOptions, WorkerOptions, pool_options_from
 from dspex_trio._pool_launcher import open_launcher
 from dspex_trio._programs_host import ProgramHost, program_module_error, program_spec
@@ -95,6 +96,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         fail_at_start: int | None = None,
         rng: RandomSource | None = None,
         lm_budgets: Iterable[LMBudget] | None = None,
+        lm_cache: LMCache | None = None,
         events: EventBus | None = None,
     ) -> None:
         super().__init__(clock=clock, session_ttl=options.session_ttl, lm=lm)
@@ -148,6 +150,8 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         self.events = events if events is not None else EventBus(backend="pool")
         """Health events: every worker state transition and circuit change (``open_pool`` makes the bus
         before the launcher, so that a shared launcher's events reach it too)."""
+        self.lm_cache = lm_cache
+        """How the workers cache LM answers (None: they do not; docs/lm.md, "Cache")."""
         self.lm_budgets = (
             None if lm_budgets is None else LMBudgets(lm_budgets, publish=self.events.publish, rng=self._rng)
         )
@@ -479,6 +483,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
             programs=self.worker_options.programs,
             lease_lms=self.lm_budgets is not None,
             async_capacity=self.worker_options.async_capacity,
+            lm_cache=() if self.lm_cache is None else tuple(self.lm_cache.argv()),
         )
 
     async def _run_worker(
@@ -662,6 +667,7 @@ async def open_pool(
     fail_at_start: int | None = None,
     rng: RandomSource | None = None,
     lm_budgets: Iterable[LMBudget] | None = None,
+    lm_cache: LMCache | None = None,
     **option_fields: Any,
 ) -> AsyncIterator[Pool]:
     """Open a pool of ``workers`` supervised worker processes (2 unless the options say otherwise).
@@ -682,7 +688,9 @@ async def open_pool(
     the random source of the retry jitter (a seeded ``random.Random`` in tests). ``lm_budgets`` (an
     iterable of :class:`LMBudget`; docs/lm.md) makes the workers lease before each LM request, so the
     budgets hold for the whole pool and a ``429`` pauses that LM for every worker; ``[]`` leases with no
-    limits (pauses only); None (the default) does not lease.
+    limits (pauses only); None (the default) does not lease. ``lm_cache`` (an :class:`LMCache`) turns
+    DSPy's LM answer cache on in the workers: bounded in memory per worker, optionally on disk in one
+    directory the pool's workers share, with a size cap (docs/lm.md, "Cache"); None (the default): off.
     """
     if workers is not None:
         option_fields["workers"] = workers
@@ -711,6 +719,7 @@ async def open_pool(
                 fail_at_start=fail_at_start,
                 rng=rng,
                 lm_budgets=lm_budgets,
+                lm_cache=lm_cache,
                 events=events,
             )
             pool._nursery = nursery

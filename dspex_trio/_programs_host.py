@@ -27,6 +27,7 @@ from bridge_child.registry import EXIT_PROGRAMS, FAILED_PREFIX
 from bridge_child.spec import MAX_STATE_BYTES
 from dspex_trio._errors import InvalidParams, ProgramModuleError, WorkerStartFailed
 from dspex_trio._jobs import EvaluationJob, open_evaluation, open_job
+from dspex_trio._lm_cache import lm_cache_mode, set_session_lm_cache
 from dspex_trio._sessions import ProgramSpec, SessionStore
 
 if TYPE_CHECKING:
@@ -287,8 +288,21 @@ class ProgramHost(ProgramCatalog):
             return {"lm": record.lm}
         return {"lm": self.lm} if self.lm is not None else {}
 
-    def _execute_params(self, program: str, inputs: dict[str, Any], session: str | None) -> dict[str, Any]:
-        return {"program": program, "inputs": inputs, **self._lm_params(session)}
+    def _execute_params(
+        self, program: str, inputs: dict[str, Any], session: str | None, lm_cache: str | None = None
+    ) -> dict[str, Any]:
+        params = {"program": program, "inputs": inputs, **self._lm_params(session)}
+        mode = lm_cache_mode(self.sessions.peek(session), lm_cache)
+        if mode is not None:
+            params["lm_cache"] = mode
+        return params
+
+    async def set_lm_cache_mode(self, mode: str | None, *, session: str | None = None) -> None:
+        """The LM cache mode (``read_write``, ``read_only`` or ``off``) of ``session``'s executions (None:
+        the pool's ``LMCache.mode`` again); a call's own ``lm_cache=`` wins (docs/lm.md, "Cache").
+        Without an ``LMCache`` the workers cache nothing, whatever the mode."""
+        await trio.lowlevel.checkpoint()
+        set_session_lm_cache(self.sessions, session, mode)
 
     # -- programs -------------------------------------------------------------------------------------
     async def _add_program(self, spec: dict[str, Any], session: str | None, timeout: float | None) -> str:
@@ -445,8 +459,10 @@ class ProgramHost(ProgramCatalog):
         session: str | None = None,
         timeout: float | None = None,
         with_usage: bool = False,
+        lm_cache: str | None = None,
     ) -> dict[str, Any]:
         """Run a program and return its output fields as plain JSON values of their declared types.
+        ``lm_cache`` is this call's LM cache mode (else the session's, else the pool's: docs/lm.md).
 
         With ``with_usage=True`` the answer is ``{"outputs": {...}, "usage": {...} | None, "backend":
         <the backend's name>}``.
@@ -457,6 +473,6 @@ class ProgramHost(ProgramCatalog):
             InvalidParams: missing, unknown or mistyped inputs.
             and the errors of ``call()``.
         """
-        params = self._execute_params(program, inputs, session)
+        params = self._execute_params(program, inputs, session, lm_cache)
         answer = await self.call("execute", params, session=session, timeout=timeout)
         return {**answer, "backend": self.name} if with_usage else answer["outputs"]

@@ -99,6 +99,8 @@ class Session:
     """Bytes of program specs this session may hold (None: only the store's total bound)."""
     bytes: int = 0
     """Bytes of program specs it holds now."""
+    lm_cache: str | None = None
+    """This session's LM cache mode (``read_write``, ``read_only``, ``off``), or None: the backend's."""
 
 
 @attrs.define(eq=False)

@@ -32,7 +32,7 @@ import trio
 
 from dspex_trio import _jsonrpc as rpc
 from dspex_trio import _log_context as log_context
-from dspex_trio import _tracing
+from dspex_trio import _tracing, _ws_lm_cache
 from dspex_trio._backend import Backend
 from dspex_trio._client_lm import DEFAULT, ClientLMPolicy, LMPolicyRefused, NamedLM, describe_catalog
 from dspex_trio._errors import (
@@ -186,6 +186,7 @@ class ApiConnection:
         }
         self.jobs = JobTable(self)
         self.methods.update(self.jobs.methods())
+        self.methods.update(_ws_lm_cache.methods(self))
 
     @property
     def busy(self) -> bool:

@@ -95,6 +95,9 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/bridge_child/test_wire_leases.py": frozenset(),
     "tests/dspex_trio/test_fake_lm_observing.py": frozenset(),
     "tests/dspex_trio/test_lm_budgets.py": frozenset(),
+    "tests/bridge_child/test_lmcache.py": frozenset(),
+    "tests/dspex_trio/test_lm_cache.py": frozenset(),
+    "tests/dspex_trio/test_ws_lm_cache.py": frozenset(),
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}
