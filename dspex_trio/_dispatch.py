@@ -37,7 +37,7 @@ from bridge_child import wire
 from dspex_trio import _tracing
 from dspex_trio._call_metrics import outcome_of
 from dspex_trio._errors import CallTimeout, DspexError
-from dspex_trio._programs_host import ProgramKey, completed_event
+from dspex_trio._programs_host import LMUsage, ProgramKey, completed_event
 from dspex_trio._retry import Attempts, RandomSource, RetryPolicy, Step
 from dspex_trio._sessions import ProgramSpec
 from dspex_trio._worker import CallStream, Worker, _Call
@@ -62,6 +62,8 @@ class Host(Protocol):
     """``calls``, ``completed``, ``failed``, ``redispatched``, ``retried``, ``backoffs``."""
     _backoff_seconds: float
     _closing: bool
+    lm_usage: LMUsage
+    """Counts what completed executions' ``usage`` said (cache hits, fallbacks)."""
 
     async def _checkout(self, dispatch: Dispatch) -> Lease:
         """A worker for the next attempt (the backend's admission errors are the call's outcome)."""
@@ -295,6 +297,7 @@ class Dispatch(Attempts):
                 self.host._end_attempt(lease)
                 self._finish(failed=False)
                 self._completed(lease)
+                self.host.lm_usage.note(value.get("usage"))
                 return completed_event(value["outputs"], value.get("usage"), self.host.name)
             self._finish(failed=True, outcome=CallTimeout.__name__)
             self.close()  # the deadline passed while waiting for the worker

@@ -317,6 +317,29 @@ class RuntimeCollector:
 
         # -- LMs: the pool-wide budgets' book (a pool with ``lm_budgets``; docs/lm.md) ------------------
         yield from self._lm_families(getattr(stats, "lm", ()), gauge, counter)
+        usage = getattr(self.backend, "lm_usage", None)
+        yield counter(
+            "lm_cache_hits",
+            "LM answers executions read from the LM cache (their usage's cache_hits; docs/lm.md).",
+            getattr(usage, "cache_hits", 0),
+        )
+        fell_back = counter(
+            "lm_fallbacks",
+            "LM failures a fallback chain moved past, by the LM that failed.",
+            labels=("lm",),
+        )
+        answered = counter(
+            "lm_answered",
+            "Executions of an LM with fallbacks, by the LM that answered.",
+            labels=("lm",),
+        )
+        if usage is not None:
+            for lm, count in sorted(usage.fallbacks.items()):
+                fell_back.add_metric([lm], count)
+            for lm, count in sorted(usage.answered_by.items()):
+                answered.add_metric([lm], count)
+        yield fell_back
+        yield answered
 
         # -- the websocket server ----------------------------------------------------------------------
         if self.server is not None:

@@ -16,10 +16,12 @@ only cache them. This module writes that layer once:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import msgspec
 import trio
 
@@ -225,6 +227,37 @@ class ProgramCatalog:
         await self._apply_default_lm()
 
 
+MAX_LM_LABELS: Final = 64
+"""Distinct LMs counted by name in :class:`LMUsage` (later ones count as ``other``: bounded labels)."""
+
+
+@attrs.define
+class LMUsage:
+    """What completed executions' ``usage`` said of the LM layer, counted on the host (read by the
+    Prometheus collector): cache hits, and the failures a fallback chain moved past, by LM."""
+
+    cache_hits: int = 0
+    fallbacks: collections.Counter[str] = attrs.Factory(collections.Counter)
+    answered_by: collections.Counter[str] = attrs.Factory(collections.Counter)
+
+    def note(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        hits = usage.get("cache_hits")
+        if isinstance(hits, int) and not isinstance(hits, bool) and hits > 0:
+            self.cache_hits += hits
+        answered = usage.get("lm")
+        if isinstance(answered, str):
+            self.answered_by[self._label(self.answered_by, answered)] += 1
+        for skipped in usage.get("fallbacks") or ():
+            if isinstance(skipped, dict) and isinstance(skipped.get("lm"), str):
+                self.fallbacks[self._label(self.fallbacks, skipped["lm"])] += 1
+
+    @staticmethod
+    def _label(counter: collections.Counter[str], lm: str) -> str:
+        return lm if lm in counter or len(counter) < MAX_LM_LABELS else "other"
+
+
 class ProgramHost(ProgramCatalog):
     """A catalog whose programs are validated and run by workers, through the backend's ``call()``."""
 
@@ -234,6 +267,8 @@ class ProgramHost(ProgramCatalog):
         """Each program version's description, as the worker that validated it gave it."""
         self._available: dict[str, Any] | None = None
         """What the program modules registered, as a worker described it (asked once)."""
+        self.lm_usage = LMUsage()
+        """Cache hits and fallbacks of completed executions (from their ``usage``)."""
 
     # -- hooks ----------------------------------------------------------------------------------------
     async def call(
@@ -475,4 +510,5 @@ class ProgramHost(ProgramCatalog):
         """
         params = self._execute_params(program, inputs, session, lm_cache)
         answer = await self.call("execute", params, session=session, timeout=timeout)
+        self.lm_usage.note(answer.get("usage"))
         return {**answer, "backend": self.name} if with_usage else answer["outputs"]

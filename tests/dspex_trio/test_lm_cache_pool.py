@@ -72,6 +72,7 @@ async def test_a_second_run_of_100_executions_sends_no_request(fake: FakeLM, tmp
         assert fake.requests == RUN  # not one more: every answer came from the cache
         assert [r["outputs"] for r in second] == [r["outputs"] for r in first]
         assert all(r["usage"]["cache_hits"] == 1 for r in second)
+        assert pool.lm_usage.cache_hits == RUN  # what /metrics reports as dspex_lm_cache_hits_total
     assert 0 < directory_bytes(directory) <= DISK_CAP
     assert files_holding(directory, API_KEY.encode()) == []
 

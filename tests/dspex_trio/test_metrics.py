@@ -52,6 +52,9 @@ EXPECTED_TYPES = {
     "dspex_lm_paused_seconds": "gauge",
     "dspex_lm_leases_refused": "counter",
     "dspex_lm_errors": "counter",
+    "dspex_lm_cache_hits": "counter",
+    "dspex_lm_fallbacks": "counter",
+    "dspex_lm_answered": "counter",
 }
 """Every family of a pool's scrape (without a websocket server) and its type, as the parser names it."""
 
@@ -204,6 +207,36 @@ async def test_lm_requests_tokens_errors_and_throttling_by_lm(autojump_clock: An
         assert value(after, "dspex_lm_throttled_seconds", lm=lm) >= 1.5
         assert value(after, "dspex_lm_requests_in_flight", lm=lm) == 0
         assert value(after, "dspex_lm_tokens", lm=lm) == 15
+
+
+def test_cache_hits_and_fallbacks_are_counted_from_the_executions_usage() -> None:
+    """What completed executions' ``usage`` reports (the workers' cache and fallback chains) is counted on
+    the host: the collector reads it at scrape time."""
+    from dspex_trio._programs_host import MAX_LM_LABELS, LMUsage
+
+    usage = LMUsage()
+    usage.note({"total_tokens": 0, "cache_hits": 2})
+    usage.note({"cache_hits": 1, "lm": "b @ http://b", "fallbacks": [{"lm": "a @ http://a", "error": "X"}]})
+    usage.note(None)
+    usage.note({"cache_hits": True, "fallbacks": "not a list of failures"})  # ignored, not counted
+    assert usage.cache_hits == 3
+    assert usage.fallbacks == {"a @ http://a": 1}
+    assert usage.answered_by == {"b @ http://b": 1}
+    for i in range(MAX_LM_LABELS + 5):  # bounded labels
+        usage.note({"lm": f"m{i}"})
+    # "b" holds one of the labels: 63 of the new ones get theirs, the other 6 count as "other"
+    assert len(usage.answered_by) == MAX_LM_LABELS + 1 and usage.answered_by["other"] == 6
+
+
+async def test_the_collector_reads_the_hosts_lm_usage(autojump_clock: Any) -> None:
+    async with open_fake_launcher() as launcher, dspex_trio.open_pool(workers=1, launcher=launcher) as pool:
+        collector = RuntimeCollector(pool)
+        assert value(scrape(collector), "dspex_lm_cache_hits") == 0
+        pool.lm_usage.note({"cache_hits": 4, "lm": "b", "fallbacks": [{"lm": "a", "error": "LMServerError"}]})
+        families = scrape(collector)
+        assert value(families, "dspex_lm_cache_hits") == 4
+        assert value(families, "dspex_lm_fallbacks", lm="a") == 1
+        assert value(families, "dspex_lm_answered", lm="b") == 1
 
 
 async def test_an_application_registers_the_collector_in_its_own_registry(autojump_clock: Any) -> None:
