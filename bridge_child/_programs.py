@@ -523,24 +523,34 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
     from bridge_child._lmguard import current_call
 
     settings = {"lm": lm, "adapter": dspy.ChatAdapter(), "track_usage": True, "disable_history": True}
+    recorder = _recorder(ctx)  # one per call: its span stack is this execution's alone on the loop
+    if recorder is not None:
+        settings["callbacks"] = [recorder.dspy_callback()]
     from bridge_child._lm_fallback import annotate, recording
 
     with current_call(ctx) as call, recording() as answered, _lmcache.scope(_lmcache.call_mode(ctx)) as hits:
         try:
-            with dspy.context(**settings):
+            with dspy.context(**settings), _traced(recorder):
                 prediction = await program.module.acall(**kwargs)
-        except MethodError:
-            raise
+        except MethodError as exc:
+            raise _with_spans(exc, recorder)
         except Exception as exc:
             cause = call.refusal or exc
             message = str(cause) or type(cause).__name__
             if type(cause).__name__ == NO_KEY_ERROR:
                 message = no_key_message((lm_config or {}).get("model", ""))
-            raise MethodError(
+            error = MethodError(
                 wire.ErrorCode.PROGRAM_ERROR, _redact(message, lm_config), type=type(cause).__name__
-            ) from exc
-    usage = _lmcache.with_hits(annotate(_usage(prediction), answered), hits)
-    return {"outputs": _outputs(program, prediction), "usage": usage}
+            )
+            raise _with_spans(error, recorder) from exc
+    try:
+        usage = _lmcache.with_hits(annotate(_usage(prediction), answered), hits)
+        answer = {"outputs": _outputs(program, prediction), "usage": usage}
+    except MethodError as exc:
+        raise _with_spans(exc, recorder)
+    if recorder is not None:
+        answer["trace_spans"] = recorder.finished()
+    return answer
 
 
 def on_aio_lane(worker: Worker, ctx: CallContext) -> bool:

@@ -171,6 +171,35 @@ async def test_a_streamed_execution_is_one_trace_too(exporter: InMemorySpanExpor
     assert parents["dspy.lm request"] == "dspy.module Predict"
 
 
+async def test_an_execution_on_the_asynchronous_lane_is_traced_inside_the_worker(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """The asynchronous lane (``async_capacity``: DSPy's ``acall`` on the worker's event loop, a network
+    LM) records the worker's spans as the thread path does."""
+    from dspex_trio.testing import open_fake_lm
+
+    with trio.fail_after(START_TIMEOUT_S):
+        async with (
+            open_fake_lm(latency_s=0.01) as fake,
+            dspex_trio.open_pool(workers=1, async_capacity=8) as pool,
+        ):
+            await pool.configure_lm("openai/fake", api_base=fake.url, api_key="test-key", num_retries=0)
+            pid = await pool.create_program("question -> answer", module="chain_of_thought")
+            with _tracing.span("test root") as _root:
+                outputs = await pool.execute(pid, {"question": "What is traced?"})
+            [stats] = [await worker.call("stats") for worker in pool.workers()]
+    assert set(outputs) == {"reasoning", "answer"}
+    assert stats["aio_calls"] == 1  # it did run on the lane
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "test root"]
+    ours = {s.context.span_id: s for s in spans if s.context.trace_id == root.context.trace_id}
+    parents = {s.name: ours[s.parent.span_id].name for s in ours.values() if s.parent is not None}
+    assert parents["dspex.worker execute"] == "dspex.pool execute"
+    assert parents["dspy.module ChainOfThought"] == "dspex.worker execute"
+    assert parents["dspy.module Predict"] == "dspy.module ChainOfThought"
+    assert parents["dspy.lm request"] == "dspy.module Predict"
+
+
 def statuses(spans: Any) -> dict[str, str]:
     return {s.name: s.status.status_code.name for s in spans}
 
