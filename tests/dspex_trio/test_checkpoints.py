@@ -81,6 +81,7 @@ CALLS: dict[str, Call] = {
     "load_state": lambda b, s: b.load_state(s.program, {}, session=s.session),
     "available_programs": lambda b, s: b.available_programs(),
     "resize": lambda b, s: b.resize(b.size),  # the pool's (its size kept: the other tests need it)
+    "set_lm_cache_mode": lambda b, s: b.set_lm_cache_mode("read_only", session=s.session),
 }
 """How to call each public async method of a backend, in the scene."""
 CONTEXTS: dict[str, Callable[[Any, Scene], contextlib.AbstractAsyncContextManager[Any]]] = {
