@@ -48,11 +48,11 @@ from dspex_trio._jobs import (
     DEFAULT_MAX_ERRORS,
     MAX_EXAMPLE_ATTEMPTS,
     MAX_EXAMPLES,
-    MAX_JOB_CONCURRENCY,
     EvaluationJob,
     Job,
     _single,
     check_examples,
+    check_job_limits,
     check_metric,
     error_info,
 )
@@ -546,12 +546,7 @@ async def start_compile(
         raise InvalidParams(
             "bootstrap_few_shot takes no valset (only the random search evaluates candidates)"
         )
-    if max_errors is not None and (not isinstance(max_errors, int) or max_errors < 1):
-        raise InvalidParams("max_errors must be a positive integer")
-    if concurrency is None:
-        concurrency = backend._job_concurrency()
-    if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_JOB_CONCURRENCY:
-        raise InvalidParams(f"concurrency must be an integer within [1, {MAX_JOB_CONCURRENCY}]")
+    concurrency = check_job_limits(backend, max_errors, concurrency)
     state = await backend.get_state(program, session=session)
     return CompileJob(
         backend,

@@ -206,6 +206,18 @@ async def check_metric(backend: ProgramHost, metric: str) -> None:
         raise InvalidParams(f"unknown metric {metric!r}; registered metrics: {', '.join(known) or 'none'}")
 
 
+def check_job_limits(backend: ProgramHost, max_errors: int | None, concurrency: int | None) -> int:
+    """Check a job's ``max_errors`` (None: the default) and ``concurrency`` (None: the backend's); the
+    concurrency to use. ``InvalidParams`` if either is out of range."""
+    if max_errors is not None and (not isinstance(max_errors, int) or max_errors < 1):
+        raise InvalidParams("max_errors must be a positive integer")
+    if concurrency is None:
+        concurrency = backend._job_concurrency()
+    if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_JOB_CONCURRENCY:
+        raise InvalidParams(f"concurrency must be an integer within [1, {MAX_JOB_CONCURRENCY}]")
+    return concurrency
+
+
 def error_info(exc: DspexError) -> dict[str, Any]:
     """What an example's error is, as data: its type, message and stage."""
     if isinstance(exc, ProgramError):
@@ -441,12 +453,7 @@ async def start_evaluation(
     description = await backend.get_program(program, session=session)
     await check_metric(backend, metric)
     examples = check_examples(devset, description.get("inputs", []), limit=limit)
-    if max_errors is not None and (not isinstance(max_errors, int) or max_errors < 1):
-        raise InvalidParams("max_errors must be a positive integer")
-    if concurrency is None:
-        concurrency = backend._job_concurrency()
-    if not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_JOB_CONCURRENCY:
-        raise InvalidParams(f"concurrency must be an integer within [1, {MAX_JOB_CONCURRENCY}]")
+    concurrency = check_job_limits(backend, max_errors, concurrency)
     return EvaluationJob(
         backend,
         program,
