@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import _jobs, _programs, wire
+from bridge_child import _jobs, _programs, _propose, wire
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError, invalid_params
 
@@ -284,4 +284,5 @@ def build_registry(*, diagnostics: bool) -> dict[str, Method]:
         registry.update(DIAGNOSTIC_METHODS)
     registry.update(_programs.METHODS)
     registry.update(_jobs.METHODS)
+    registry.update(_propose.METHODS)
     return registry

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from dspex_trio._compile_mipro import MiproRun, check_mipro_options, import_optuna, split
 from dspex_trio._errors import (
     CallTimeout,
     DspexError,
@@ -62,10 +63,9 @@ if TYPE_CHECKING:
     from dspex_trio._programs_host import ProgramHost
 
 
-OPTIMIZERS: Final = ("bootstrap_few_shot", "bootstrap_few_shot_with_random_search")
-"""The optimizers a compile job runs."""
+OPTIMIZERS: Final = ("bootstrap_few_shot", "bootstrap_few_shot_with_random_search", "mipro_v2")
+"""The optimizers a compile job runs (``mipro_v2``: ``dspex_trio._compile_mipro``)."""
 NOT_PROVIDED: Final = {
-    "mipro_v2": "it proposes instructions with an LM inside its own loop",
     "gepa": "it reflects with an LM inside its own loop",
 }
 MAX_DEMOS: Final = 1000
@@ -117,6 +117,8 @@ class CompileProgress:
     """Examples of the current stage finished."""
     total: int = 0
     """Examples of the current stage."""
+    score: float | None = None
+    """The last trial's score (mipro_v2: a minibatch or a full evaluation), else None."""
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -149,10 +151,12 @@ def check_options(optimizer: str, options: Any) -> dict[str, Any]:
     option, or a value out of bounds)."""
     if optimizer in NOT_PROVIDED:
         raise InvalidParams(f"optimizer {optimizer!r} is not provided: {NOT_PROVIDED[optimizer]}")
-    if optimizer not in _OPTIONS:
+    if optimizer not in OPTIMIZERS:
         raise InvalidParams(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
     if not isinstance(options, dict):
         raise InvalidParams("options must be an object")
+    if optimizer == "mipro_v2":
+        return check_mipro_options(options)
     defaults = _OPTIONS[optimizer]
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -280,6 +284,13 @@ class CompileJob(Job):
         self._created.append(created.id)
         return created.id
 
+    async def _forget_one(self, program: str) -> None:
+        """Delete one program this job created."""
+        if program in self._created:
+            self._created.remove(program)
+            if self.backend.has_program(program, session=self.session):
+                await self.backend.delete_program(program, session=self.session)
+
     async def _forget(self, keep: str | None) -> None:
         for program in self._created:
             if program != keep and self.backend.has_program(program, session=self.session):
@@ -304,6 +315,8 @@ class CompileJob(Job):
 
     async def _run(self) -> CompileResult:
         o = self.options
+        if self.optimizer == "mipro_v2":
+            return await MiproRun(self).run()
         if self.optimizer == "bootstrap_few_shot":
             found = await self._bootstrap_few_shot(self.trainset, o["max_bootstrapped_demos"])
             program = await self._create(self._with_demos(found))
@@ -546,6 +559,9 @@ async def start_compile(
         raise InvalidParams(
             "bootstrap_few_shot takes no valset (only the random search evaluates candidates)"
         )
+    if optimizer == "mipro_v2":
+        split(merged, train, val)
+        await trio.to_thread.run_sync(import_optuna)  # ~0.6 s the first time: not in the event loop
     concurrency = check_job_limits(backend, max_errors, concurrency)
     state = await backend.get_state(program, session=session)
     return CompileJob(

@@ -88,3 +88,20 @@ class TwoStep(dspy.Module):
 
 
 program("two_step")(TwoStep)
+
+
+class Tuned(dspy.Module):
+    """As qa, but its answers depend on its own prompt too (its instruction and how many demos it
+    has), as a real LM's do: the offline LM answers from the inputs only, so MIPROv2's candidates would
+    all score alike on ``qa``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.respond = dspy.Predict("question: str -> answer: str, correct: bool")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        prompt = f"{self.respond.signature.instructions} {len(self.respond.demos)}"
+        return self.respond(question=f"{question} ({prompt})")
+
+
+program("tuned")(Tuned)

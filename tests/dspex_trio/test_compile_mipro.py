@@ -1,0 +1,180 @@
+"""``pool.compile(..., optimizer="mipro_v2")`` on the real pool (real workers, real DSPy, the offline LM):
+the same trials (parameters and scores), the same best score and the same optimized state as
+``dspy.MIPROv2`` run in-process on the same program, metric, data and seed; a worker SIGKILLed during
+the trials changes nothing; cancelling leaves no program behind; bad options are refused before
+anything runs. Real processes mean real time: bounded waits only, no timing asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dspy
+import pytest
+import trio
+
+import dspex_trio
+from bridge_child._offline_lm import offline_lm
+from tests import jobs_module
+from tests.dspex_trio.test_jobs import devset
+
+APP = "tests.jobs_module"
+LIVE = (dspex_trio.WorkerState.READY, dspex_trio.WorkerState.BUSY)
+OPTIONS: dict[str, Any] = {
+    "auto": None,
+    "num_candidates": 4,
+    "num_trials": 6,
+    "max_bootstrapped_demos": 2,
+    "max_labeled_demos": 2,
+    "minibatch_size": 5,
+    "minibatch_full_eval_steps": 2,
+    "seed": 0,  # with this seed a proposed instruction and a demo set beat the student (checked below)
+}
+TRAIN, VAL = devset(20), devset(32)[20:]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[dspex_trio.Pool]:
+    async with dspex_trio.open_pool(workers=2, programs=[APP]) as pool:
+        yield pool
+
+
+def examples(data: list[dict[str, Any]]) -> list[dspy.Example]:
+    return [dspy.Example(**e["inputs"], **e["labels"]).with_inputs(*e["inputs"]) for e in data]
+
+
+def dspy_mipro(options: dict[str, Any]) -> dspy.Module:
+    """``dspy.MIPROv2`` in this process, with the offline LM the workers use."""
+    constructor = {
+        k: v
+        for k, v in options.items()
+        if k not in ("num_trials", "minibatch_size", "minibatch_full_eval_steps")
+    }
+    with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
+        warnings.simplefilter("ignore")
+        optimizer = dspy.MIPROv2(metric=jobs_module.agrees, num_threads=4, **constructor)
+        return optimizer.compile(
+            jobs_module.Tuned(),
+            trainset=examples(TRAIN),
+            valset=examples(VAL),
+            num_trials=options["num_trials"],
+            minibatch_size=options["minibatch_size"],
+            minibatch_full_eval_steps=options["minibatch_full_eval_steps"],
+        )
+
+
+def dspy_trials(best: dspy.Module) -> list[tuple[int, float, dict[str, Any] | None]]:
+    """DSPy's trial logs as ours: (trial, score, the minibatch trials' parameters)."""
+    trials = []
+    for number, log in best.trial_logs.items():
+        if "mb_score" in log:
+            params = {k: v for k, v in log.items() if k.endswith(("_instruction", "_demos"))}
+            trials.append((number, log["mb_score"], params))
+        else:
+            trials.append((number, log["full_eval_score"], None))
+    return trials
+
+
+def our_trials(result: Any) -> list[tuple[int, float, dict[str, Any] | None]]:
+    return [(c["trial"], c["score"], None if c["full_eval"] else c["params"]) for c in result.candidates]
+
+
+def without_metadata(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "metadata"}
+
+
+async def test_mipro_v2_gives_dspy_s_trials_and_optimized_program(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="tuned")
+    seen: list[Any] = []
+    async with pool.compile(
+        pid, optimizer="mipro_v2", trainset=TRAIN, valset=VAL, metric="agrees", options=OPTIONS
+    ) as job:
+        async for progress in job:
+            seen.append(progress)
+    result = job.result
+    theirs = dspy_mipro(OPTIONS)
+    assert our_trials(result) == dspy_trials(theirs)
+    assert result.score == theirs.score
+    assert without_metadata(result.state) == theirs.dump_state()
+    student = await pool.get_state(pid)
+    assert without_metadata(result.state) != without_metadata(student), "a candidate beat the student"
+    # the chosen program's score is its full evaluation on the valset, on the pool as in DSPy
+    async with pool.evaluate(result.program, VAL, metric="agrees") as evaluation:
+        assert (await evaluation.wait()).score == result.score
+    # progress: every stage, then one event per trial with its score and the best so far
+    assert [s for i, s in enumerate(p.stage for p in seen) if i == 0 or seen[i - 1].stage != s] == [
+        "bootstrap",
+        "propose",
+        "search",
+    ]
+    last = seen[-1]
+    assert (last.trials, last.total_trials, last.best_score) == (len(result.candidates), 10, result.score)
+    assert {p["id"] for p in await pool.list_programs()} == {pid, result.program}
+
+
+async def test_a_worker_sigkilled_during_the_trials_changes_nothing() -> None:
+    options = dspex_trio.PoolOptions(workers=2, restart_intensity=1000, min_healthy_uptime=0.0)
+    kills: list[int] = []
+    async with dspex_trio.open_pool(options=options, programs=[APP]) as pool:
+        pid = await pool.create_program(module="tuned")
+        with trio.fail_after(120):  # a failure bound, not a sleep
+            async with pool.compile(
+                pid, optimizer="mipro_v2", trainset=TRAIN, valset=VAL, metric="agrees", options=OPTIONS
+            ) as job:
+                async for progress in job:
+                    wanted = (progress.trials >= 2) + (progress.trials >= 5)  # two kills, trials apart
+                    if progress.stage == "search" and len(kills) < wanted and not job.finished:
+                        live = [w for w in pool.workers() if w.state in LIVE]
+                        if live:
+                            os.kill(live[0].pid, signal.SIGKILL)
+                            kills.append(live[0].pid)
+        result = job.result
+    assert kills, "a worker was killed while the trials ran"
+    theirs = dspy_mipro(OPTIONS)
+    assert our_trials(result) == dspy_trials(theirs), f"killed {kills}"
+    assert without_metadata(result.state) == theirs.dump_state()
+
+
+async def test_cancelling_mipro_v2_mid_trial_leaves_no_program_behind(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="tuned")
+    qa = await pool.create_program(module="qa")
+    with trio.fail_after(120):  # a failure bound, not a sleep
+        async with pool.compile(
+            pid, optimizer="mipro_v2", trainset=TRAIN, valset=VAL, metric="agrees", options=OPTIONS
+        ) as job:
+            async for progress in job:
+                if progress.stage == "search" and progress.trials >= 2:
+                    break  # between or inside trials: candidate programs come and go
+    assert progress.stage == "search" and progress.trials < progress.total_trials, progress
+    with pytest.raises(dspex_trio.JobCancelled):
+        job.result  # noqa: B018
+    assert {p["id"] for p in await pool.list_programs()} == {pid, qa}
+    assert "answer" in await pool.execute(qa, {"question": "still there?"})
+
+
+async def test_bad_mipro_v2_options_are_refused_before_anything_runs(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="qa")
+
+    async def refused(match: str, options: dict[str, Any], **kwargs: Any) -> None:
+        arguments = {"trainset": TRAIN, "valset": VAL, "metric": "agrees"} | kwargs
+        with pytest.raises(dspex_trio.InvalidParams, match=match):
+            async with pool.compile(pid, optimizer="mipro_v2", options=options, **arguments):
+                pass
+
+    await refused("unknown option", {"max_demos": 3})
+    await refused("auto must be one of light, medium, heavy", {"auto": "extreme"})
+    await refused("num_candidates and num_trials only with auto null", {"num_candidates": 4})
+    await refused("auto null needs num_candidates and num_trials", {"auto": None, "num_candidates": 4})
+    await refused(r"num_trials must be an integer within \[1, 1000\]", {**OPTIONS, "num_trials": 0})
+    await refused(
+        r"minibatch_size \(35\) cannot exceed the valset's size \(12\)", {**OPTIONS, "minibatch_size": 35}
+    )
+    await refused("max_bootstrapped_demos >= 1", {**OPTIONS, "max_bootstrapped_demos": 0})
+    await refused("at least 2 trainset examples", OPTIONS, trainset=TRAIN[:1], valset=None)
+    await refused("minibatch must be a boolean", {**OPTIONS, "minibatch": "yes"})
+    await refused("unknown metric 'nope'", OPTIONS, metric="nope")
+    assert [p["id"] for p in await pool.list_programs()] == [pid]
