@@ -1,6 +1,8 @@
 """``dspex-trio evaluate`` and ``dspex-trio compile``: a job on a pool of their own, from the shell.
 
-Both start a pool (``--workers``, the operator's ``--programs``), create the registered ``--program``,
+Both start a pool (``--workers``, the operator's ``--programs``), or, with ``--url``, connect to a
+served endpoint through the remote client (``dspex_trio.connect``: the server's programs, workers and
+limits; ``--token-file`` or ``DSPEX_TOKEN`` for its token), create the registered ``--program``,
 read the examples from JSONL files (one ``{"inputs": {...}, "labels": {...}}`` per line), run the job
 with a progress bar on stderr, and print a summary table. ``evaluate`` may write every example's
 outputs and score (``--out results.jsonl``); ``compile`` writes the optimized program's DSPy JSON state
@@ -14,7 +16,8 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import trio
@@ -23,12 +26,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import dspex_trio
+from dspex_trio._cli_client import client_token
 from dspex_trio._cli_settings import CliError, lm_key_from_environment, read_secret
+from dspex_trio._compile import OPTIMIZERS
 
 SESSION: Final = "cli"
 """The session of the job's own pool."""
 MAX_LINE_BYTES: Final = 1024 * 1024
 """Longest line of an examples file, in bytes."""
+DEFAULT_WORKERS: Final = 2
+"""Workers of the command's own pool when ``--workers`` is not given."""
+CONNECT_TIMEOUT_S: Final = 10.0
+"""``--url``: bound on connecting to the server, in s."""
 
 
 def add_job_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -46,8 +55,8 @@ def add_job_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], 
     compile_ = commands.add_parser(
         "compile",
         help="optimize a registered program with a DSPy optimizer, spread over a pool's workers",
-        description="Run bootstrap_few_shot or bootstrap_few_shot_with_random_search on a program of "
-        "--programs and write its optimized DSPy JSON state.",
+        description="Run bootstrap_few_shot, bootstrap_few_shot_with_random_search or mipro_v2 on a "
+        "program of --programs (or of the server at --url) and write its optimized DSPy JSON state.",
     )
     _common(compile_)
     compile_.add_argument("--trainset", required=True, metavar="FILE.jsonl")
@@ -55,7 +64,7 @@ def add_job_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], 
     compile_.add_argument(
         "--optimizer",
         required=True,
-        choices=["bootstrap_few_shot", "bootstrap_few_shot_with_random_search"],
+        choices=list(OPTIMIZERS),
     )
     compile_.add_argument(
         "--option",
@@ -71,15 +80,39 @@ def add_job_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--programs", action="append", required=True, metavar="MODULE", help="a program module (repeatable)"
+        "--programs",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="a program module of the command's own pool (repeatable; required without --url)",
     )
     parser.add_argument("--program", required=True, metavar="NAME", help="a program the modules registered")
     parser.add_argument("--metric", required=True, metavar="NAME", help="a metric the modules registered")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"worker processes of its own pool (default {DEFAULT_WORKERS})",
+    )
+    parser.add_argument(
+        "--url", default=None, help="run the job on the server at this ws:// URL instead of a pool of its own"
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="with --url: the server's token (default DSPEX_TOKEN)",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="examples in flight at once")
     parser.add_argument("--lm", default=None, help="'offline' (default: the embedded LM) or provider/model")
     parser.add_argument("--lm-base-url", default=None, help="base URL of an OpenAI-compatible endpoint")
-    parser.add_argument("--lm-api-key-file", default=None, metavar="PATH", help="read the LM's key from PATH")
+    parser.add_argument(
+        "--lm-api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the LM's key from PATH (with --url only this file's key is sent; --lm NAME without a "
+        "'/' selects one of the server's LMs)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
 
@@ -136,6 +169,64 @@ async def _pool_program(args: argparse.Namespace, pool: dspex_trio.Pool) -> str:
         raise CliError(f"--program {args.program}: {exc}") from None
 
 
+async def _remote_program(args: argparse.Namespace, remote: Any) -> str:
+    """``--url``: the LM (``--lm NAME`` selects one of the server's; ``--lm provider/model`` configures one
+    as far as the server allows, with the key of ``--lm-api-key-file`` only: a key from this shell's
+    environment is never sent to a server), then the program, in the connection's session."""
+    if args.lm not in (None, "offline"):
+        key = read_secret(args.lm_api_key_file, "LM key") if args.lm_api_key_file else None
+        try:
+            await remote.configure_lm(args.lm, api_base=args.lm_base_url, api_key=key, session=SESSION)
+        except dspex_trio.DspexError as exc:
+            raise CliError(f"--lm {args.lm}: {exc}") from None
+    elif args.lm_base_url is not None:
+        raise CliError("--lm-base-url needs --lm provider/model")
+    try:
+        program: str = await remote.create_program(module=args.program, session=SESSION)
+    except (dspex_trio.InvalidParams, dspex_trio.ProgramNotFound) as exc:
+        raise CliError(f"--program {args.program}: {exc}") from None
+    return program
+
+
+@asynccontextmanager
+async def open_backend(args: argparse.Namespace) -> AsyncIterator[tuple[Any, str]]:
+    """Where the job runs, and the program in it: a pool of the command's own, or (``--url``) the
+    server at that address through the remote client. ``CliError`` for options that do not fit
+    together or a server that cannot be reached."""
+    if args.url is None:
+        if not args.programs:
+            raise CliError("give the program modules with --programs MODULE (or a server with --url)")
+        if args.token_file is not None:
+            raise CliError("--token-file is for a server (--url)")
+        workers = DEFAULT_WORKERS if args.workers is None else args.workers
+        async with dspex_trio.open_pool(workers=workers, programs=args.programs) as pool:
+            yield pool, await _pool_program(args, pool)
+        return
+    if args.programs or args.workers is not None:
+        raise CliError("--programs and --workers are for a pool of its own: with --url the server's are used")
+    token = client_token(None, args.token_file, os.environ)
+    connected = False
+    try:
+        async with dspex_trio.connect(args.url, token=token, connect_timeout=CONNECT_TIMEOUT_S) as remote:
+            connected = True
+            yield remote, await _remote_program(args, remote)
+    except (dspex_trio.HandshakeRefused, dspex_trio.PoolUnavailable, ValueError) as exc:
+        if connected:
+            raise
+        raise CliError(f"cannot connect to {args.url}: {exc}") from None
+
+
+JOB_ERRORS: Final = (
+    dspex_trio.InvalidParams,
+    dspex_trio.JobFailed,
+    dspex_trio.ProgramNotFound,
+    dspex_trio.JobCancelled,
+    dspex_trio.LimitExceeded,
+    dspex_trio.ConnectionLost,
+)
+"""What ends a job with one line and exit status 1."""
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -155,8 +246,7 @@ def _fail(exc: dspex_trio.DspexError) -> CliError:
 async def evaluate(args: argparse.Namespace, devset: list[dict[str, Any]]) -> int:
     console = Console(stderr=True)
     started = time.perf_counter()
-    async with dspex_trio.open_pool(workers=args.workers, programs=args.programs) as pool:
-        program = await _pool_program(args, pool)
+    async with open_backend(args) as (pool, program):
         try:
             async with pool.evaluate(
                 program,
@@ -171,7 +261,7 @@ async def evaluate(args: argparse.Namespace, devset: list[dict[str, Any]]) -> in
                     async for p in job:
                         bar.update(task, completed=p.done, note=f"score {p.score:.2f}  errors {p.errors}")
             result = job.result
-        except (dspex_trio.InvalidParams, dspex_trio.JobFailed, dspex_trio.ProgramNotFound) as exc:
+        except JOB_ERRORS as exc:
             raise _fail(exc) from None
     seconds = time.perf_counter() - started
     if args.out is not None:
@@ -200,8 +290,7 @@ async def compile_(
     options = _options(args.option)
     console = Console(stderr=True)
     started = time.perf_counter()
-    async with dspex_trio.open_pool(workers=args.workers, programs=args.programs) as pool:
-        program = await _pool_program(args, pool)
+    async with open_backend(args) as (pool, program):
         try:
             async with pool.compile(
                 program,
@@ -218,6 +307,7 @@ async def compile_(
                     task = bar.add_task("compile", total=None, note="")
                     async for p in job:
                         best = "" if p.best_score is None else f"  best {p.best_score:.2f}"
+                        best += "" if p.score is None else f"  last {p.score:.2f}"
                         trials = f"  trials {p.trials}/{p.total_trials}" if p.total_trials else ""
                         bar.update(
                             task,
@@ -227,7 +317,7 @@ async def compile_(
                             note=f"demos {p.bootstrapped}{trials}{best}",
                         )
             result = job.result
-        except (dspex_trio.InvalidParams, dspex_trio.JobFailed, dspex_trio.ProgramNotFound) as exc:
+        except JOB_ERRORS as exc:
             raise _fail(exc) from None
     seconds = time.perf_counter() - started
     await trio.Path(args.out).write_text(json.dumps(result.state, indent=2))
@@ -246,7 +336,21 @@ async def compile_(
         table.add_row(name, str(count))
     out = Console()
     out.print(table)
-    if result.candidates:
+    if result.candidates and "trial" in result.candidates[0]:  # mipro_v2: its trials
+        trial_table = Table(title="trials")
+        for column in ("trial", "evaluation", "score", "parameters"):
+            trial_table.add_column(column, justify="left" if column == "parameters" else "right")
+        for t in result.candidates:
+            params = t["params"] or {}
+            trial_table.add_row(
+                str(t["trial"]),
+                "full" if t["full_eval"] else "minibatch",
+                f"{t['score']:.2f}",
+                " ".join(f"{k}={v}" for k, v in params.items()) or "the student",
+            )
+        out.print(trial_table)
+        out.print(f"best full evaluation: {result.score:.2f}")
+    elif result.candidates:
         candidates = Table(title="candidates")
         candidates.add_column("seed", justify="right")
         candidates.add_column("score", justify="right")

@@ -85,7 +85,8 @@ class RemoteJob(Job):
                         "done",
                         "total",
                     )
-                }
+                },
+                score=data.get("score"),  # mipro_v2's last trial (absent from an older server)
             )
         done = int(data["done"])
         return JobProgress(

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+import dspex_trio
 from tests import jobs_module
 from tests.dspex_trio.test_compile import demos_of
 from tests.dspex_trio.test_jobs import devset, dspy_evaluate
@@ -107,3 +108,59 @@ async def test_compile_writes_a_state_that_plain_dspy_loads(tmp_path: Path) -> N
         "compile", *common, "--optimizer", "bootstrap_few_shot", "--option", "max_demos=2"
     )
     assert code == 1 and "unknown option(s) 'max_demos'" in err
+
+
+async def test_jobs_run_on_a_served_endpoint_with_url(tmp_path: Path) -> None:
+    """``--url``: the job runs on the server (its programs, its workers) through the remote client; the
+    same score as DSPy, and mipro_v2's state and trials."""
+    from tests.dspex_trio.test_compile_mipro import OPTIONS, TRAIN, VAL, dspy_mipro, without_metadata
+    from tests.dspex_trio.test_websocket import start_server
+
+    examples = devset(30, boom=(4,))
+    dev = write_jsonl(tmp_path / "dev.jsonl", examples)
+    train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
+    val = write_jsonl(tmp_path / "val.jsonl", VAL)
+    out = tmp_path / "state.json"
+    async with (
+        dspex_trio.open_pool(workers=2, programs=[APP]) as pool,
+        trio.open_nursery() as nursery,
+    ):
+        server = await start_server(nursery, pool)
+        url = ["--url", server.url]
+        code, stdout, err = await cli(
+            "evaluate", *url, "--program", "fragile", "--metric", "agrees", "--devset", dev, "--json"
+        )
+        assert code == 0, err
+        expected = dspy_evaluate(jobs_module.Fragile(), examples, jobs_module.agrees)
+        assert json.loads(stdout) == {"score": expected.score, "errors": 1, "examples": 30}
+        options = [f"--option={name}={json.dumps(value)}" for name, value in OPTIONS.items()]
+        code, stdout, err = await cli(
+            "compile",
+            *url,
+            "--program",
+            "tuned",
+            "--metric",
+            "agrees",
+            "--trainset",
+            train,
+            "--valset",
+            val,
+            "--optimizer",
+            "mipro_v2",
+            *options,
+            "--out",
+            str(out),
+        )
+        assert code == 0, err
+        theirs = dspy_mipro(OPTIONS)
+        assert without_metadata(json.loads(out.read_text())) == theirs.dump_state()
+        assert "trials" in stdout and f"best full evaluation: {theirs.score:.2f}" in stdout, stdout
+        # options that belong to a pool of its own are refused with --url, in one line
+        code, _, err = await cli(
+            "evaluate", *url, "--programs", APP, "--program", "qa", "--metric", "agrees", "--devset", dev
+        )
+        assert code == 1 and "with --url the server's are used" in err.strip().splitlines()[-1], err
+        nursery.cancel_scope.cancel()
+    # nothing listens there any more
+    code, _, err = await cli("evaluate", *url, "--program", "qa", "--metric", "agrees", "--devset", dev)
+    assert code == 1 and f"cannot connect to {server.url}" in err.strip().splitlines()[-1], err
