@@ -20,8 +20,10 @@ same lists in the same order), and what needs DSPy runs in a worker:
 So a worker's death loses nothing (every call is idempotent and sent again), and the death of what runs
 the loop is the death of the caller's process (the job's task and its caller go together; over the
 websocket, a closed connection cancels its jobs): never a hang. Cancelling the caller cancels every
-pending call in its worker. ``mipro_v2`` and ``gepa`` are not provided: they need an LM in the loop
-itself (instruction proposals, reflection), which this design keeps out of the host.
+pending call in its worker. ``mipro_v2`` runs the same way (``dspex_trio._compile_mipro``: its
+instruction proposals in a worker, optuna's search in the host). ``gepa`` is not provided: its loop
+(the ``gepa`` package's engine and DSPy's trace-capturing adapter) has not been restated over the pool
+(docs/jobs.md).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ if TYPE_CHECKING:
 OPTIMIZERS: Final = ("bootstrap_few_shot", "bootstrap_few_shot_with_random_search", "mipro_v2")
 """The optimizers a compile job runs (``mipro_v2``: ``dspex_trio._compile_mipro``)."""
 NOT_PROVIDED: Final = {
-    "gepa": "it reflects with an LM inside its own loop",
+    "gepa": "its loop (the gepa engine and DSPy's trace-capturing adapter) is not restated over the "
+    "pool yet (docs/jobs.md)",
 }
 MAX_DEMOS: Final = 1000
 """Most demos of one predictor (``max_bootstrapped_demos``, ``max_labeled_demos``)."""
