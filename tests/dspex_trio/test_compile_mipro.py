@@ -35,6 +35,8 @@ OPTIONS: dict[str, Any] = {
     "seed": 0,  # with this seed a proposed instruction and a demo set beat the student (checked below)
 }
 TRAIN, VAL = devset(20), devset(32)[20:]
+COMPILE_ARGS = ("num_trials", "minibatch", "minibatch_size", "minibatch_full_eval_steps")
+"""The options that are arguments of ``MIPROv2.compile`` (the others are its constructor's)."""
 
 
 @pytest.fixture
@@ -47,23 +49,17 @@ def examples(data: list[dict[str, Any]]) -> list[dspy.Example]:
     return [dspy.Example(**e["inputs"], **e["labels"]).with_inputs(*e["inputs"]) for e in data]
 
 
-def dspy_mipro(options: dict[str, Any]) -> dspy.Module:
+def dspy_mipro(options: dict[str, Any], factory: Any = jobs_module.Tuned) -> dspy.Module:
     """``dspy.MIPROv2`` in this process, with the offline LM the workers use."""
-    constructor = {
-        k: v
-        for k, v in options.items()
-        if k not in ("num_trials", "minibatch_size", "minibatch_full_eval_steps")
-    }
+    constructor = {k: v for k, v in options.items() if k not in COMPILE_ARGS}
     with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
         warnings.simplefilter("ignore")
         optimizer = dspy.MIPROv2(metric=jobs_module.agrees, num_threads=4, **constructor)
         return optimizer.compile(
-            jobs_module.Tuned(),
+            factory(),
             trainset=examples(TRAIN),
             valset=examples(VAL),
-            num_trials=options["num_trials"],
-            minibatch_size=options["minibatch_size"],
-            minibatch_full_eval_steps=options["minibatch_full_eval_steps"],
+            **{k: options[k] for k in COMPILE_ARGS if k in options},
         )
 
 
@@ -114,6 +110,39 @@ async def test_mipro_v2_gives_dspy_s_trials_and_optimized_program(pool: dspex_tr
     last = seen[-1]
     assert (last.trials, last.total_trials, last.best_score) == (len(result.candidates), 10, result.score)
     assert {p["id"] for p in await pool.list_programs()} == {pid, result.program}
+
+
+@pytest.mark.parametrize(
+    ("program", "factory", "options"),
+    [
+        # DSPy's defaults (auto "light": a valset this small is evaluated whole, 20 trials), 2 predictors
+        ("two_step", jobs_module.TwoStep, {"seed": 0}),
+        # zero-shot: demo sets only inform the proposals, the search is over instructions
+        (
+            "tuned",
+            jobs_module.Tuned,
+            {**OPTIONS, "max_bootstrapped_demos": 0, "max_labeled_demos": 0, "seed": 3},
+        ),
+        # no minibatches: every trial a full evaluation
+        (
+            "tuned",
+            jobs_module.Tuned,
+            {**OPTIONS, "minibatch": False, "num_trials": 4, "max_labeled_demos": 1},
+        ),
+    ],
+    ids=["auto_light_two_predictors", "zero_shot", "no_minibatch"],
+)
+async def test_mipro_v2_follows_dspy_in_its_other_modes(
+    pool: dspex_trio.Pool, program: str, factory: Any, options: dict[str, Any]
+) -> None:
+    pid = await pool.create_program(module=program)
+    async with pool.compile(
+        pid, optimizer="mipro_v2", trainset=TRAIN, valset=VAL, metric="agrees", options=options
+    ) as job:
+        result = await job.wait()
+    theirs = dspy_mipro(options, factory)
+    assert our_trials(result) == dspy_trials(theirs)
+    assert (result.score, without_metadata(result.state)) == (theirs.score, theirs.dump_state())
 
 
 async def test_a_worker_sigkilled_during_the_trials_changes_nothing() -> None:
