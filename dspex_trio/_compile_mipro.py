@@ -13,7 +13,8 @@ student, trainset=..., valset=...)`` does, with the same random draws, in three 
    ``GroundedProposer`` with the session's LM in a worker, the generator's state sent with the call and
    taken back from its answer.
 3. **Search**: optuna's ``TPESampler(seed=seed, multivariate=True)`` in the host (ask and tell, the
-   trials one after another, as ``study.optimize`` runs them), each trial an evaluation job on a
+   trials one after another, as ``study.optimize`` runs them; its sampling, CPU work that grows with
+   the trials, in a thread so that the event loop goes on serving), each trial an evaluation job on a
    minibatch of the valset drawn by the generator, every ``minibatch_full_eval_steps + 1``-th trial
    followed by a full evaluation of the best-averaging candidate not yet fully evaluated, added to the
    study as DSPy adds it. The best full score wins (the student's own score first: a later candidate
@@ -30,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -367,8 +369,6 @@ class MiproRun:
                     range(len(demo_sets[i]))
                 )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        import warnings
-
         with warnings.catch_warnings():  # multivariate is "experimental" in optuna, DSPy uses it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=o["seed"], multivariate=True)
@@ -382,23 +382,36 @@ class MiproRun:
 
         by_params: dict[str, list[tuple[float, dict[str, Any], dict[str, Any]]]] = {}
         fully_evaluated: set[str] = set()
-        for _ in range(num_trials):
+
+        def ask() -> tuple[Any, dict[str, int]]:
+            """The next trial and its parameters, in the order MIPROv2's objective suggests them."""
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 trial = study.ask()
+                raw = {}
+                for i in range(n_predictors):
+                    name = f"{i}_predictor_instruction"
+                    raw[name] = trial.suggest_categorical(name, range(len(instructions[i])))
+                    if demo_sets:
+                        name = f"{i}_predictor_demos"
+                        raw[name] = trial.suggest_categorical(name, range(len(demo_sets[i])))
+            return trial, raw
+
+        # optuna's sampling is CPU work that grows with the trials: in a thread, not in the event loop
+        # (only this task touches the study, one call at a time)
+        for _ in range(num_trials):
+            trial, raw = await trio.to_thread.run_sync(ask)
             trial_num = trial.number + 1
-            chosen, raw = [], {}
+            chosen = []
             picked_instructions, picked_demos = [], []
             for i in range(n_predictors):
-                index = trial.suggest_categorical(f"{i}_predictor_instruction", range(len(instructions[i])))
+                index = raw[f"{i}_predictor_instruction"]
                 picked_instructions.append(instructions[i][index])
                 chosen.append(f"Predictor {i}: Instruction {index}")
-                raw[f"{i}_predictor_instruction"] = index
                 if demo_sets:
-                    index = trial.suggest_categorical(f"{i}_predictor_demos", range(len(demo_sets[i])))
+                    index = raw[f"{i}_predictor_demos"]
                     picked_demos.append(demo_sets[i][index])
                     chosen.append(f"Predictor {i}: Few-Shot Set {index}")
-                    raw[f"{i}_predictor_demos"] = index
             state = self._candidate(picked_instructions, picked_demos if demo_sets else None)
             size = o["minibatch_size"] if minibatch else len(valset)
             batch = valset if size >= len(valset) else _sample(self.rng, valset, size)
@@ -411,15 +424,14 @@ class MiproRun:
             if minibatch and (trial_num % (steps + 1) == 0 or trial_num == adjusted - 1):
                 key, params, candidate = _highest_average(by_params, fully_evaluated)
                 full = await self._score(candidate, valset)
-                study.add_trial(
-                    optuna.trial.create_trial(params=params, distributions=distributions, value=full)
-                )
+                full_trial = optuna.trial.create_trial(params=params, distributions=distributions, value=full)
+                await trio.to_thread.run_sync(study.add_trial, full_trial)
                 fully_evaluated.add(key)
                 self._record(trial_num + 1, full, True, params)
                 if full > best_score:
                     best_score, best_state = full, candidate
                 job._update(trials=len(self.trials), best_score=best_score, score=full)
-            study.tell(trial, score)
+            await trio.to_thread.run_sync(study.tell, trial, score)
         program = await job._create(best_state if best_state is not None else copy.deepcopy(job.state))
         await job._forget(program)
         state = await job.backend.get_state(program, session=job.session)
