@@ -45,7 +45,7 @@ from dspex_trio._errors import (
     WorkerClosed,
     WorkerCrashed,
 )
-from dspex_trio._jobs import MAX_EXAMPLE_ATTEMPTS, error_info
+from dspex_trio._jobs import MAX_EXAMPLE_ATTEMPTS, _single, error_info
 
 if TYPE_CHECKING:
     from dspex_trio._compile import CompileJob, CompileResult
@@ -316,8 +316,10 @@ class MiproRun:
         program = job.program if state is None else await job._create(state)
         try:
             return await job._evaluate(program, examples)
-        except JobFailed:
-            return 0.0
+        except BaseException as exc:  # the evaluation's nursery wraps its JobFailed in a group
+            if isinstance(_single(exc), JobFailed):
+                return 0.0
+            raise
         finally:
             if state is not None:
                 with trio.CancelScope(shield=True):

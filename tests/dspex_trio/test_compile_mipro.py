@@ -49,16 +49,23 @@ def examples(data: list[dict[str, Any]]) -> list[dspy.Example]:
     return [dspy.Example(**e["inputs"], **e["labels"]).with_inputs(*e["inputs"]) for e in data]
 
 
-def dspy_mipro(options: dict[str, Any], factory: Any = jobs_module.Tuned) -> dspy.Module:
+def dspy_mipro(
+    options: dict[str, Any],
+    factory: Any = jobs_module.Tuned,
+    *,
+    metric: Any = jobs_module.agrees,
+    data: tuple[list[dict[str, Any]], list[dict[str, Any]]] = (TRAIN, VAL),
+    **extra: Any,
+) -> dspy.Module:
     """``dspy.MIPROv2`` in this process, with the offline LM the workers use."""
     constructor = {k: v for k, v in options.items() if k not in COMPILE_ARGS}
     with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
         warnings.simplefilter("ignore")
-        optimizer = dspy.MIPROv2(metric=jobs_module.agrees, num_threads=4, **constructor)
+        optimizer = dspy.MIPROv2(metric=metric, num_threads=4, **constructor, **extra)
         return optimizer.compile(
             factory(),
-            trainset=examples(TRAIN),
-            valset=examples(VAL),
+            trainset=examples(data[0]),
+            valset=examples(data[1]),
             **{k: options[k] for k in COMPILE_ARGS if k in options},
         )
 
@@ -143,6 +150,30 @@ async def test_mipro_v2_follows_dspy_in_its_other_modes(
     theirs = dspy_mipro(options, factory)
     assert our_trials(result) == dspy_trials(theirs)
     assert (result.score, without_metadata(result.state)) == (theirs.score, theirs.dump_state())
+
+
+async def test_a_metric_that_raises_counts_as_dspy_counts_it(pool: dspex_trio.Pool) -> None:
+    """Examples whose metric raises fail in the bootstraps and the trials as in DSPy (the same trials
+    and state); ``max_errors`` of them in one evaluation make its score 0.0, as in ``dspy.MIPROv2``."""
+    data = devset(32, raises=(3, 7, 22, 25))
+    train, val = data[:20], data[20:]
+    pid = await pool.create_program(module="tuned")
+    async with pool.compile(
+        pid, optimizer="mipro_v2", trainset=train, valset=val, metric="picky", options=OPTIONS
+    ) as job:
+        result = await job.wait()
+    theirs = dspy_mipro(OPTIONS, metric=jobs_module.picky, data=(train, val))
+    assert our_trials(result) == dspy_trials(theirs)
+    assert (result.score, without_metadata(result.state)) == (theirs.score, theirs.dump_state())
+    # max_errors 2: every evaluation with two failed examples stops, and scores 0.0, as in DSPy
+    async with pool.compile(
+        pid, optimizer="mipro_v2", trainset=train, valset=val, metric="picky", options=OPTIONS, max_errors=2
+    ) as job:
+        stopped = await job.wait()
+    theirs = dspy_mipro(OPTIONS, metric=jobs_module.picky, data=(train, val), max_errors=2)
+    assert our_trials(stopped) == dspy_trials(theirs)
+    assert 0.0 in [c["score"] for c in stopped.candidates]
+    assert [p["id"] for p in await pool.list_programs()] == [pid, result.program, stopped.program]
 
 
 async def test_a_worker_sigkilled_during_the_trials_changes_nothing() -> None:
