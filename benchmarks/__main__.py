@@ -171,7 +171,7 @@ def plan(
     if want("jobs"):
         for r in range(rounds or (1 if q else 2)):
             spec = {
-                "implementations": _common.rotate(pick(["cpu", "io", "random_search"]), r),
+                "implementations": _common.rotate(pick(["cpu", "io", "random_search", "mipro"]), r),
                 "examples": 500 if q else 2000,
                 "io_examples": 1280 if q else 5120,
                 "latency": 0.1,
@@ -252,6 +252,7 @@ ANCHORS: dict[str, tuple[str, Any]] = {
     "10_evaluate_cpu": ("dspy_evaluate_8_threads", "same"),
     "10_evaluate_io": ("ideal", "same"),
     "10_random_search": ("in_process_8_threads", "same"),
+    "10_mipro": ("in_process_8_threads", "same"),
 }
 
 # (id, scenario, implementation, metric, x, op, threshold, versus: (implementation, x) or None, what)

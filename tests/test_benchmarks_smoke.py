@@ -152,7 +152,7 @@ def test_the_jobs_family_measures_each_part_with_tiny_counts(monkeypatch: pytest
     from benchmarks import jobs
 
     spec = {
-        "implementations": ["cpu", "io", "random_search"],
+        "implementations": ["cpu", "io", "random_search", "mipro"],
         "examples": 40,
         "io_examples": 256,
         "latency": 0.1,
@@ -171,5 +171,7 @@ def test_the_jobs_family_measures_each_part_with_tiny_counts(monkeypatch: pytest
         ("10_evaluate_io", "dspy_evaluate_256_threads"),
         ("10_random_search", "in_process_8_threads"),
         ("10_random_search", "pool_2w"),
+        ("10_mipro", "in_process_8_threads"),
+        ("10_mipro", "pool_2w"),
     }
     assert all(r["value"] > 0 for r in result["rows"])
