@@ -216,6 +216,44 @@ async def test_a_compile_job_over_the_websocket_creates_the_optimized_program(po
     assert "'gepa' is not provided" in refused["message"]
 
 
+def mipro_over_ws(url: str, options: dict[str, Any], train: Any, val: Any) -> list[Any]:
+    with Client(url) as client:
+        session = client.open_session()
+        pid = client.result("program/create", {"module": "tuned", "session": session})["program"]
+        params = {
+            "kind": "compile",
+            "program": pid,
+            "session": session,
+            "metric": "agrees",
+            "optimizer": "mipro_v2",
+            "trainset": train,
+            "valset": val,
+            "options": options,
+        }
+        return job_events(client, client.result("job/submit", params)["job"])
+
+
+async def test_a_mipro_v2_job_over_the_websocket_reports_its_trials(pool: dspex_trio.Pool) -> None:
+    from tests.dspex_trio.test_compile_mipro import OPTIONS, TRAIN, VAL, dspy_mipro, dspy_trials
+
+    async with trio.open_nursery() as nursery:
+        server = await start_server(nursery, pool)
+        events = await in_thread(mipro_over_ws, server.url, OPTIONS, TRAIN, VAL)
+        nursery.cancel_scope.cancel()
+    theirs = dspy_mipro(OPTIONS)
+    assert events[-1]["event"] == "completed", events[-1]
+    done = events[-1]["data"]
+    trials = [(c["trial"], c["score"], None if c["full_eval"] else c["params"]) for c in done["candidates"]]
+    assert trials == dspy_trials(theirs)
+    assert done["score"] == theirs.score
+    progress = [e["data"] for e in events[:-1]]
+    assert {e["event"] for e in events[:-1]} == {"progress"}
+    keys = {"stage", "trials", "total_trials", "bootstrapped", "best_score", "done", "total", "score"}
+    assert progress and all(set(p) == keys for p in progress), progress
+    # coalesced (at most one per job_progress_interval): which stages are seen depends on the machine
+    assert {p["stage"] for p in progress} <= {"bootstrap", "propose", "search"}
+
+
 def failing_then_abandoned(url: str) -> list[Any]:
     with Client(url) as client:
         session = client.open_session()
