@@ -19,8 +19,10 @@ import trio
 
 import dspex_trio
 from bridge_child._offline_lm import offline_lm
+from dspex_trio.testing import open_fake_lm
 from tests import jobs_module
 from tests.dspex_trio.test_jobs import devset
+from tests.helpers import wait_until
 
 APP = "tests.jobs_module"
 LIVE = (dspex_trio.WorkerState.READY, dspex_trio.WorkerState.BUSY)
@@ -196,6 +198,62 @@ async def test_a_worker_sigkilled_during_the_trials_changes_nothing() -> None:
     assert kills, "a worker was killed while the trials ran"
     theirs = dspy_mipro(OPTIONS)
     assert our_trials(result) == dspy_trials(theirs), f"killed {kills}"
+    assert without_metadata(result.state) == theirs.dump_state()
+
+
+async def test_a_worker_killed_during_the_instruction_proposal_loses_nothing() -> None:
+    """The proposal is one call of many LM requests (here to a fake LM answering in 0.1 s): its worker
+    SIGKILLed while it runs, the call is sent again and the job ends as ``dspy.MIPROv2`` does with the
+    same LM."""
+    options = {
+        "auto": None,
+        "num_candidates": 3,
+        "num_trials": 2,
+        "minibatch": False,
+        "max_bootstrapped_demos": 1,
+        "max_labeled_demos": 1,
+        "seed": 0,
+    }
+    train, val = devset(6), devset(10)[6:]
+    pool_options = dspex_trio.PoolOptions(workers=2, restart_intensity=1000, min_healthy_uptime=0.0)
+    async with (
+        open_fake_lm(latency_s=0.1) as fake,
+        dspex_trio.open_pool(options=pool_options, programs=[APP]) as pool,
+    ):
+        await pool.configure_lm("openai/fake", api_base=fake.url, api_key="x", num_retries=0)
+        pid = await pool.create_program(module="tuned")
+        killed: list[int] = []
+        with trio.fail_after(120):  # a failure bound, not a sleep
+            async with pool.compile(
+                pid, optimizer="mipro_v2", trainset=train, valset=val, metric="agrees", options=options
+            ) as job:
+                async for progress in job:
+                    if progress.stage == "propose" and not killed:
+                        await wait_until(
+                            lambda: any(w.in_flight for w in pool.workers()),
+                            60,
+                            lambda: f"the proposal call running on a worker: {pool.workers()}",
+                        )
+                        busy = next(w for w in pool.workers() if w.in_flight)
+                        os.kill(busy.pid, signal.SIGKILL)
+                        killed.append(busy.pid)
+            result = job.result
+        stats = pool.statistics()
+        lm = dspy.LM("openai/fake", api_base=fake.url, api_key="x", num_retries=0, cache=False)
+        constructor = {k: v for k, v in options.items() if k not in COMPILE_ARGS}
+        with warnings.catch_warnings(), dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+            warnings.simplefilter("ignore")
+            theirs = await trio.to_thread.run_sync(
+                lambda: dspy.MIPROv2(metric=jobs_module.agrees, num_threads=4, **constructor).compile(
+                    jobs_module.Tuned(),
+                    trainset=examples(train),
+                    valset=examples(val),
+                    **{k: options[k] for k in COMPILE_ARGS if k in options},
+                )
+            )
+    assert killed, "a worker was killed while the proposal ran"
+    assert stats.retried + stats.redispatched >= 1, stats
+    assert our_trials(result) == dspy_trials(theirs)
     assert without_metadata(result.state) == theirs.dump_state()
 
 
