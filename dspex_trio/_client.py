@@ -307,9 +307,13 @@ class _Execution:
             self.arrived.set()
 
 
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""Compact JSON, no NaN; made once (``json.dumps`` with keywords makes an encoder per call)."""
+
+
 def _encode(message: dict[str, Any]) -> str:
     try:
-        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(message)
     except (TypeError, ValueError) as exc:
         raise InvalidParams(f"not JSON: {exc}") from None
 
