@@ -423,6 +423,7 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                     argv = ["--client", "pairs", urls["real"], str(k), str(pair_seconds), pid, session]
                     argv += ["--pairs", str(spec.get("pairs", 3))]
                     out["pairs"][k] = _paired(await client(argv, client_cpus))
+            layout(False)  # this process's threads back on every CPU it had
             nursery.cancel_scope.cancel()
     return out
 
@@ -551,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     import cProfile
     import pstats
 
-    profile = cProfile.Profile(time.thread_time)  # CPU time: waits and preemption left out
+    import dspex_trio  # noqa: F401  # imported before the profile: its import is no per-execution cost
+
+    profile = cProfile.Profile()
     got = profile.runcall(client_main, kind, url, int(clients), float(seconds), program, session)
     print(json.dumps(got))
     print(f"client profile ({got['calls']} executions in the window, warm-up included):", file=sys.stderr)
