@@ -19,15 +19,29 @@ sending one execution after the other for a fixed time, in one of these kinds:
 - ``remote``: ``dspex_trio.connect``, one client (one connection) per K, ``execute`` back to back.
 
 The ``in_process`` anchor drives the same pool with K tasks calling ``pool.execute`` in the server's
-process. Where the machine has 2 CPUs or more, the server process (every thread) is pinned to its
-first allowed CPU and the client processes to the others (``os.sched_setaffinity``), after the pool
-started: the workers keep every CPU, the clients never share the server's. The server's CPU time per
-execution (``getrusage`` of the server process over each run) and the client process's are reported
-beside the rates, with the workers' (``/proc/PID/stat``).
+process.
 
-Rows: ``7_websocket`` (``websocket`` and the others against ``in_process``), ``7_websocket_cost``
-(``websocket`` against ``bare_forwarder``), ``7_websocket_client`` (``remote`` against
-``websockets_submit``), each at 1, 16 and 64 clients.
+**Layouts** (a 2-CPU machine: CPU A, CPU B). ``pinned`` (the targets' layout; needs 2 CPUs or more): after
+the pool started, the server process (every thread) is pinned to its first allowed CPU (A) and the client
+processes to the others (B); the workers keep every CPU (they were started before the pinning, and each
+takes about as much CPU per execution as the server and the client together), so the clients never share
+the server's CPU, and the workers fill what either leaves. ``unpinned``: every process on every CPU, the
+scheduler decides; measured for ``in_process``, ``websocket`` and ``bare_forwarder`` (rows ``*_unpinned``).
+
+**The client's overhead** is measured apart, in **interleaved pairs**: one client process runs ``remote``
+and ``websockets_submit`` one after the other, ``pairs`` times, in the order A B, B A, A B... (each run
+its own connections and a short warm-up); per pair, the ratio of the rates and the ratio of the client
+process's CPU time per execution (``getrusage``); the median over pairs is the figure
+(``rate_ratio_to_raw``, ``client_cpu_ratio_to_raw``), so that a load that comes and goes on this shared
+machine hits both sides of a pair alike.
+
+The server's CPU time per execution (``/proc/PID/stat`` of the server process over each run) and the client
+process's are reported beside the rates, with the workers'.
+
+Rows: ``7_websocket`` (every implementation against ``in_process``, pinned), ``7_websocket_cost``
+(``websocket`` against ``bare_forwarder``), ``7_websocket_unpinned`` / ``7_websocket_cost_unpinned``
+(the same, unpinned), ``7_websocket_client`` (``remote`` and ``trio_submit`` against
+``websockets_submit``; the interleaved pairs' ratios), each at 1, 16 and 64 clients.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from typing import Any
@@ -53,6 +68,10 @@ IMPLEMENTATIONS = (
     "remote",
 )
 """Every implementation of the family, in the order one round measures them (rotated per round)."""
+UNPINNED = ("in_process", "websocket", "bare_forwarder")
+"""The implementations also measured in the ``unpinned`` layout."""
+PAIRED = ("remote", "websockets_submit")
+"""Measured in interleaved pairs in one client process (the client's overhead), not in the main loop."""
 CLIENT_KIND = {
     "websocket": ("trio_run", "real"),
     "bare_forwarder": ("trio_run", "bare"),
@@ -234,6 +253,17 @@ async def _websockets_clients(
     return await main()
 
 
+def pairs_main(
+    url: str, clients: int, seconds: float, program: str, session: str, pairs: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``pairs`` interleaved runs of ``remote`` and ``websockets_submit`` (A B, B A, A B, ...)."""
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in PAIRED}
+    for i in range(pairs):
+        for kind in PAIRED if i % 2 == 0 else PAIRED[::-1]:
+            runs[kind].append(client_main(kind, url, clients, seconds, program, session))
+    return runs
+
+
 def client_main(
     kind: str, url: str, clients: int, seconds: float, program: str, session: str
 ) -> dict[str, Any]:
@@ -292,6 +322,34 @@ def _process_cpu_s(pids: list[int]) -> float:
     return total / tick
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _paired(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The interleaved pairs' figures: per side the medians of its runs, and the medians of the per-pair
+    ratios (``remote`` over ``websockets_submit``) of the rates and of the client CPU per execution."""
+    mine, raw = runs["remote"], runs["websockets_submit"]
+    out: dict[str, Any] = {}
+    for impl, side in runs.items():
+        out[impl] = {
+            "rate": _median([r["rate"] for r in side]),
+            "calls": sum(r["calls"] for r in side),
+            "errors": sum(r["errors"] for r in side),
+            "first_error": next((r["first_error"] for r in side if r["first_error"]), None),
+            "p50_ms": _median([r["p50_ms"] for r in side if r["p50_ms"] is not None]),
+            "p99_ms": _median([r["p99_ms"] for r in side if r["p99_ms"] is not None]),
+            "client_cpu_per_exec_us": _median([r["cpu_s"] / r["calls"] * 1e6 for r in side if r["calls"]]),
+            "runs": [round(r["rate"], 1) for r in side],
+        }
+    pairs = [(a, b) for a, b in zip(mine, raw, strict=True) if a["calls"] and b["calls"]]
+    out["remote"]["rate_ratio_to_raw"] = _median([a["rate"] / b["rate"] for a, b in pairs])
+    out["remote"]["client_cpu_ratio_to_raw"] = _median(
+        [(a["cpu_s"] / a["calls"]) / (b["cpu_s"] / b["calls"]) for a, b in pairs if b["cpu_s"] > 0]
+    )
+    return out
+
+
 async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     import trio
 
@@ -301,9 +359,9 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     seconds: float = spec["seconds"]
     implementations: list[str] = spec.get("implementations", list(IMPLEMENTATIONS))
     allowed = sorted(os.sched_getaffinity(0))
-    pin = spec.get("pin", True) and len(allowed) >= 2
-    server_cpus, client_cpus = ({allowed[0]}, set(allowed[1:])) if pin else (set(allowed), set(allowed))
-    out: dict[str, Any] = {"results": {}, "facts": {}}
+    can_pin = len(allowed) >= 2
+    layouts = [lay for lay in spec.get("layouts", ["pinned"]) if lay == "unpinned" or can_pin]
+    out: dict[str, Any] = {"results": {}, "pairs": {}, "facts": {}}
     with trio.fail_after(spec["time_limit"]):
         async with dspex_trio.open_pool(workers=2) as pool, trio.open_nursery() as nursery:
             real = await nursery.start(dspex_trio.serve_websocket, pool, "127.0.0.1", 0)
@@ -311,89 +369,129 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             urls = {"real": real.url, "bare": f"ws://127.0.0.1:{bare.port}"}
             session = await pool.open_session()  # a minted session: the clients hold its id
             pid = await pool.create_program(COT["signature"], module=COT["module"], session=session)
-            if pin:
-                _pin_all_threads(server_cpus)
             out["facts"] = {
-                "server_cpus": sorted(server_cpus),
-                "client_cpus": sorted(client_cpus),
-                "workers_cpus": "all (started before the pinning)",
+                "layouts": layouts,
+                "pinned_layout": {
+                    "server_cpus": allowed[:1],
+                    "client_cpus": allowed[1:],
+                    "workers_cpus": "all (started before the pinning)",
+                }
+                if can_pin
+                else "not measured: fewer than 2 CPUs",
                 "load_before": os.getloadavg()[0],
             }
+
+            def layout(pinned: bool) -> set[int]:
+                """Pin this process's threads; the CPUs for the client processes."""
+                _pin_all_threads(set(allowed[:1]) if pinned else set(allowed))
+                return set(allowed[1:]) if pinned else set(allowed)
 
             async def call(i: int) -> Any:
                 return await pool.execute(pid, {"question": f"What is item {i}?"}, session=session)
 
-            for k in clients_list:
-                for impl in implementations:
-                    workers = [w.pid for w in pool.statistics().workers]
-                    server0, workers0 = _process_cpu_s([os.getpid()]), _process_cpu_s(workers)
-                    if impl == "in_process":
-                        got = await drive(call, k, seconds, warmup=k)
-                        client_cpu = None
-                    else:
-                        kind, endpoint = CLIENT_KIND[impl]
-                        argv = [sys.executable, "-m", "benchmarks.ws", "--client", kind, urls[endpoint]]
-                        argv += [
-                            str(k),
-                            str(seconds),
-                            pid,
-                            session,
-                            "--cpus",
-                            ",".join(map(str, client_cpus)),
-                        ]
-                        result = await trio.run_process(argv, capture_stdout=True, check=False)
-                        if result.returncode != 0:
-                            raise RuntimeError(f"{impl} client process exited {result.returncode}")
-                        got = json.loads(result.stdout)
-                        client_cpu = got.pop("cpu_s")
-                    server_cpu = _process_cpu_s([os.getpid()]) - server0
-                    worker_cpu = _process_cpu_s(workers) - workers0
-                    got["server_cpu_s"], got["worker_cpu_s"], got["client_cpu_s"] = (
-                        server_cpu,
-                        worker_cpu,
-                        client_cpu,
-                    )
-                    out["results"].setdefault(impl, {})[k] = got
+            async def client(argv: list[str], cpus: set[int]) -> Any:
+                argv = [sys.executable, "-m", "benchmarks.ws", *argv, "--cpus", ",".join(map(str, cpus))]
+                result = await trio.run_process(argv, capture_stdout=True, check=False)
+                if result.returncode != 0:
+                    raise RuntimeError(f"{argv[4]} client process exited {result.returncode}")
+                return json.loads(result.stdout)
+
+            for name in layouts:
+                client_cpus = layout(name == "pinned")
+                for k in clients_list:
+                    for impl in implementations:
+                        if impl in PAIRED or (name == "unpinned" and impl not in UNPINNED):
+                            continue
+                        workers = [w.pid for w in pool.statistics().workers]
+                        server0, workers0 = _process_cpu_s([os.getpid()]), _process_cpu_s(workers)
+                        if impl == "in_process":
+                            got = await drive(call, k, seconds, warmup=k)
+                            client_cpu = None
+                        else:
+                            kind, endpoint = CLIENT_KIND[impl]
+                            argv = ["--client", kind, urls[endpoint], str(k), str(seconds), pid, session]
+                            got = await client(argv, client_cpus)
+                            client_cpu = got.pop("cpu_s")
+                        got["server_cpu_s"] = _process_cpu_s([os.getpid()]) - server0
+                        got["worker_cpu_s"] = _process_cpu_s(workers) - workers0
+                        got["client_cpu_s"] = client_cpu
+                        out["results"].setdefault(name, {}).setdefault(impl, {})[k] = got
+            if any(impl in PAIRED for impl in implementations):
+                client_cpus = layout(can_pin)
+                pair_seconds = spec.get("pair_seconds", seconds)
+                for k in clients_list:
+                    argv = ["--client", "pairs", urls["real"], str(k), str(pair_seconds), pid, session]
+                    argv += ["--pairs", str(spec.get("pairs", 3))]
+                    out["pairs"][k] = _paired(await client(argv, client_cpus))
+            layout(False)  # this process's threads back on every CPU it had
             nursery.cancel_scope.cancel()
     return out
 
 
-def _rows_of(impl: str, k: int, r: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of one measured point: under ``7_websocket``, and (for the endpoint's own comparison and
-    the client's) under ``7_websocket_cost`` / ``7_websocket_client``."""
-    scenarios = ["7_websocket"]
+SCENARIOS = {
+    "pinned": ("7_websocket", "7_websocket_cost"),
+    "unpinned": ("7_websocket_unpinned", "7_websocket_cost_unpinned"),
+}
+"""Layout -> (the rows against in-process, the endpoint's against the bare forwarder)."""
+
+
+def _rows_of(layout: str, impl: str, k: int, r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one measured point of the main loop: under ``7_websocket`` (or ``_unpinned``), and for
+    the endpoint's own comparison and the client's under ``7_websocket_cost`` / ``7_websocket_client``."""
+    main, cost = SCENARIOS[layout]
+    scenarios = [main]
     if impl in ("websocket", "bare_forwarder"):
-        scenarios.append("7_websocket_cost")
-    if impl in ("remote", "websockets_submit", "trio_submit"):
+        scenarios.append(cost)
+    if impl == "trio_submit" and layout == "pinned":
         scenarios.append("7_websocket_client")
-    rows: list[dict[str, Any]] = []
     calls = r["calls"] or 1
+    per_exec = {
+        "server_cpu_per_exec": r["server_cpu_s"] / calls * 1e6,
+        "worker_cpu_per_exec": r["worker_cpu_s"] / calls * 1e6,
+        "client_cpu_per_exec": None if r["client_cpu_s"] is None else r["client_cpu_s"] / calls * 1e6,
+    }
+    rows: list[dict[str, Any]] = []
     for scenario in scenarios:
         base = {
             "scenario": scenario,
             "implementation": impl,
             "x": int(k),
-            "description": f"{DESCRIPTIONS[impl]}; {k} clients, 2-worker pool, offline LM, ChainOfThought",
+            "description": f"{DESCRIPTIONS[impl]}; {k} clients, 2-worker pool, offline LM, ChainOfThought, "
+            f"{layout}",
         }
         rows.append({**base, "metric": "executions_per_s", "value": r["rate"], "unit": "exec/s"})
         if r["p50_ms"] is not None:
             rows.append({**base, "metric": "latency_p50", "value": r["p50_ms"], "unit": "ms"})
             rows.append({**base, "metric": "latency_p99", "value": r["p99_ms"], "unit": "ms"})
-        rows.append(
-            {**base, "metric": "server_cpu_per_exec", "value": r["server_cpu_s"] / calls * 1e6, "unit": "us"}
-        )
-        rows.append(
-            {**base, "metric": "worker_cpu_per_exec", "value": r["worker_cpu_s"] / calls * 1e6, "unit": "us"}
-        )
-        if r.get("client_cpu_s") is not None:
-            rows.append(
-                {
-                    **base,
-                    "metric": "client_cpu_per_exec",
-                    "value": r["client_cpu_s"] / calls * 1e6,
-                    "unit": "us",
-                }
-            )
+        for metric, value in per_exec.items():
+            if value is not None:
+                rows.append({**base, "metric": metric, "value": value, "unit": "us"})
+    return rows
+
+
+def _pair_rows(k: int, by_impl: dict[str, Any]) -> list[dict[str, Any]]:
+    """The interleaved pairs' rows: each side under ``7_websocket_client`` (and ``7_websocket``), and
+    the remote client's median per-pair ratios."""
+    rows: list[dict[str, Any]] = []
+    for impl, r in by_impl.items():
+        for scenario in ("7_websocket", "7_websocket_client"):
+            base = {
+                "scenario": scenario,
+                "implementation": impl,
+                "x": int(k),
+                "description": f"{DESCRIPTIONS[impl]}; {k} clients, interleaved pairs (medians), pinned",
+                "pair_runs": r["runs"],
+            }
+            metrics = [
+                ("executions_per_s", r["rate"], "exec/s"),
+                ("latency_p50", r["p50_ms"], "ms"),
+                ("latency_p99", r["p99_ms"], "ms"),
+                ("client_cpu_per_exec", r["client_cpu_per_exec_us"], "us"),
+            ]
+            if impl == "remote" and scenario == "7_websocket_client":
+                metrics.append(("rate_ratio_to_raw", r["rate_ratio_to_raw"], "x"))
+                metrics.append(("client_cpu_ratio_to_raw", r["client_cpu_ratio_to_raw"], "x"))
+            rows += [{**base, "metric": m, "value": v, "unit": u} for m, v, u in metrics if v is not None]
     return rows
 
 
@@ -406,11 +504,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         got = trio.run(_measure, spec)
     except Exception as exc:
         return {"rows": [], "errors": [f"websocket: {type(exc).__name__}: {exc}"]}
-    for impl, by_k in got["results"].items():
-        for k, r in by_k.items():
-            rows += _rows_of(impl, k, r)
+    for layout, by_impl in got["results"].items():
+        for impl, by_k in by_impl.items():
+            for k, r in by_k.items():
+                rows += _rows_of(layout, impl, k, r)
+                if r["errors"]:
+                    errors.append(
+                        f"websocket/{impl} ({layout}) k={k}: {r['errors']} failed ({r['first_error']})"
+                    )
+    for k, by_impl in got["pairs"].items():
+        rows += _pair_rows(k, by_impl)
+        for impl, r in by_impl.items():
             if r["errors"]:
-                errors.append(f"websocket/{impl} k={k}: {r['errors']} failed ({r['first_error']})")
+                errors.append(f"websocket/{impl} (pairs) k={k}: {r['errors']} failed ({r['first_error']})")
     return {"rows": rows, "errors": errors, "facts": got["facts"]}
 
 
@@ -421,14 +527,38 @@ def main(argv: list[str] | None = None) -> int:
         nargs=6,
         metavar=("KIND", "URL", "CLIENTS", "SECONDS", "PROGRAM", "SESSION"),
         required=True,
-        help="run K clients of KIND (trio_run, trio_submit, websockets_run, websockets_submit, remote)",
+        help="run K clients of KIND (trio_run, trio_submit, websockets_run, websockets_submit, remote; "
+        "pairs: --pairs interleaved pairs of remote and websockets_submit)",
     )
+    parser.add_argument("--pairs", type=int, default=3, help="pairs of runs of KIND pairs")
     parser.add_argument("--cpus", default="", help="pin this process to these CPUs (comma-separated)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="cProfile the client; top TOP functions to stderr",
+    )
     args = parser.parse_args(argv)
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     kind, url, clients, seconds, program, session = args.client
-    print(json.dumps(client_main(kind, url, int(clients), float(seconds), program, session)))
+    if kind == "pairs":
+        print(json.dumps(pairs_main(url, int(clients), float(seconds), program, session, args.pairs)))
+        return 0
+    if not args.profile:
+        print(json.dumps(client_main(kind, url, int(clients), float(seconds), program, session)))
+        return 0
+    import cProfile
+    import pstats
+
+    import dspex_trio  # noqa: F401  # imported before the profile: its import is no per-execution cost
+
+    profile = cProfile.Profile()
+    got = profile.runcall(client_main, kind, url, int(clients), float(seconds), program, session)
+    print(json.dumps(got))
+    print(f"client profile ({got['calls']} executions in the window, warm-up included):", file=sys.stderr)
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
     return 0
 
 

@@ -307,9 +307,13 @@ class _Execution:
             self.arrived.set()
 
 
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""Compact JSON, no NaN; made once (``json.dumps`` with keywords makes an encoder per call)."""
+
+
 def _encode(message: dict[str, Any]) -> str:
     try:
-        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(message)
     except (TypeError, ValueError) as exc:
         raise InvalidParams(f"not JSON: {exc}") from None
 
@@ -1178,12 +1182,12 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         return outputs
 
     async def _wait_end(self, execution: _Execution, timeout: float | None) -> dict[str, Any]:
-        bound = math.inf if timeout is None else timeout + TIMEOUT_GRACE_S
         try:
-            with trio.move_on_after(bound):
-                while not execution.over:
-                    await execution.arrived.wait()
-                    execution.arrived = trio.Event()
+            if timeout is None:  # no cancel scope to enter and leave per execution
+                await self._wait_over(execution)
+            else:
+                with trio.move_on_after(timeout + TIMEOUT_GRACE_S):
+                    await self._wait_over(execution)
         finally:
             if not execution.over:
                 self._abandon(execution)
@@ -1191,6 +1195,12 @@ class RemoteBackend(metaclass=NoPublicConstructor):
             self._counts.failed += 1
             raise CallTimeout(f"no answer from {self.url} within {timeout:g} s (+{TIMEOUT_GRACE_S:g} s)")
         return self._outcome(execution)
+
+    @staticmethod
+    async def _wait_over(execution: _Execution) -> None:
+        while not execution.over:
+            await execution.arrived.wait()
+            execution.arrived = trio.Event()
 
     @asynccontextmanager
     async def stream(

@@ -16,11 +16,11 @@ fails what was in flight on it, so no answer can reach the wrong caller.
 from __future__ import annotations
 
 import enum
-import json
 import math
 from typing import Any, Final
 
 import attrs
+import msgspec
 
 from dspex_trio import _jsonrpc as rpc
 from dspex_trio._breaker import CircuitState
@@ -117,13 +117,9 @@ class Notification:
     params: dict[str, Any]
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_decode: Final = json.JSONDecoder(parse_constant=_refuse_constant).decode
-"""``json.loads`` that refuses ``NaN`` and ``Infinity`` (one decoder: ``loads`` with a keyword makes one
-per call)."""
+_decode: Final = msgspec.json.Decoder().decode
+"""Strict JSON (no ``NaN``, ``Infinity``, out-of-range numbers or lone surrogates), ~5x faster than
+``json.loads`` per message: the client decodes three messages per execution."""
 
 
 def parse_server_message_untrusted(text: str | bytes) -> Reply | Notification:
@@ -138,7 +134,7 @@ def parse_server_message_untrusted(text: str | bytes) -> Reply | Notification:
         raise RemoteProtocolError("the server sent a binary frame (dspex.v1 is text frames only)")
     try:
         message = _decode(text)
-    except (ValueError, RecursionError) as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # ValueError: a lone surrogate
         raise RemoteProtocolError(f"the server sent malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise RemoteProtocolError("the server sent a frame that is not a JSON-RPC 2.0 object")

@@ -1,4 +1,4 @@
-"""The remote client's websocket: wsproto (sans-IO) over one trio stream, read by the task that uses it.
+"""The remote client's websocket: sans-IO protocols over one trio stream, read by the task that uses it.
 
 trio-websocket (the server's transport) gives each connection a reader task that hands every message to
 its user through a memory channel. The client needs no such hop: its connector task reads the socket
@@ -8,7 +8,9 @@ that the reply and the events of an execution that arrive in one read cost one w
 their own requests (:meth:`ClientWebsocket.send_text`), one whole frame at a time under one lock.
 
 :func:`open_client_websocket` makes the opening handshake (``Host``, the subprotocol, the caller's
-headers) and closes the stream when its block ends. Errors: :class:`WebsocketClosed` once the connection
+headers) with wsproto, then frames the messages with the ``websockets`` library's sans-IO protocol
+(``websockets.protocol.Protocol``: its frame parser and its C masking cost the client about a third of
+wsproto's per message; docs/benchmarks.md, family 7), and closes the stream when its block ends. Errors: :class:`WebsocketClosed` once the connection
 is closed (by either side, or the TCP connection broke), ``HandshakeRefused`` when the server refused the
 handshake, ``RemoteProtocolError`` when the server broke the websocket protocol (a bad frame, a binary
 frame: the API is text only, a message over ``max_message_size``); ``OSError`` /
@@ -18,6 +20,7 @@ frame: the API is text only, a message over ``max_message_size``); ``OSError`` /
 from __future__ import annotations
 
 import itertools
+import re
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -25,30 +28,27 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import trio
+from websockets.exceptions import InvalidState, PayloadTooBig
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol, Side, State
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, Event, RejectConnection, RejectData, Request
 from wsproto.utilities import RemoteProtocolError as WsprotoRemoteError
 
 from dspex_trio._client_protocol import HandshakeRefused, RemoteProtocolError
 
 RECEIVE_BUFFER_BYTES: Final = 64 * 1024
 """Bytes read from the socket at once."""
+MAX_ANSWER_HEAD_BYTES: Final = 64 * 1024
+"""Longest handshake answer head read before handing it to wsproto whole (which then refuses it)."""
 MAX_REJECT_BODY_BYTES: Final = 4096
 """Longest refusal body kept (the server's reason for refusing the handshake)."""
 ABNORMAL_CLOSURE: Final = 1006
 """The close code of a connection that ended without a closing handshake (RFC 6455)."""
+MAX_UTF8_BYTES_PER_CHARACTER: Final = 4
+"""A message of ``max_message_size`` characters is at most this many times as long in bytes (UTF-8)."""
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+"""The end of an HTTP response head (the handshake's answer); the websocket frames follow it."""
 
 
 class WebsocketClosed(Exception):
@@ -67,25 +67,28 @@ class ClientWebsocket:
     def __init__(
         self,
         stream: trio.abc.Stream,
-        connection: WSConnection,
         subprotocol: str | None,
         *,
         max_message_size: int,
+        early: bytes = b"",
     ) -> None:
         self.subprotocol = subprotocol
         """The subprotocol the server accepted."""
         self._stream = stream
-        self._ws = connection
+        # a message over max_message_size characters is refused by its byte size in the frame header,
+        # before its payload is read (or, between 1 and 4 bytes a character, once decoded: _too_big)
+        self._ws = Protocol(
+            Side.CLIENT, state=State.OPEN, max_size=max_message_size * MAX_UTF8_BYTES_PER_CHARACTER
+        )
         self._max_message_size = max_message_size
         self._write_lock = trio.StrictFIFOLock()
-        self._parts: list[str] = []
-        self._size = 0
+        self._parts: list[bytes | bytearray | memoryview] = []
         self._closed: WebsocketClosed | None = None
         self._close_received = trio.Event()
         self._pongs: dict[bytes, trio.Event] = {}
         self._ping_ids = itertools.count()
-        self._early: list[Event] = []
-        """Events that came with the handshake's answer (delivered by the first read)."""
+        self._early = early
+        """Bytes that came after the handshake's answer, in its last read (delivered by the first read)."""
 
     @property
     def closed(self) -> WebsocketClosed | None:
@@ -93,36 +96,47 @@ class ClientWebsocket:
         return self._closed
 
     # -- writing ----------------------------------------------------------------------------------------
-    async def _send(self, event: Event) -> None:
-        if self._closed is not None:
-            raise self._closed
-        if self._ws.state is not ConnectionState.OPEN and not isinstance(event, CloseConnection):
-            raise WebsocketClosed(1000, "the connection is closing")
+    async def _flush(self) -> None:
+        """Write what the protocol has to send (frames made by callers, pongs, the close answer), in the
+        order it made them; under the write lock, so that frames never interleave."""
         lock = self._write_lock
         try:
             lock.acquire_nowait()  # the usual case: no other write in progress (and no extra yield)
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            data = self._ws.send(event)  # in the lock: frames reach the socket in the order made
-            await self._stream.send_all(data)
+            data = b"".join(self._ws.data_to_send())
+            if data:
+                await self._stream.send_all(data)
+            else:
+                await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed = WebsocketClosed(ABNORMAL_CLOSURE, "the connection broke")
             raise self._closed from None
         finally:
             lock.release()
 
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+        if self._ws.state is not State.OPEN:
+            raise WebsocketClosed(1000, "the connection is closing")
+
     async def send_text(self, text: str) -> None:
         """Send one text message (``WebsocketClosed`` if the connection is closed or breaks). A
         cancellation in the middle would leave a partial frame: shield the call (the client bounds it)."""
-        await self._send(TextMessage(data=text))
+        self._check_open()
+        self._ws.send_text(text.encode())  # queued in the protocol; the flush writes it in that order
+        await self._flush()
 
     async def ping(self) -> None:
         """Send a ping and wait for its pong (bound it with a timeout)."""
+        self._check_open()
         payload = next(self._ping_ids).to_bytes(8, "big")
         pong = self._pongs[payload] = trio.Event()
         try:
-            await self._send(Ping(payload=payload))
+            self._ws.send_ping(payload)
+            await self._flush()
             await pong.wait()
         finally:
             self._pongs.pop(payload, None)
@@ -138,73 +152,91 @@ class ClientWebsocket:
                 TCP connection ended.
             RemoteProtocolError: a malformed frame, a binary frame, or a message over the size limit.
         """
+        if self._closed is not None:
+            raise self._closed
         if self._early:
-            events, self._early = self._early, []
+            data, self._early = self._early, b""
         else:
-            if self._closed is not None:
-                raise self._closed
             try:
-                data = await self._stream.receive_some(RECEIVE_BUFFER_BYTES)
+                data = bytes(await self._stream.receive_some(RECEIVE_BUFFER_BYTES))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            try:
-                self._ws.receive_data(bytes(data) or None)
-                events = list(self._ws.events())
-            except WsprotoRemoteError as exc:
-                raise RemoteProtocolError(f"the server broke the websocket protocol: {exc}") from None
-            if not data and not any(isinstance(e, CloseConnection) for e in events):
-                events.append(CloseConnection(code=ABNORMAL_CLOSURE, reason="the connection ended"))
-        return await self._take(events)
-
-    async def _take(self, events: list[Event]) -> list[str]:
-        messages: list[str] = []
-        for event in events:
-            if type(event) is TextMessage:
-                if event.message_finished and not self._parts:
-                    if len(event.data) > self._max_message_size:
-                        raise self._too_big(len(event.data))
-                    messages.append(event.data)
-                    continue
-                self._parts.append(event.data)
-                self._size += len(event.data)
-                if self._size > self._max_message_size:
-                    raise self._too_big(self._size)
-                if event.message_finished:
-                    messages.append("".join(self._parts))
-                    self._parts, self._size = [], 0
-            elif isinstance(event, BytesMessage):
-                raise RemoteProtocolError("the server sent a binary frame (dspex.v1 is text frames only)")
-            elif isinstance(event, Ping):
-                if self._closed is None:
-                    await self._send(event.response())
-            elif isinstance(event, Pong):
-                waiter = self._pongs.get(bytes(event.payload))
-                if waiter is not None:
-                    waiter.set()
-            elif isinstance(event, CloseConnection):
-                if self._ws.state is ConnectionState.OPEN and event.code != ABNORMAL_CLOSURE:
-                    # wsproto's own verdict on a frame it could not parse (no close frame came)
-                    raise RemoteProtocolError(f"the server broke the websocket protocol: {event.reason}")
-                await self._on_close(event)
-                if messages:  # deliver what came before the close first; the next read raises
-                    return messages
+        if data:
+            self._ws.receive_data(data)
+        frames: list[Frame] = self._ws.events_received()  # type: ignore[assignment]  # open: frames only
+        error = self._ws.parser_exc
+        if error is not None:
+            if isinstance(error, PayloadTooBig):
+                raise RemoteProtocolError(
+                    f"the server sent a message over {self._max_message_size * MAX_UTF8_BYTES_PER_CHARACTER:,} "
+                    f"bytes; this client takes at most {self._max_message_size:,} characters "
+                    "(ClientOptions.max_message_size)"
+                )
+            raise RemoteProtocolError(f"the server broke the websocket protocol: {error}")
+        messages = await self._take(frames)
+        if not data and self._closed is None:  # the TCP connection ended without a closing handshake
+            await self._on_close(ABNORMAL_CLOSURE, "the connection ended")
+            if not messages:
                 assert self._closed is not None
                 raise self._closed
         return messages
 
-    def _too_big(self, size: int) -> RemoteProtocolError:
-        return RemoteProtocolError(
-            f"the server sent a message of {size:,} characters; this client takes at most "
-            f"{self._max_message_size:,} (ClientOptions.max_message_size)"
-        )
-
-    async def _on_close(self, event: CloseConnection) -> None:
-        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+    async def _take(self, frames: list[Frame]) -> list[str]:
+        messages: list[str] = []
+        answer = False
+        for frame in frames:
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.CONT:
+                if opcode is Opcode.TEXT and frame.fin:
+                    messages.append(self._text(frame.data))
+                    continue
+                self._parts.append(frame.data)
+                if frame.fin:
+                    messages.append(self._text(b"".join(self._parts)))
+                    self._parts = []
+            elif opcode is Opcode.BINARY:
+                raise RemoteProtocolError("the server sent a binary frame (dspex.v1 is text frames only)")
+            elif opcode is Opcode.PING:
+                answer = True  # the protocol made the pong
+            elif opcode is Opcode.PONG:
+                waiter = self._pongs.get(bytes(frame.data))
+                if waiter is not None:
+                    waiter.set()
+            elif opcode is Opcode.CLOSE:
+                close = self._ws.close_rcvd
+                code, reason = (close.code, close.reason) if close is not None else (1005, "")
+                await self._on_close(code, reason)  # the protocol made the closing handshake's answer
+                if messages:  # deliver what came before the close first; the next read raises
+                    return messages
+                assert self._closed is not None
+                raise self._closed
+        if answer and self._closed is None:
             try:
-                await self._send(event.response())  # the closing handshake's answer
+                await self._flush()
+            except WebsocketClosed:
+                if not messages:
+                    raise
+        return messages
+
+    def _text(self, data: bytes | bytearray | memoryview) -> str:
+        try:
+            text = str(data, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"the server sent a text message that is not UTF-8: {exc}") from None
+        if len(text) > self._max_message_size:
+            raise RemoteProtocolError(
+                f"the server sent a message of {len(text):,} characters; this client takes at most "
+                f"{self._max_message_size:,} (ClientOptions.max_message_size)"
+            )
+        return text
+
+    async def _on_close(self, code: int, reason: str) -> None:
+        if self._closed is None and code != ABNORMAL_CLOSURE:
+            try:
+                await self._flush()  # the closing handshake's answer
             except WebsocketClosed:
                 pass
-        self._closed = self._closed or WebsocketClosed(event.code, event.reason or "")
+        self._closed = self._closed or WebsocketClosed(code, reason)
         self._close_received.set()
         for waiter in self._pongs.values():
             waiter.set()
@@ -214,15 +246,21 @@ class ClientWebsocket:
         """Start the closing handshake (if still open) and, with ``wait``, wait for the server's answer,
         which the connection's reader receives; bound it with a timeout. The stream itself is closed when
         the block of :func:`open_client_websocket` ends."""
-        if self._closed is None and self._ws.state is ConnectionState.OPEN:
+        if self._closed is None and self._ws.state is State.OPEN:
             try:
-                await self._send(CloseConnection(code=code, reason=reason))
-            except WebsocketClosed:
+                self._ws.send_close(code, reason)
+                await self._flush()
+            except (WebsocketClosed, InvalidState):
                 return
             if wait:  # the reader goes on reading until the answer (frames sent before it included)
                 await self._close_received.wait()
             else:
                 self.abort()
+        elif self._closed is None:  # closing already: send what the protocol has (its 1002 after an error)
+            try:
+                await self._flush()
+            except WebsocketClosed:
+                pass
         else:
             await trio.lowlevel.checkpoint()
 
@@ -277,18 +315,20 @@ async def open_client_websocket(
         accepted: AcceptConnection | None = None
         refused: RejectConnection | None = None
         body = b""
-        early: list[Event] = []
-        while accepted is None:
-            data = await stream.receive_some(RECEIVE_BUFFER_BYTES)
+
+        def feed(data: bytes | None) -> list[Event]:
             try:
-                connection.receive_data(bytes(data) or None)
-                events = list(connection.events())
+                connection.receive_data(data)
+                return list(connection.events())
             except WsprotoRemoteError as exc:
                 raise RemoteProtocolError(f"{url} did not answer as a websocket server: {exc}") from None
-            for i, event in enumerate(events):
+
+        def take(events: list[Event]) -> None:
+            nonlocal accepted, refused, body
+            for event in events:
                 if isinstance(event, AcceptConnection):
-                    accepted, early = event, events[i + 1 :]
-                    break
+                    accepted = event
+                    return
                 if isinstance(event, RejectConnection):
                     refused = event
                     if not event.has_body:
@@ -298,15 +338,31 @@ async def open_client_websocket(
                     if event.body_finished:
                         assert refused is not None
                         raise HandshakeRefused(refused.status_code, body.decode("utf-8", "replace").strip())
-            if not data:
+
+        answer = b""  # the answer's head until its end was read: wsproto gets the head and nothing after it
+        rest = b""  # what followed the head: the first frames (or a refusal's body)
+        while accepted is None:
+            data = bytes(await stream.receive_some(RECEIVE_BUFFER_BYTES))
+            if refused is None:
+                answer += data
+                end = _HEAD_END.search(answer)
+                if end is None and data and len(answer) <= MAX_ANSWER_HEAD_BYTES:
+                    continue
+                cut = len(answer) if end is None else end.end()
+                head, rest, answer = answer[:cut], answer[cut:], b""
+                take(feed(head))
+                if refused is not None and rest:  # the body came with the head
+                    take(feed(rest))
+                    rest = b""
+            else:
+                take(feed(data))
+            if not data and accepted is None:
+                take(feed(None))
                 if refused is not None:
                     raise HandshakeRefused(refused.status_code, body.decode("utf-8", "replace").strip())
                 raise RemoteProtocolError(f"{url} closed the connection during the handshake")
-        websocket = ClientWebsocket(
-            stream, connection, accepted.subprotocol, max_message_size=max_message_size
-        )
-        websocket._early = early
-        yield websocket
+        assert accepted is not None
+        yield ClientWebsocket(stream, accepted.subprotocol, max_message_size=max_message_size, early=rest)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(close_timeout) as bound:
             bound.shield = True

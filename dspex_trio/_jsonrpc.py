@@ -154,9 +154,13 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "method": method, "params": params}
 
 
+_encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+"""``json.dumps`` with :func:`encode`'s options, made once (``dumps`` with keywords makes one per call)."""
+
+
 def encode(message: dict[str, Any]) -> str:
     """Compact JSON text; values that JSON lacks (enums, sets, ...) are written as strings."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _encode(message)
 
 
 # -- params ------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextvars
 import types
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Final
 
 from dspex_trio import _tracing
@@ -32,14 +32,24 @@ def bind(**values: str) -> contextvars.Token[Mapping[str, str]]:
     return CONTEXT.set({**CONTEXT.get(), **values})
 
 
-@contextmanager
-def bound(**values: str) -> Iterator[None]:
+class _Bound:
+    """The block of :func:`bound` (a class: no generator per block on the websocket's execution path)."""
+
+    __slots__ = ("_token", "_values")
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+
+    def __enter__(self) -> None:
+        self._token = bind(**self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        CONTEXT.reset(self._token)
+
+
+def bound(**values: str) -> AbstractContextManager[None]:
     """``values`` added to the fields within the block."""
-    token = bind(**values)
-    try:
-        yield
-    finally:
-        CONTEXT.reset(token)
+    return _Bound(values)
 
 
 def fields() -> dict[str, Any]:

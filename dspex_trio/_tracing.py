@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Final
 
 import attrs
@@ -113,11 +113,23 @@ def configure_from_environment() -> Any:
     return provider
 
 
+_NO_SPAN: Final = nullcontext(None)
+"""What :func:`span` gives while tracing is off: no generator per call on the hot paths."""
+
+
+def span(
+    name: str, attributes: dict[str, Any] | None = None, *, server: bool = False
+) -> AbstractContextManager[Any]:
+    """A span around the block (current within it), or nothing (``None``) while tracing is off."""
+    if STATE.tracer is None:
+        return _NO_SPAN
+    return _span(name, attributes, server=server)
+
+
 @contextmanager
-def span(name: str, attributes: dict[str, Any] | None = None, *, server: bool = False) -> Iterator[Any]:
-    """A span around the block (current within it), or nothing while tracing is off."""
+def _span(name: str, attributes: dict[str, Any] | None, *, server: bool) -> Iterator[Any]:
     tracer = STATE.tracer
-    if tracer is None:
+    if tracer is None:  # switched off in between
         yield None
         return
     from opentelemetry.trace import SpanKind

@@ -68,6 +68,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_client.py": frozenset(),
     "tests/dspex_trio/test_client_protocol.py": frozenset(),
     "tests/dspex_trio/test_client_ws.py": frozenset(),
+    "tests/dspex_trio/test_ws_frames.py": frozenset(),  # the endpoint's own framing, trio-websocket in-process
     "tests/dspex_trio/test_exports.py": frozenset({"test_typed_options_reach_the_pool_and_its_workers"}),
     "tests/dspex_trio/test_fake_lm.py": frozenset(
         {"test_cli_main_serves_until_sigterm", "test_cli_warns_on_stderr_when_bound_to_all_interfaces"}

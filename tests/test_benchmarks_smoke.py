@@ -175,3 +175,33 @@ def test_the_jobs_family_measures_each_part_with_tiny_counts(monkeypatch: pytest
         ("10_mipro", "pool_2w"),
     }
     assert all(r["value"] > 0 for r in result["rows"])
+
+
+def test_family_7_websocket_measures_both_layouts_and_the_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 7 (issue 20): every part with tiny counts: the main loop (pinned where the machine has 2
+    CPUs), the unpinned layout, and the client's interleaved pairs with their median ratios."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import ws
+
+    spec = {
+        "clients": [2],
+        "seconds": 0.3,
+        "implementations": ["in_process", "websocket", "bare_forwarder", "remote", "websockets_submit"],
+        "layouts": ["pinned", "unpinned"],
+        "pairs": 1,
+        "pair_seconds": 0.3,
+        "time_limit": 240.0,
+    }
+    cpus = os.sched_getaffinity(0)
+    pinned = len(cpus) >= 2
+    result = ws.measure(spec)
+    assert os.sched_getaffinity(0) == cpus  # the measuring process's threads were given back every CPU
+    assert result["errors"] == []
+    rows = {(r["scenario"], r["implementation"], r["metric"]): r["value"] for r in result["rows"]}
+    for impl in ("in_process", "websocket", "bare_forwarder"):
+        assert rows[("7_websocket_unpinned", impl, "executions_per_s")] > 0
+        assert (("7_websocket", impl, "executions_per_s") in rows) is pinned
+    assert rows[("7_websocket_client", "remote", "rate_ratio_to_raw")] > 0
+    assert rows[("7_websocket_client", "remote", "client_cpu_ratio_to_raw")] > 0
+    assert rows[("7_websocket_client", "websockets_submit", "client_cpu_per_exec")] > 0
+    assert result["facts"]["layouts"] == (["pinned", "unpinned"] if pinned else ["unpinned"])
