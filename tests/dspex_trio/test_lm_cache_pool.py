@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -157,3 +158,36 @@ async def test_the_asynchronous_lane_reads_and_stores_too(fake: FakeLM) -> None:
     )
     assert second["outputs"] == first["outputs"]
     assert fake.requests == 2
+
+
+async def test_a_websocket_client_sets_one_executions_mode(fake: FakeLM) -> None:
+    """``execution/submit``'s ``lm_cache`` through the remote client (``dspex_trio.connect``), on real
+    workers: the mode holds for that execution alone, streamed or not; another mode is refused."""
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.open_pool(workers=1, lm_cache=LMCache(memory_entries=64)) as pool,
+            trio.open_nursery() as nursery,
+        ):
+            await pool.configure_lm("openai/fake", api_base=fake.url, api_key=API_KEY, num_retries=0)
+            server = await nursery.start(partial(dspex_trio.serve_websocket, pool, "127.0.0.1", 0))
+            async with dspex_trio.connect(server.url) as remote:
+                pid = await remote.create_program("question -> answer")
+
+                async def hits(question: str, **kw: Any) -> int:
+                    out = await remote.execute(pid, {"question": question}, with_usage=True, **kw)
+                    return int(out["usage"]["cache_hits"])
+
+                assert await hits("w", lm_cache="read_only") == 0  # not stored
+                assert await hits("w", lm_cache="off") == 0
+                assert fake.requests == 2
+                assert await hits("w") == 0  # the session's mode (the pool's: read_write) stores it
+                assert await hits("w", lm_cache="read_only") == 1
+                assert await hits("w", lm_cache="off") == 0
+                assert fake.requests == 4
+                async with remote.stream(pid, {"question": "w"}, lm_cache="read_only") as events:
+                    last = [event async for event in events][-1]
+                assert last["event"] == "completed" and last["usage"]["cache_hits"] == 1
+                assert fake.requests == 4
+                with pytest.raises(dspex_trio.InvalidParams, match="read_write, read_only, off"):
+                    await hits("w", lm_cache="always")
+            nursery.cancel_scope.cancel()
