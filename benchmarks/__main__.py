@@ -168,8 +168,12 @@ def plan(
                 "in_flight": 4_096,
                 "latency": 20.0,  # the issue's figure: ideal 205/s, under the CPU ceiling of 2 workers
                 "window": 20.0 if q else 40.0,
+                # 12_lm_cancel: the issue's 1,000 on the lane; the thread path at 100 (64 per worker)
+                "cancel": {
+                    impl: {"async": 1_000, "threads": 100}[impl] for impl in pick(["async", "threads"])
+                },
             }
-            steps.append(("lm_layer", "benchmarks.lm_layer", spec, 100.0 if q else 140.0))
+            steps.append(("lm_layer", "benchmarks.lm_layer", spec, 130.0 if q else 170.0))
     if want("jobs"):
         for r in range(rounds or (1 if q else 2)):
             spec = {
@@ -466,6 +470,17 @@ TARGETS: list[tuple[str, str, str, str, Any, str, float, tuple[str, Any] | None,
         300.0,
         None,
         "4,096 LM calls in flight: workers' RSS growth <= 300 MB (asynchronous lane)",
+    ),
+    (
+        "12c",
+        "12_lm_cancel",
+        "async",
+        "p99",
+        1_000,
+        "<=",
+        100.0,
+        None,
+        "1,000 LM calls in flight cancelled: every connection closed within 100 ms at p99 (as fake-lm sees it)",
     ),
     (
         "3w",

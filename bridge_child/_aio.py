@@ -19,7 +19,7 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import wire
+from bridge_child import _inflight, wire
 from bridge_child._context import CallContext, Method, MethodError
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ class AioLane:
         """Calls the host may send for this lane beyond the threads (added to the hello's capacity)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._calls: set[int] = set()
+        """Calls handed to this lane and not yet ended or cancelled (guarded by ``_lock``)."""
         self._lock = threading.Lock()
         self.started = 0
 
@@ -61,6 +63,16 @@ class AioLane:
                 self._loop = loop
             return self._loop
 
+    def adopt(self, call: int) -> None:
+        """(Reader, when it routes call ``call`` here) From now on a cancel of it is this lane's."""
+        with self._lock:
+            self._calls.add(call)
+
+    def holds(self, call: int) -> bool:
+        """(Reader) Call ``call`` was routed here and has not ended."""
+        with self._lock:
+            return call in self._calls
+
     def submit(self, ctx: CallContext, method: Method) -> None:
         """(Reader, after the ack is written) Run ``method.aio`` for ``ctx`` as a task on the loop."""
         loop = self._ensure_loop()
@@ -69,6 +81,8 @@ class AioLane:
 
     def _start(self, ctx: CallContext, method: Method) -> None:
         if ctx.cancelled.is_set():
+            with self._lock:
+                self._calls.discard(ctx.id)
             return
         task = asyncio.get_running_loop().create_task(self._run(ctx, method))
         with self._lock:
@@ -103,29 +117,46 @@ class AioLane:
         finally:
             with self._lock:
                 self._tasks.pop(ctx.id, None)
+                self._calls.discard(ctx.id)
             with worker.lock:
                 worker.executing.discard(ctx.id)
         if not ctx.cancelled.is_set():
             worker.terminal(ctx, message, batch=False)
 
     def cancel(self, call: int) -> None:
-        """(Reader) Cancel the task of call ``call``, if it runs here."""
+        """(Reader) Cancel call ``call``, if it runs here."""
         self.cancel_many([call])
 
     def cancel_many(self, calls: list[int]) -> None:
-        """(Reader) Cancel the tasks of ``calls`` that run here, with one wake-up of the loop (a
-        thousand cancels in one read must not hand the loop a thousand wake-ups, each taking the GIL
-        from the reader)."""
-        with self._lock:
-            tasks = [task for call in calls if (task := self._tasks.get(call)) is not None]
-            loop = self._loop
-        if tasks and loop is not None:
+        """(Reader, once per read, after setting each call's ``cancelled``) Close the connections of
+        ``calls``' LM requests and cancel their tasks, in the loop's thread, with one wake-up of it.
 
-            def cancel_all() -> None:
-                for task in tasks:
+        The loop closes them (before it cancels any task), not the reader: the loop would otherwise
+        wake at the first closed connection and unwind that task while the reader closes the others,
+        the two threads taking the GIL from each other at every ``shutdown`` (measured: 500 closes
+        spread over 30-110 ms under load, against 10-40 ms in one thread). A task cancelled before it
+        sees its connection end unwinds by ``CancelledError`` alone, not by the LM client's error path.
+        """
+        with self._lock:
+            mine = [call for call in calls if call in self._calls]
+            self._calls.difference_update(mine)
+            loop = self._loop
+        if not mine:
+            return
+        if loop is None:  # pragma: no cover - a call is routed here only once the loop started
+            for call in mine:
+                _inflight.abort(call)
+            return
+
+        def close_and_cancel() -> None:
+            for call in mine:
+                _inflight.abort(call)
+            for call in mine:
+                task = self._tasks.get(call)
+                if task is not None:
                     task.cancel()
 
-            loop.call_soon_threadsafe(cancel_all)
+        loop.call_soon_threadsafe(close_and_cancel)
 
     @property
     def running(self) -> int:

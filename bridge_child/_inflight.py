@@ -51,13 +51,9 @@ def abort(call: int) -> int:
                 # The plain socket's shutdown, also for a TLS socket: it wakes the reader without
                 # touching the TLS state another thread is using.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            else:  # asyncio's view of a socket (another thread's loop owns it): one syscall, on a
-                # socket object over the same descriptor, detached again (it never closes it)
-                view = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
-                try:
-                    view.shutdown(socket.SHUT_RDWR)
-                finally:
-                    view.detach()
+            else:  # asyncio's view of a socket (``TransportSocket``): its ``shutdown`` is the socket's
+                # own, one syscall (a new socket object over the descriptor would cost ~4x as much)
+                sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass  # already closed
     return len(held)

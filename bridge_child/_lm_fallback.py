@@ -12,9 +12,9 @@ guarded LM (``bridge_child._lmguard.guarded_lm``): its own flags, its own budget
 
 When every LM of the chain failed, the execution fails with :class:`AllLMsFailed` (a
 ``program_error`` of type ``AllLMsFailed`` whose ``details["tried"]`` names every LM tried, in order,
-with its error type). An execution that succeeds reports, in its ``usage``, the LM that answered
-(``usage["lm"]``: the last LM request's) and the failures it moved past (``usage["fallbacks"]``),
-through :func:`recording` and :func:`annotate`.
+with its error type). An execution that succeeds reports, in its ``usage``, the LMs that answered
+(``usage["lms"]``: one name per LM request, in order; ``usage["lm"]``: the last of them) and the
+failures it moved past (``usage["fallbacks"]``), through :func:`recording` and :func:`annotate`.
 
 Importing this module imports dspy; ``bridge_child._programs`` imports it lazily.
 """
@@ -87,13 +87,15 @@ def recording() -> Iterator[Record]:
 
 
 def annotate(usage: dict[str, Any] | None, record: Record) -> dict[str, Any] | None:
-    """``usage`` with the LM that answered (``lm``) and the failures moved past (``fallbacks``), when
-    the execution's LM is a chain (unchanged otherwise)."""
+    """``usage`` with the LMs that answered (``lms``: one per LM request, in order; ``lm``: the last
+    of them, as before ``lms`` existed) and the failures moved past (``fallbacks``), when the
+    execution's LM is a chain (unchanged otherwise)."""
     if not record.answered and not record.skipped:
         return usage
     out = dict(usage or {})
     if record.answered:
         out["lm"] = record.answered[-1]
+        out["lms"] = list(record.answered)
     if record.skipped:
         out["fallbacks"] = list(record.skipped)
     return out

@@ -28,8 +28,15 @@ answer to be stored (woken at once by a leader in their worker, else looking aga
 ``FOLLOW_POLL_S``), then read it from the cache, a hit. A leader that fails releases its claim when its
 execution ends, and the next follower leads. A follower stops waiting when its call is cancelled, near
 its deadline, or after ``FOLLOW_MAX_WAIT_S``, and then sends its own request. Without a disk cache the
-coalescing is per worker. Executions on the asynchronous lane do not coalesce (a follower's wait would
-hold one of the event loop's few threads).
+coalescing is per worker.
+
+On the asynchronous lane the same election happens on the worker's event loop, before DSPy's async
+path reads the cache (``execution.aexecute`` is wrapped when the cache is configured: :func:`_aexecute`
+calls :meth:`WorkerLMCache.coordinate`): a follower waits there with ``asyncio.sleep`` (its task's
+cancel ends the wait at once), never in one of the few threads DSPy reads the cache from; the leader's
+local claim is taken before any await, so identical executions started together on one loop elect one
+leader. The lane's reads in those threads then only read (:meth:`WorkerLMCache.get` does not wait for
+a lane execution). Streamed executions do not coalesce.
 """
 
 from __future__ import annotations
@@ -76,10 +83,12 @@ CLAIM_PREFIX: Final = "dspex-claim:"
 class _Counter:
     """One execution's view of the cache: its hits, and (when it coalesces) the requests it leads."""
 
-    def __init__(self, ctx: CallContext | None = None, coalesce: bool = False) -> None:
+    def __init__(self, ctx: CallContext | None = None, coalesce: bool = False, on_loop: bool = False) -> None:
         self.hits = 0
         self.ctx = ctx
         self.coalesce = coalesce
+        self.on_loop = on_loop
+        """An execution of the asynchronous lane: it coalesces on the event loop (``coordinate``)."""
         self.led: list[str] = []
         self._lock = threading.Lock()
 
@@ -138,8 +147,8 @@ def _make_class() -> type:
                 return None
             answer = self._read(request)
             counter = _HITS.get()
-            if answer is not None or counter is None or not counter.coalesce:
-                return answer
+            if answer is not None or counter is None or not counter.coalesce or counter.on_loop:
+                return answer  # (a lane execution was coordinated on the loop: ``coordinate``)
             return self._lead_or_follow(request, counter, mode)
 
         def _read(self, request: dict[str, Any]) -> Any:
@@ -200,6 +209,62 @@ def _make_class() -> type:
                 answer = self._read(request)
                 if answer is not None:
                     return answer
+
+        async def coordinate(self, request: dict[str, Any], counter: _Counter) -> None:
+            """(The lane's event loop, before DSPy reads the cache for ``request``) Lead this answer
+            (return at once: the request will be sent, unless the cache has it by now), or follow
+            its leader in this worker or another until it is done, then return (the cache then has
+            its answer, or the leader failed and ``get`` misses). Never waits past the call's
+            deadline or ``FOLLOW_MAX_WAIT_S``; a cancel of the task ends the wait."""
+            import asyncio
+
+            mode = current_mode()
+            if mode == "off":
+                return
+            try:
+                key = self.cache_key(request)
+            except Exception:
+                return
+            give_up_at = time.monotonic() + counter.max_wait()
+            followed = False
+            while True:
+                mine: threading.Event | None = None
+                with _flights_lock:  # no await between the look and the claim: one leader per loop
+                    flight = _flights.get(key)
+                    if flight is None and mode == "read_write" and not followed:
+                        mine = _flights[key] = threading.Event()
+                if mine is not None:
+                    try:
+                        claimed = await asyncio.to_thread(self._claim, key)  # pool-wide, on disk
+                    except BaseException:
+                        self.release(key)
+                        raise
+                    if claimed:
+                        counter.led.append(key)  # released when its answer is stored, or at its end
+                        return
+                    with _flights_lock:  # another worker leads it: follow that one
+                        if _flights.get(key) is mine:
+                            del _flights[key]
+                    mine.set()
+                elif flight is None and not (
+                    self.enable_disk_cache and await asyncio.to_thread(self._claimed_elsewhere, key)
+                ):
+                    if not followed:
+                        return  # nobody leads it: read the cache, or send the request
+                    # The leader followed is done: its answer is stored, or it failed (then lead).
+                    if mode != "read_write" or await asyncio.to_thread(self._peek, request) is not None:
+                        return
+                    followed = False
+                    continue
+                followed = True
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(FOLLOW_POLL_S, left))
+
+        def _peek(self, request: dict[str, Any]) -> Any:
+            """The stored answer to ``request``, or None (not counted as a hit)."""
+            return super().get(request, list(KEY_IGNORED))
 
         def _claim(self, key: str) -> bool:
             if not self.enable_disk_cache:
@@ -275,7 +340,34 @@ def configure(
     with getattr(dspy, "_cache_lock", None) or contextlib.nullcontext():
         dspy.cache = cache
     _settings.update(enabled=True, mode=mode)
+    _install_coordination()
     return cache
+
+
+_original_aexecute: Any = None
+
+
+def _install_coordination() -> None:
+    """Wrap DSPy's ``execution.aexecute`` (looked up by name at each async LM call) with
+    :func:`_aexecute`, once."""
+    global _original_aexecute
+    from dspy.clients import execution
+
+    if _original_aexecute is None:
+        _original_aexecute = execution.aexecute
+        execution.aexecute = _aexecute
+
+
+async def _aexecute(lm: Any, call: Any) -> Any:
+    """``execution.aexecute``: a lane execution that coalesces elects its leader on the loop first."""
+    counter = _HITS.get()
+    if counter is not None and counter.on_loop and getattr(call, "cache", False):
+        import dspy
+
+        coordinate = getattr(dspy.cache, "coordinate", None)
+        if coordinate is not None:
+            await coordinate(call.key(lm, True), counter)
+    return await _original_aexecute(lm, call)
 
 
 def call_mode(ctx: CallContext) -> str | None:
@@ -292,14 +384,18 @@ def current_mode() -> str:
 
 
 @contextlib.contextmanager
-def scope(mode: str | None, ctx: CallContext | None = None, *, coalesce: bool = False) -> Iterator[_Counter]:
+def scope(
+    mode: str | None, ctx: CallContext | None = None, *, coalesce: bool = False, on_loop: bool = False
+) -> Iterator[_Counter]:
     """The cache mode of one execution (None: the worker's) and the counter of its hits; the context
     is copied into the threads DSPy's async path reads the cache from (``asyncio.to_thread``).
 
     With ``coalesce`` (an execution in a thread of its own: a follower's wait holds its thread), a miss
     waits for an identical request already in flight in the pool (module docstring) instead of
-    sending another; the requests it leads are released when it ends, whatever happened to them."""
-    counter = _Counter(ctx, coalesce)
+    sending another; the requests it leads are released when it ends, whatever happened to them.
+    ``on_loop`` (with ``coalesce``): an execution of the asynchronous lane, whose wait is on the
+    event loop (``WorkerLMCache.coordinate``)."""
+    counter = _Counter(ctx, coalesce, on_loop)
     mode_token = _MODE.set(None if mode is None else check_mode(mode))
     hits_token = _HITS.set(counter)
     try:

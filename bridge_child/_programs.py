@@ -528,7 +528,12 @@ async def aexecute(worker: Worker, ctx: CallContext) -> Any:
         settings["callbacks"] = [recorder.dspy_callback()]
     from bridge_child._lm_fallback import annotate, recording
 
-    with current_call(ctx) as call, recording() as answered, _lmcache.scope(_lmcache.call_mode(ctx)) as hits:
+    mode = _lmcache.call_mode(ctx)
+    with (
+        current_call(ctx) as call,
+        recording() as answered,
+        _lmcache.scope(mode, ctx, coalesce=True, on_loop=True) as hits,
+    ):
         try:
             with dspy.context(**settings), _traced(recorder):
                 prediction = await program.module.acall(**kwargs)

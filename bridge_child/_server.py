@@ -308,6 +308,7 @@ class Worker:
             self._lane_new.append((ctx, method))  # queued on the lane once its ack is written
         elif self.aio is not None and self._on_aio(ctx, method):
             self.counters["aio_calls"] += 1
+            self.aio.adopt(ctx.id)
             self._aio_new.append((ctx, method))  # started on the loop once its ack is written
         else:
             self._jobs.append((ctx, method))
@@ -317,9 +318,12 @@ class Worker:
         if ctx is None:
             return  # already finished: its terminal frame is on its way
         ctx.cancelled.set()
-        _inflight.abort(ctx.id)  # its LM requests' connections close: the provider stops generating
-        if self.aio is not None:  # an asynchronous execution: its task ends (all of this read's at once,
-            self._aio_cancels.append(ctx.id)  # after every connection was closed)
+        if self.aio is not None and self.aio.holds(ctx.id):
+            # An asynchronous execution: its loop closes its connections and cancels its task, with
+            # all of this read's at once (``AioLane.cancel_many``).
+            self._aio_cancels.append(ctx.id)
+        else:  # its LM requests' connections close: the provider stops generating
+            _inflight.abort(ctx.id)
         if self.leases is not None:
             self.leases.on_cancel(ctx.id)
         self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)

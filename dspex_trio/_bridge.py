@@ -206,10 +206,11 @@ class BridgeBackend(ProgramHost):
         *,
         session: str | None = None,
         timeout: float | None = None,
+        lm_cache: str | None = None,
     ) -> Dispatch:
-        """Run a program streamed, as ``Pool.stream`` does."""
+        """Run a program streamed, as ``Pool.stream`` does (``lm_cache``: as ``execute``'s)."""
         spec = self.sessions.program(session, program)
-        params = self._execute_params(program, inputs, session)
+        params = self._execute_params(program, inputs, session, lm_cache)
         return Dispatch(self, "execute", params, program=spec, timeout=timeout, stream=True)
 
     async def _apply_default_lm(self) -> None:

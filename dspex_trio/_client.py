@@ -1080,13 +1080,22 @@ class RemoteBackend(metaclass=NoPublicConstructor):
 
     # -- executions -------------------------------------------------------------------------------------
     async def _submit(
-        self, program: str, inputs: dict[str, Any], sid: str, timeout: float | None, *, stream: bool
+        self,
+        program: str,
+        inputs: dict[str, Any],
+        sid: str,
+        timeout: float | None,
+        *,
+        stream: bool,
+        lm_cache: str | None = None,
     ) -> _Execution:
         """Send ``execution/submit``; the execution, whose reply, events and end reach it from the reader
         (the caller waits once, for its end; a refused submit ends it with the error)."""
         params: dict[str, Any] = {"program": program, "inputs": inputs, "session": sid, "stream": stream}
         if timeout is not None:
             params["timeout"] = timeout
+        if lm_cache is not None:  # the server checks it (one of the three modes)
+            params["lm_cache"] = lm_cache
         execution = _Execution(
             stream=stream, limit=self.options.max_stream_events, program=program, session=sid
         )
@@ -1147,12 +1156,15 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         timeout: float | None = None,
         with_usage: bool = False,
         idempotent: bool = False,
+        lm_cache: str | None = None,
     ) -> dict[str, Any]:
         """Run a program; its output fields (with ``with_usage``: ``{"outputs", "usage", "backend"}``).
 
         Cancelling the caller cancels the execution on the server. ``idempotent=True``: an execution in
         flight when the connection dropped is run again once on the next connection (else
-        ``ConnectionLost``).
+        ``ConnectionLost``). ``lm_cache``: this execution's LM cache mode (``read_write``,
+        ``read_only``, ``off``; None: its session's); ``InvalidParams`` for another, or from a server
+        that caches no LM answers.
         """
         timeout = positive_timeout(timeout)
         sid = self._session_for_read(session)
@@ -1165,7 +1177,9 @@ class RemoteBackend(metaclass=NoPublicConstructor):
             try:
                 while True:
                     try:
-                        execution = await self._submit(program, inputs, sid, timeout, stream=False)
+                        execution = await self._submit(
+                            program, inputs, sid, timeout, stream=False, lm_cache=lm_cache
+                        )
                         data = await self._wait_end(execution, timeout)
                     except ConnectionLost:
                         if again:
@@ -1210,12 +1224,13 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         *,
         session: str | None = None,
         timeout: float | None = None,
+        lm_cache: str | None = None,
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Run a program streamed: ``{"event": "chunk", "predictor", "field", "chunk"}`` and
         ``{"event": "status", ...}`` events ..., then one ``{"event": "completed", "outputs", "usage",
         "backend"}``; a failure raises from the iteration (a refused
         submit, e.g. ``ProgramNotFound``, from entering the block). Leaving the block early (or cancelling
-        it) cancels the execution on the server."""
+        it) cancels the execution on the server. ``lm_cache``: as :meth:`execute`'s."""
         timeout = positive_timeout(timeout)
         sid = self._session_for_read(session)
         if sid is None:
@@ -1224,7 +1239,7 @@ class RemoteBackend(metaclass=NoPublicConstructor):
         async with self._slots:
             self._in_flight += 1
             try:
-                execution = await self._submit(program, inputs, sid, timeout, stream=True)
+                execution = await self._submit(program, inputs, sid, timeout, stream=True, lm_cache=lm_cache)
                 deadline = trio.current_time() + (math.inf if timeout is None else timeout + TIMEOUT_GRACE_S)
                 try:
                     with trio.move_on_at(deadline):

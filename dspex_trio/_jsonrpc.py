@@ -16,6 +16,8 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+from bridge_child.spec import LM_CACHE_MODES
+
 # -- error codes: standard JSON-RPC, then the server range (-32000 .. -32099) --------------------------
 
 PARSE_ERROR: Final = -32700
@@ -235,6 +237,14 @@ class LmSelectParams:
     session: str | None = _name_field()
 
 
+def _lm_cache_mode(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and value not in LM_CACHE_MODES:
+        shown = str(value)[:64]
+        raise ValueError(
+            f"{attribute.name} must be one of {', '.join(LM_CACHE_MODES)} or null, not {shown!r}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class ExecutionParams:
     program: str = attrs.field(validator=_name)
@@ -244,6 +254,8 @@ class ExecutionParams:
     """``execution/submit`` only: send ``chunk`` events as the LM streams."""
     timeout: float | None = None
     """Seconds for the whole execution (queueing included); None: the server's maximum."""
+    lm_cache: str | None = attrs.field(default=None, validator=_lm_cache_mode)
+    """This execution's LM cache mode (``read_write``, ``read_only``, ``off``); None: its session's."""
 
     def __attrs_post_init__(self) -> None:
         if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):

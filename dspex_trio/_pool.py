@@ -295,6 +295,7 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         *,
         session: str | None = None,
         timeout: float | None = None,
+        lm_cache: str | None = None,
     ) -> Dispatch:
         """Run a program streamed: ``async with pool.stream(...) as events: async for event in events``.
 
@@ -302,10 +303,10 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         ``{"event": "completed", "outputs", "usage", "backend"}``. Placed, re-dispatched and timed out as
         ``call()`` is (a worker that lacks the program gets its spec; a call never acked goes to another
         worker), until the block has seen an event; after, a failure raises. Leaving the block early
-        cancels the execution in its worker.
+        cancels the execution in its worker. ``lm_cache``: this call's LM cache mode, as ``execute``'s.
         """
         spec = self.sessions.program(session, program)
-        params = self._execute_params(program, inputs, session)
+        params = self._execute_params(program, inputs, session, lm_cache)
         return Dispatch(self, "execute", params, program=spec, timeout=timeout, stream=True)
 
     async def _apply_default_lm(self) -> None:

@@ -411,6 +411,7 @@ class ApiConnection:
                 f"no program {p.program!r} in "
                 + ("this connection's session" if p.session is None else "that session")
             )
+        _ws_lm_cache.check_call_mode(self, p)
         return session
 
     async def execution_submit(self, p: rpc.ExecutionParams) -> Any:
@@ -444,7 +445,12 @@ class ApiConnection:
         try:
             with _tracing.span("dspex.websocket execution/run", {"dspex.program": p.program}, server=True):
                 answer = await self.backend.execute(
-                    p.program, p.inputs, session=session, timeout=self._timeout(p), with_usage=True
+                    p.program,
+                    p.inputs,
+                    session=session,
+                    timeout=self._timeout(p),
+                    with_usage=True,
+                    **_ws_lm_cache.call_mode(p),
                 )
             outcome = "completed"
         except DspexError as exc:
@@ -505,7 +511,11 @@ class ApiConnection:
                 try:
                     if p.stream:
                         async with self.backend.stream(
-                            p.program, p.inputs, session=session, timeout=self._timeout(p)
+                            p.program,
+                            p.inputs,
+                            session=session,
+                            timeout=self._timeout(p),
+                            **_ws_lm_cache.call_mode(p),
                         ) as events:
                             async for event in events:
                                 kind = event["event"]
@@ -520,7 +530,12 @@ class ApiConnection:
                                     )
                     else:
                         answer = await self.backend.execute(
-                            p.program, p.inputs, session=session, timeout=self._timeout(p), with_usage=True
+                            p.program,
+                            p.inputs,
+                            session=session,
+                            timeout=self._timeout(p),
+                            with_usage=True,
+                            **_ws_lm_cache.call_mode(p),
                         )
                         terminal = "completed", {"outputs": answer["outputs"], "usage": answer.get("usage")}
                 except Exception as exc:

@@ -1,6 +1,8 @@
 """The websocket's LM cache method: ``lm/cache {"mode", "session"?}`` sets the cache mode of a
-session's executions (docs/websocket-api.md, docs/lm.md "Cache"). The mode is one of three words and
-the session a capability the connection holds, so the client chooses nothing unbounded."""
+session's executions; and an execution's own mode, ``execution/submit`` / ``execution/run``'s
+``lm_cache`` (docs/websocket-api.md, docs/lm.md "Cache"). The mode is one of three words
+(``rpc.ExecutionParams`` checks it) and the session a capability the connection holds, so the client
+chooses nothing unbounded, and a call's mode touches that call alone."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dspex_trio._jsonrpc import _name_field
 from dspex_trio._lm_cache import MODES
 
 if TYPE_CHECKING:
+    from dspex_trio._jsonrpc import ExecutionParams
     from dspex_trio._ws_api import ApiConnection, _Method
 
 
@@ -41,3 +44,14 @@ def methods(conn: ApiConnection) -> dict[str, _Method]:
         return {"mode": p.mode, "session": None if p.session is None else session}
 
     return {"lm/cache": _Method(LmCacheParams, lm_cache, False)}
+
+
+def check_call_mode(conn: ApiConnection, p: ExecutionParams) -> None:
+    """Refuse an execution's own ``lm_cache`` on a backend without an LM cache (the mock)."""
+    if p.lm_cache is not None and getattr(conn.backend, "set_lm_cache_mode", None) is None:
+        raise InvalidParams("this server's backend has no LM cache: lm_cache must be null")
+
+
+def call_mode(p: ExecutionParams) -> dict[str, Any]:
+    """The keyword arguments that give the backend's ``execute``/``stream`` the execution's mode."""
+    return {} if p.lm_cache is None else {"lm_cache": p.lm_cache}

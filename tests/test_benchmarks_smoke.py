@@ -116,6 +116,28 @@ def test_family_12_lm_in_flight_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> No
         assert (impl, "worker_rss_growth") in rows
 
 
+def test_family_12_lm_cancel_runs_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 12's cancel scenario: 20 executions in flight on the lane and 10 on threads, cancelled;
+    every connection closes and the rows are there (their values are not asserted: timing)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import lm_layer
+
+    errors: list[str] = []
+    facts: dict[str, object] = {}
+    rows = lm_layer._measure_cancel({"async": 20, "threads": 10}, errors, facts)
+    assert errors == []
+    assert facts == {
+        "cancel_async": {"in_flight": 20, "closed": 20},
+        "cancel_threads": {"in_flight": 10, "closed": 10},
+    }
+    got = {(r["implementation"], r["metric"]): r for r in rows}
+    for impl, n in (("async", 20), ("threads", 10)):
+        for metric in ("p50", "p99", "max"):
+            assert got[(impl, metric)]["scenario"] == "12_lm_cancel"
+            assert got[(impl, metric)]["x"] == n
+            assert got[(impl, metric)]["value"] >= 0
+
+
 def test_cold_start_family_measures_pools_on_a_warm_launcher(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

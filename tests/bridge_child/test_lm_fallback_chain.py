@@ -128,7 +128,36 @@ def test_a_provider_failure_moves_to_the_next_lm(failure: Exception, asynchronou
     assert usage == {
         "total_tokens": 3,
         "lm": "b",
+        "lms": ["b"],
         "fallbacks": [{"lm": "a", "error": type(failure).__name__}],
+    }
+
+
+class FailsOnce(StandIn):
+    """Raises its failure on the first call, answers on the others."""
+
+    def _answer(self) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise self.result
+        return ["from the primary"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["call", "acall"])
+def test_usage_names_the_lm_of_every_request_in_order(asynchronous: bool) -> None:
+    """Three LM requests of one execution: the first falls back to ``b``, the next two are answered by
+    the primary again. ``lms`` names all three; ``lm`` (kept as it was) the last."""
+    first, second = FailsOnce(dspy.LMServerError("boom", status=503)), StandIn(["from b"])
+    lm = _lm_fallback.FallbackLM([("a", first), ("b", second)], secrets=[])
+    with _lm_fallback.recording() as record:
+        answers = [run(lm, asynchronous) for _ in range(3)]
+    assert answers == [["from b"], ["from the primary"], ["from the primary"]]
+    usage = _lm_fallback.annotate({"total_tokens": 9}, record)
+    assert usage == {
+        "total_tokens": 9,
+        "lm": "a",
+        "lms": ["b", "a", "a"],
+        "fallbacks": [{"lm": "a", "error": "LMServerError"}],
     }
 
 

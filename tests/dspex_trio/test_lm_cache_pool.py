@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -119,11 +120,24 @@ async def test_without_lm_cache_every_request_goes_out(fake: FakeLM) -> None:
         assert fake.requests == 3
 
 
+@pytest.mark.parametrize(
+    ("async_capacity", "disk"),
+    [(0, True), (RUN, True), (RUN, False)],
+    ids=["threads", "lane", "lane-memory-only"],
+)
 async def test_100_identical_concurrent_executions_send_one_request(
-    fake: FakeLM, tmp_path: pathlib.Path
+    fake: FakeLM, tmp_path: pathlib.Path, async_capacity: int, disk: bool
 ) -> None:
-    cache = LMCache(directory=str(tmp_path / "lm-cache"), disk_bytes=DISK_CAP)
-    async with dspex_trio.open_pool(workers=2, lm_cache=cache) as pool:
+    """On the threads, and on the asynchronous lane (followers wait on its event loop): pool-wide
+    through the shared directory, or per worker without one (then 1 worker, so still 1 request)."""
+    if disk:
+        cache = LMCache(directory=str(tmp_path / "lm-cache"), disk_bytes=DISK_CAP)
+    else:
+        cache = LMCache(memory_entries=64)
+    workers = 2 if disk else 1
+    async with dspex_trio.open_pool(
+        workers=workers, lm_cache=cache, async_capacity=async_capacity, max_queue=RUN
+    ) as pool:
         await pool.configure_lm("openai/fake", api_base=fake.url, api_key=API_KEY, num_retries=0)
         pid = await pool.create_program("question -> answer")
         fake.configure(latency_s=0.5)  # the leader's request is in flight while the others arrive
@@ -136,6 +150,8 @@ async def test_100_identical_concurrent_executions_send_one_request(
             async with trio.open_nursery() as nursery:
                 for _ in range(RUN):
                     nursery.start_soon(one)
+        stats = [await worker.call("stats") for worker in pool.workers()]
+    assert sum(s["aio_calls"] for s in stats) == (RUN if async_capacity else 0)  # the path asked for
     assert fake.requests == 1
     assert len(results) == RUN and len({r["outputs"]["answer"] for r in results}) == 1
     assert sorted(r["usage"]["cache_hits"] for r in results) == [0] + [1] * (RUN - 1)
@@ -157,3 +173,36 @@ async def test_the_asynchronous_lane_reads_and_stores_too(fake: FakeLM) -> None:
     )
     assert second["outputs"] == first["outputs"]
     assert fake.requests == 2
+
+
+async def test_a_websocket_client_sets_one_executions_mode(fake: FakeLM) -> None:
+    """``execution/submit``'s ``lm_cache`` through the remote client (``dspex_trio.connect``), on real
+    workers: the mode holds for that execution alone, streamed or not; another mode is refused."""
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.open_pool(workers=1, lm_cache=LMCache(memory_entries=64)) as pool,
+            trio.open_nursery() as nursery,
+        ):
+            await pool.configure_lm("openai/fake", api_base=fake.url, api_key=API_KEY, num_retries=0)
+            server = await nursery.start(partial(dspex_trio.serve_websocket, pool, "127.0.0.1", 0))
+            async with dspex_trio.connect(server.url) as remote:
+                pid = await remote.create_program("question -> answer")
+
+                async def hits(question: str, **kw: Any) -> int:
+                    out = await remote.execute(pid, {"question": question}, with_usage=True, **kw)
+                    return int(out["usage"]["cache_hits"])
+
+                assert await hits("w", lm_cache="read_only") == 0  # not stored
+                assert await hits("w", lm_cache="off") == 0
+                assert fake.requests == 2
+                assert await hits("w") == 0  # the session's mode (the pool's: read_write) stores it
+                assert await hits("w", lm_cache="read_only") == 1
+                assert await hits("w", lm_cache="off") == 0
+                assert fake.requests == 4
+                async with remote.stream(pid, {"question": "w"}, lm_cache="read_only") as events:
+                    last = [event async for event in events][-1]
+                assert last["event"] == "completed" and last["usage"]["cache_hits"] == 1
+                assert fake.requests == 4
+                with pytest.raises(dspex_trio.InvalidParams, match="read_write, read_only, off"):
+                    await hits("w", lm_cache="always")
+            nursery.cancel_scope.cancel()

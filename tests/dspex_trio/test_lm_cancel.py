@@ -38,8 +38,9 @@ ASYNC_IN_FLIGHT = 1_000
 P99_LIMIT_S = 0.1
 """Cancel to connection closed, as fake-lm sees it, at p99 (the issue's bound)."""
 ASYNC_1000_P99_LIMIT_S = 1.0
-"""The same for 1,000 at once. Not the issue's 100 ms: measured here 0.19-0.32 s at p99 (median
-0.1-0.13 s) with the machine's load average at 8 on 2 cores; see docs/lm.md."""
+"""The same for 1,000 at once, a loose regression guard: measured here 0.14-0.39 s at p99 with the
+machine's load average at 8-12 on 2 cores. The issue's 100 ms is benchmark target 12c (family 12,
+``12_lm_cancel``), not a test's bound; see docs/lm.md."""
 
 
 @attrs.define

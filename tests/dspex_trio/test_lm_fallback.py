@@ -62,6 +62,7 @@ async def test_a_500_or_429_moves_to_the_next_lm_which_is_named(
             [stats] = [await worker.call("stats") for worker in pool.workers()]
     assert result["outputs"]["answer"]
     assert result["usage"]["lm"] == f"openai/second @ {secondary.url}"
+    assert result["usage"]["lms"] == [f"openai/second @ {secondary.url}"]  # its one LM request
     assert result["usage"]["fallbacks"] == [{"lm": f"openai/first @ {primary.url}", "error": error}]
     assert result["usage"]["total_tokens"] > 0
     assert primary.statistics.failures_injected == 1
