@@ -152,12 +152,10 @@ class NodeAgent:
             raise RuntimeError(
                 f"the node's zygote template failed to start (exit {self._template.returncode}): {detail}"
             )
-        try:
-            import ray
-
+        node_id = ""
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():  # else not in Ray (tests drive the agent directly)
             node_id = ray.get_runtime_context().get_node_id()
-        except Exception:  # not in a Ray worker (tests drive the agent directly)
-            node_id = ""
         return {
             "node_id": node_id,
             "pid": os.getpid(),
@@ -219,6 +217,15 @@ class NodeAgent:
                 os.killpg(pid, signum)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def close(self) -> None:
+        """Stop: the template sees its control socket end and exits, and the workers still running are
+        killed. (An agent killed by Ray gets the same from the kernel: its fds close with it.)"""
+        try:
+            self._control.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._template_gone("the agent was closed")
 
     def poll(self, timeout: float) -> dict[str, Any]:
         """What happened since the last poll, once something did or after ``timeout`` s (at most

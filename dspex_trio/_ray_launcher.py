@@ -128,6 +128,7 @@ class RayControl:
     _exited: trio.Event = attrs.Factory(trio.Event)
     _kill_asked: trio.Event = attrs.Factory(trio.Event)
     _stderr_ended: bool = False
+    _closed: bool = False
     stderr_dropped: int = 0
     """Stderr chunks dropped on the host (the worker handle did not keep up)."""
     _stderr_send: trio.MemorySendChannel[bytes] = attrs.field(init=False)
@@ -215,11 +216,15 @@ class RayControl:
         """Stop relaying its stderr, make sure it is gone (SIGKILL if its exit is not known) and release
         its placement. Does not wait."""
         with trio.CancelScope(shield=True):
+            on_close, self.on_close = self.on_close, None
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                return
+            self._closed = True
             if self._status is None:
                 self.signal_group(signal.SIGKILL)
             self._stderr_send.close()
             await self._stderr.aclose()
-            on_close, self.on_close = self.on_close, None
             if on_close is not None:
                 on_close()
 
@@ -267,14 +272,12 @@ class _Agent:
 
     async def pump(self) -> None:
         """Relay the agent's news until it is gone (then its workers count as exited)."""
-        import ray
-
         reason = "stopped"
         try:
             while True:
                 try:
                     news = await await_ref(self.actor.poll.remote(POLL_S))
-                except ray.exceptions.RayError as exc:
+                except Exception as exc:  # Ray's ActorDiedError, RayActorError...: it is gone
                     reason = f"the agent is gone ({type(exc).__name__})"
                     break
                 for pid, data in news["stderr"].items():
