@@ -432,7 +432,8 @@ class RayLauncher:
 
     async def _place(self) -> _Placement:
         """A reservation for one worker, on the node it should go to (``OSError`` if Ray cannot place it
-        within ``start_timeout``)."""
+        within ``start_timeout``), counted in ``_live`` at once (so concurrent starts spread) until
+        ``_release``."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -444,9 +445,11 @@ class RayLauncher:
             if placement.node_id in alive and (target is None or placement.node_id == target):
                 self._free.remove(placement)
                 placement.released_at = None
+                self._live[placement.node_id] += 1
                 return placement
         bundle = self._bundle()
         if not bundle:  # nothing to reserve: the node is ours to choose
+            self._live[target or alive[0]] += 1
             return _Placement(None, target or alive[0])
         options: dict[str, Any] = {"strategy": "STRICT_PACK"}
         if target is not None:
@@ -461,20 +464,28 @@ class RayLauncher:
                 return None
             return str(placement_group_table(group)["bundles_to_node_id"][0])
 
+        planned = target or ""
+        self._live[planned] += 1  # counted before the wait: concurrent starts aim elsewhere
         try:
             node = await trio.to_thread.run_sync(wait, abandon_on_cancel=True)
         except BaseException:
+            self._uncount(planned)
             remove_placement_group(group)
             raise
+        self._uncount(planned)
         if node is None:
             remove_placement_group(group)
             raise OSError(f"Ray could not place a worker's bundle {bundle} within {timeout} s")
+        self._live[node] += 1
         return _Placement(group, node)
 
+    def _uncount(self, node_id: str) -> None:
+        self._live[node_id] -= 1
+        if self._live[node_id] <= 0:
+            del self._live[node_id]
+
     def _release(self, placement: _Placement) -> None:
-        self._live[placement.node_id] -= 1
-        if self._live[placement.node_id] <= 0:
-            del self._live[placement.node_id]
+        self._uncount(placement.node_id)
         if placement.group is None:
             return
         if self._nursery is None:  # the launcher is closed (or closing)
@@ -543,13 +554,18 @@ class RayLauncher:
         try:
             with trio.fail_after(self.start_timeout):
                 placement = await self._place()
-            self._live[placement.node_id] += 1
             agent = await self._agent(placement.node_id, spec.programs)
             spawn = agent.actor.spawn.remote(
                 listener.connect_to, token, listener.secret.hex(), placement.node_id, spec.argv()
             )
-            with trio.fail_after(self.start_timeout):
-                pid = await await_ref(spawn)
+            try:
+                with trio.fail_after(self.start_timeout):
+                    pid = await await_ref(spawn)
+            except (
+                ray.exceptions.RayActorError
+            ) as exc:  # before its pump noticed: the next start makes a new one
+                agent.gone(f"the agent is gone ({type(exc).__name__})")
+                raise
             held, placement = placement, None
             control = RayControl(agent, pid, on_close=lambda: self._release(held))
             agent.register(control)
