@@ -4,15 +4,18 @@ handle), and a pool uses the launcher's side of it (``_Agent``, ``RayControl``).
 workers that dial the pool's listener over TCP. Checked: calls served by forked TCP workers; their
 stderr reaches the host's ``dspex_trio.worker`` log, bounded (a flood is cut and the cut is said); a
 worker's exit status is reported; a worker whose lifeline (the agent's pipe) hangs up exits, and the pool
-replaces it. The agent on a real Ray cluster (killed agent, host SIGKILL): ``test_ray.py``."""
+replaces it; the template refuses malformed TCP spawns. The agent on a real Ray cluster (killed agent, host SIGKILL): ``test_ray.py``."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import secrets
+import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +23,8 @@ import pytest
 import trio
 
 import dspex_trio
-from dspex_trio._launcher import WorkerSpec
+from bridge_child._zygote import MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
+from dspex_trio._launcher import WorkerSpec, worker_environment
 from dspex_trio._ray_agent import STDERR_BYTES_PER_S, NodeAgent
 from dspex_trio._ray_launcher import RayControl, _Agent, await_ref
 from dspex_trio._tcp_worker import TcpWorker, WorkerListener, open_worker_listener
@@ -170,3 +174,39 @@ def _parent(pid: int) -> int | None:
         return int(data[data.rindex(b")") + 2 :].split()[1])
     except (OSError, ValueError):
         return None
+
+
+def test_the_template_refuses_malformed_tcp_spawns() -> None:
+    """A TCP spawn needs exactly two fds and string ``connect``, ``token``, ``node`` within bounds; anything
+    else is answered with an error, and nothing is forked."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    template = subprocess.Popen(
+        [sys.executable, "-m", "bridge_child._zygote", "--control-fd", str(child.fileno())],
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=worker_environment(os.environ),
+    )
+    child.close()
+    r, w = os.pipe()
+    try:
+        parent.settimeout(120)
+        assert json.loads(parent.recv(MAX_MESSAGE_BYTES))["op"] == "ready"
+        good = {"connect": "127.0.0.1:1", "token": "t", "node": "n"}
+        requests = [
+            (good, [r]),  # too few fds
+            (good, [r, w, r]),  # too many
+            ({**good, "connect": 1}, [r, w]),  # not a string
+            ({**good, "token": "x" * (MAX_TCP_FIELD_CHARS + 1)}, [r, w]),  # too long
+            ({"connect": "127.0.0.1:1", "token": "t"}, [r, w]),  # no node
+        ]
+        for i, (tcp, fds) in enumerate(requests, 1):
+            message = {"op": "spawn", "id": i, "argv": [], "tcp": tcp}
+            socket.send_fds(parent, [json.dumps(message).encode()], fds)
+            reply = json.loads(parent.recv(MAX_MESSAGE_BYTES))
+            assert reply["op"] == "error" and reply["id"] == i, (tcp, len(fds), reply)
+    finally:
+        os.close(r)
+        os.close(w)
+        parent.close()  # EOF: the template exits
+        assert _wait(template, 30) == 0
