@@ -39,6 +39,7 @@ import logging
 import math
 import secrets
 import signal
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -293,8 +294,11 @@ class _Agent:
             self.gone(reason)
 
     def gone(self, reason: str) -> None:
+        """The agent serves no more: its workers count as exited, and its actor is killed (if it still
+        runs: a template that died alone leaves its agent up)."""
         if self.lost is None:
             self.lost = reason
+            _kill(self.actor)
             if self.controls:
                 logger.warning(
                     "agent on node %s: %s; its %d worker(s) are lost",
@@ -590,8 +594,9 @@ class RayLauncher:
 
 
 def _kill(actor: Any) -> None:
-    import ray
-
+    ray = sys.modules.get("ray")
+    if ray is None:  # never imported: no actor of Ray's to kill (tests' fake actors)
+        return
     try:
         ray.kill(actor, no_restart=True)
     except Exception as exc:  # already gone

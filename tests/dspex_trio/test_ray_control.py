@@ -153,3 +153,57 @@ async def test_await_ref_wakes_on_the_futures_result() -> None:
     failing.f.set_exception(ValueError("boom"))
     with pytest.raises(ValueError, match="boom"):
         await await_ref(failing)
+
+
+class ScriptedPolls:
+    """``actor.poll.remote(timeout)``: each call answers with the next of ``answers`` (an exception is
+    raised, as Ray does for a dead actor)."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+
+    def remote(self, timeout: float) -> FakeRef:
+        ref = FakeRef()
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            ref.f.set_exception(answer)
+        else:
+            ref.f.set_result(answer)
+        return ref
+
+
+def news(**fields: Any) -> dict[str, Any]:
+    return {"exits": {}, "stderr": {}, "eof": [], "dead": None, **fields}
+
+
+async def test_the_pump_relays_news_until_the_template_dies(autojump_clock: trio.testing.MockClock) -> None:
+    actor = FakeActor()
+    actor.poll = ScriptedPolls(  # type: ignore[attr-defined]
+        [
+            news(stderr={5: b"last words\n", 6: b"bye\n"}),
+            news(exits={6: 0}, eof=[6]),
+            news(dead="exited (-9)"),
+        ]
+    )
+    agent = _Agent(actor, "node-a", ())
+    five, six = RayControl(agent, 5), RayControl(agent, 6)
+    agent.register(five)
+    agent.register(six)
+    await agent.pump()
+    assert agent.lost is not None and "exited (-9)" in agent.lost
+    assert await six.wait() == ExitStatus(code=0, signal=None)  # reported before the end
+    assert await five.wait() == ExitStatus(code=None, signal=None)  # lost with its agent
+    assert await five.stderr.receive_some() == b"last words\n"
+    assert await five.stderr.receive_some() == b""
+    assert not agent.controls
+
+
+async def test_a_poll_that_fails_means_the_agent_is_gone(autojump_clock: trio.testing.MockClock) -> None:
+    actor = FakeActor()
+    actor.poll = ScriptedPolls([news(), RuntimeError("ActorDiedError")])  # type: ignore[attr-defined]
+    agent = _Agent(actor, "node-a", ())
+    control = RayControl(agent, 5)
+    agent.register(control)
+    await agent.pump()
+    assert agent.lost == "the agent is gone (RuntimeError)"
+    assert await control.wait() == ExitStatus(code=None, signal=None)
