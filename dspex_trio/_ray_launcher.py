@@ -364,11 +364,11 @@ class RayLauncher:
     """The worker listener, while open."""
     _agent_class: Any = None
     _context: Any = None
-    _nursery: trio.Nursery | None = None
-    _agents: dict[tuple[str, tuple[str, ...]], _Agent] = attrs.Factory(dict)
-    _live: collections.Counter[str] = attrs.Factory(collections.Counter)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _agents: dict[tuple[str, tuple[str, ...]], _Agent] = attrs.field(factory=dict, init=False)
+    _live: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     """This launcher's running workers, by node."""
-    _free: list[_Placement] = attrs.Factory(list)
+    _free: list[_Placement] = attrs.field(factory=list, init=False)
     """Placements of exited workers, kept ``PLACEMENT_LINGER_S`` for a replacement."""
 
     def __attrs_post_init__(self) -> None:
