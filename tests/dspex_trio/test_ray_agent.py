@@ -115,14 +115,14 @@ async def test_forked_tcp_workers_serve_and_their_stderr_reaches_the_host_log(
             await wait_until(lambda: len(relayed()) >= 10, 30, lambda: f"relayed: {relayed()[:3]}")
             assert all(m.startswith("[w") for m in relayed()), relayed()[:3]
             # a flood: at most STDERR_BYTES_PER_S per second reach the host, and the cut is said
-            flood = 8 * STDERR_BYTES_PER_S
+            flood = 32 * STDERR_BYTES_PER_S  # written in far less than the 32 s it would take to pass
             assert await pool.call("spew_stderr", {"bytes": flood}) == flood
 
             def dropped() -> list[str]:
                 return [r.getMessage() for r in caplog.records if "bytes of stderr dropped" in r.getMessage()]
 
             await wait_until(dropped, 30, "no drop was reported")
-            assert len(relayed()) * 100 < flood, len(relayed())  # much of it never crossed
+            assert len(relayed()) * 100 < flood // 2, len(relayed())  # most of it never crossed
 
 
 async def test_an_exit_status_is_reported_and_a_lost_lifeline_ends_the_worker(
