@@ -6,8 +6,9 @@
   machine, frames over TCP) vs ``open_pool(launcher="zygote")`` (target: >= 0.8x), with the TCP path
   without Ray (``TcpLauncher``) as a third row.
 - **13b, one worker ready** (from the launch to its ``hello``), p50 of ``--starts`` starts: a worker on a
-  node whose Ray is up (an actor placed, its process started, its connection authenticated) vs a fork
-  of an already running zygote template (target: <= 2x).
+  node whose agent is up (its placement, a fork of the node's zygote template asked of the agent, its
+  connection authenticated; the first start, which starts the agent, is not timed) vs a fork of an
+  already running local zygote template (target: <= 2x).
 
 Ray must not bind the machine's external address: run as root, this module re-runs itself in a network
 namespace with only loopback up (``unshare -n``), where it starts a local Ray instance of its own. The

@@ -10,6 +10,10 @@ so no framing; file descriptors ride along as ``SCM_RIGHTS``). Messages are JSON
 parent -> template
     ``{"op": "spawn", "id": I, "argv": [...]}`` with exactly three fds: the worker's stdin (read end), its
     frame stream (write end) and its stderr (write end). ``argv`` is ``WorkerSpec.argv()``.
+    ``{"op": "spawn", "id": I, "argv": [...], "tcp": {"connect": "HOST:PORT", "token": T, "node": N}}``
+    with exactly two fds: the worker's stdin (read end: the pool's secret, then its lifeline) and its
+    stderr (write end). The worker dials the host and serves its frames over TCP (``bridge_child.tcp``):
+    how a Ray node's agent (``dspex_trio._ray_agent``) forks its workers.
 template -> parent
     ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S, "programs": [...]}`` once, when it can
     fork (it imported dspy and the operator's program modules);
@@ -60,6 +64,10 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest control message either way."""
 SPAWN_FDS: Final = 3
 """File descriptors that come with a ``spawn`` request: stdin (read), frames (write), stderr (write)."""
+TCP_SPAWN_FDS: Final = 2
+"""File descriptors that come with a ``spawn`` request of a TCP worker: stdin (read), stderr (write)."""
+MAX_TCP_FIELD_CHARS: Final = 512
+"""Longest ``connect``, ``token`` or ``node`` of a TCP spawn."""
 REAP_INTERVAL_S: Final = 1.0
 """The loop reaps children at least this often, even if a SIGCHLD wake-up was lost."""
 EXIT_TEMPLATE_ERROR: Final = 70
@@ -147,13 +155,18 @@ class Template:
         if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
             self.send({"op": "error", "id": request_id, "message": "argv must be a list of strings"})
             return
-        if flags & socket.MSG_CTRUNC or len(fds) != SPAWN_FDS:
+        tcp = message.get("tcp")
+        if tcp is not None and not _valid_tcp(tcp):
+            self.send({"op": "error", "id": request_id, "message": "tcp needs string connect, token, node"})
+            return
+        expected = SPAWN_FDS if tcp is None else TCP_SPAWN_FDS
+        if flags & socket.MSG_CTRUNC or len(fds) != expected:
             self.send(
-                {"op": "error", "id": request_id, "message": f"expected {SPAWN_FDS} fds, got {len(fds)}"}
+                {"op": "error", "id": request_id, "message": f"expected {expected} fds, got {len(fds)}"}
             )
             return
         try:
-            pid = self.fork_worker(argv, *fds)
+            pid = self.fork_worker(argv, fds, tcp)
         except OSError as exc:
             self.send({"op": "error", "id": request_id, "message": f"fork failed: {exc}"})
             return
@@ -181,7 +194,7 @@ class Template:
         os._exit(0)
 
     # -- forking ----------------------------------------------------------------------------------------
-    def fork_worker(self, argv: list[str], stdin_fd: int, frames_fd: int, stderr_fd: int) -> int:
+    def fork_worker(self, argv: list[str], fds: list[int], tcp: dict[str, str] | None = None) -> int:
         threads = threading.active_count()
         if threads != 1:  # a fork with other threads alive may copy a held lock: refuse instead
             raise OSError(errno.EDEADLK, f"the template has {threads} threads; forking is unsafe")
@@ -189,7 +202,9 @@ class Template:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child (measured by the tests, not by coverage)
-            self.become_worker(argv, stdin_fd, frames_fd, stderr_fd)
+            if tcp is None:
+                self.become_worker(argv, *fds)
+            self.become_tcp_worker(argv, tcp, *fds)
         # The child makes itself a group leader too; doing it here as well means the group exists before
         # the runtime hears the pid, so a signal to the group sent at once cannot miss.
         try:
@@ -238,6 +253,46 @@ class Template:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+
+    def become_tcp_worker(
+        self, argv: list[str], tcp: dict[str, str], stdin_fd: int, stderr_fd: int
+    ) -> NoReturn:
+        """A worker that serves its frames over TCP (``bridge_child.tcp.serve``): stdin on 0 (its secret,
+        then its lifeline), stderr on 1 and 2, nothing else inherited."""
+        code = EXIT_TEMPLATE_ERROR
+        try:
+            os.setpgid(0, 0)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.control.close()
+            _close(self.wake_r)
+            _close(self.wake_w)
+            os.dup2(stdin_fd, 0)
+            os.dup2(stderr_fd, 1)
+            os.dup2(stderr_fd, 2)
+            os.closerange(3, _max_fd())
+            _reseed()
+            from bridge_child import tcp as tcp_worker
+
+            sys.argv = ["bridge_child.tcp", *argv]
+            code = tcp_worker.serve(tcp["connect"], tcp["token"], tcp["node"], argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+
+def _valid_tcp(tcp: object) -> bool:
+    return isinstance(tcp, dict) and all(
+        isinstance(tcp.get(key), str) and len(tcp[key]) <= MAX_TCP_FIELD_CHARS
+        for key in ("connect", "token", "node")
+    )
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

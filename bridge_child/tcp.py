@@ -201,25 +201,32 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)  # stdout hygiene: nothing printed reaches a frame stream (frames go to the socket)
     import argparse
 
-    from bridge_child import _server
-
     parser = argparse.ArgumentParser(prog="python -m bridge_child.tcp", add_help=False)
     parser.add_argument("--connect", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--node", default="")
     ours, rest = parser.parse_known_args(argv)
-    args = _server.parse_args(rest)
+    return serve(ours.connect, ours.token, ours.node, rest)
+
+
+def serve(connect_to: str, token: str, node: str, worker_argv: list[str]) -> int:
+    """Steps 1-3 of the module doc, in this process: fd 0 carries the secret then is the lifeline, fds
+    1 and 2 are stderr. Used by :func:`main` and by a worker a node agent's zygote forked
+    (``bridge_child._zygote``, a ``spawn`` with ``tcp``)."""
+    from bridge_child import _server
+
+    args = _server.parse_args(worker_argv)
     _server.prepare_process()
     try:
         secret = parse_secret_line(_read_line(0))
     except ValueError as exc:
         print(f"bridge_child: no usable secret on stdin: {exc}", file=sys.stderr)
         return EXIT_NO_SECRET
-    claims = {"token": ours.token, "pid": os.getpid(), "node": ours.node or socket.gethostname()}
+    claims = {"token": token, "pid": os.getpid(), "node": node or socket.gethostname()}
     try:
-        sock = connect(_split_address(ours.connect), secret, claims)
+        sock = connect(_split_address(connect_to), secret, claims)
     except (OSError, AuthError) as exc:
-        print(f"bridge_child: cannot connect to the host {ours.connect}: {exc}", file=sys.stderr)
+        print(f"bridge_child: cannot connect to the host {connect_to}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     del secret
     fd = sock.detach()

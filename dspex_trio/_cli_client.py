@@ -222,7 +222,9 @@ def describe_snapshot(snapshot: Mapping[str, Any]) -> str:
     for w in snapshot["workers"]:
         lines.append(
             f"  {w['worker_id']:<8} pid {w['pid']:<8} {w['state']:<9} in flight {w['in_flight']:<4}"
-            f" last heard {w['last_heartbeat_age']:.2f} s ago" + (" (retiring)" if w["retiring"] else "")
+            f" last heard {w['last_heartbeat_age']:.2f} s ago"
+            + (" (retiring)" if w["retiring"] else "")
+            + (f" on node {w['node']}" if w.get("node") else "")
         )
     return "\n".join(lines)
 
@@ -230,8 +232,10 @@ def describe_snapshot(snapshot: Mapping[str, Any]) -> str:
 def describe_event(event: str, data: Mapping[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(data.get("time", time.time())))
     if event == "worker_state":
-        return f"{stamp} worker {data['worker_id']} (pid {data['pid']}): {data['from']} -> {data['to']}" + (
-            f" ({data['reason']})" if data.get("reason") else ""
+        where = f" on node {data['node']}" if data.get("node") else ""
+        return (
+            f"{stamp} worker {data['worker_id']} (pid {data['pid']}{where}): {data['from']} -> {data['to']}"
+            + (f" ({data['reason']})" if data.get("reason") else "")
         )
     if event == "circuit":
         return f"{stamp} circuit {data['from']} -> {data['to']}" + (

@@ -57,6 +57,10 @@ PREFIX: Final = "dspex"
 """The namespace of every family."""
 EXIT_CAUSES: Final = ("stopped", "killed", "exited", "unresponsive", "protocol", "start_timeout")
 """The ``cause`` label of ``dspex_worker_exits_total``: a closed set (see :func:`exit_cause`)."""
+MAX_NODE_LABEL_CHARS: Final = 64
+"""The ``node`` label of per-worker series is cut to this many characters (a Ray node id is 56)."""
+REMOTE_LAUNCHERS: Final = frozenset({"ray"})
+"""Launchers whose workers may run on another machine: no /proc series for them."""
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 """Bytes per page, for ``/proc/<pid>/statm``."""
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -66,6 +70,12 @@ PROC_READ_BYTES: Final = 4096
 
 Source = Callable[[], Iterable["Metric"]]
 """An extra source of metric families, called at each scrape (``RuntimeCollector.add_source``)."""
+
+
+def node_label(node: str) -> str:
+    """The ``node`` label of a worker's series: where it runs ("" on this machine), bounded in length.
+    Its values are as many as the pool's nodes, which the pool's size bounds."""
+    return str(node)[:MAX_NODE_LABEL_CHARS]
 
 
 def exit_cause(new: WorkerState, reason: str) -> str:
@@ -240,31 +250,37 @@ class RuntimeCollector:
             getattr(stats, "recycled", 0),
         )
 
-        in_flight = gauge("worker_in_flight", "Calls in flight per worker.", labels=("worker_id",))
+        per_worker = ("worker_id", "node")
+        in_flight = gauge("worker_in_flight", "Calls in flight per worker.", labels=per_worker)
         rss = gauge(
             "worker_resident_memory_bytes",
-            "Resident memory of each worker process (/proc).",
-            labels=("worker_id",),
+            "Resident memory of each worker process (/proc; workers on this machine).",
+            labels=per_worker,
         )
         age = gauge(
-            "worker_age_seconds", "Seconds since each worker process started (/proc).", labels=("worker_id",)
+            "worker_age_seconds",
+            "Seconds since each worker process started (/proc; workers on this machine).",
+            labels=per_worker,
         )
         uptime = _uptime_seconds()
         started = {}
         for worker in getattr(stats, "workers", ()):
             wid = worker.worker_id
-            in_flight.add_metric([wid], worker.in_flight)
+            node = node_label(getattr(worker, "node", ""))
+            in_flight.add_metric([wid, node], worker.in_flight)
+            if getattr(worker, "launcher", "") in REMOTE_LAUNCHERS:
+                continue  # its pid is another machine's: this /proc knows nothing of it
             resident = process_rss_bytes(worker.pid)
             if resident is None:
                 continue  # gone (or no /proc)
-            rss.add_metric([wid], resident)
+            rss.add_metric([wid, node], resident)
             start = started[worker.pid] = (
                 self._started[worker.pid]
                 if worker.pid in self._started
                 else process_start_seconds(worker.pid)
             )
             if start is not None and uptime is not None:
-                age.add_metric([wid], max(0.0, uptime - start))
+                age.add_metric([wid, node], max(0.0, uptime - start))
         self._started = started  # forget the workers that are gone (a pid may be reused)
         yield from (in_flight, rss, age)
         workers_now = getattr(stats, "workers", ())

@@ -26,6 +26,7 @@
   const pending = new Map();
   let pollTimer = null;
   let metricsOk = metricsSameOrigin;
+  const NODE_CHARS = 12;  // a Ray node id (56 hex digits) is shown by its first characters
   const workers = new Map();  // worker_id -> {worker_id, pid, state, calls, in_flight, endedAt}
   const processFigures = new Map();  // worker_id -> {rss, age}
   const history = [];  // {rate, executions, p50, p99}
@@ -108,6 +109,7 @@
       if (!worker.endedAt) {
         worker.state = data.to;
         worker.pid = data.pid;
+        if (data.node) worker.node = data.node;
         if (ended) worker.endedAt = Date.now();
       }
       workers.set(data.worker_id, worker);
@@ -134,6 +136,7 @@
       const worker = workers.get(w.worker_id) || { worker_id: w.worker_id, calls: 0 };
       worker.pid = w.pid;
       worker.in_flight = w.in_flight;
+      if (w.node) worker.node = w.node;
       if (w.calls !== undefined) worker.calls = w.calls;
       if (!worker.endedAt) {
         worker.state = w.state;
@@ -175,7 +178,7 @@
     if (Array.isArray(stats.workers)) {
       updateLive(stats.workers.map((w) => ({
         worker_id: w.worker_id, pid: w.pid, state: w.state, in_flight: w.in_flight,
-        calls: w.calls_served + w.calls_failed,
+        calls: w.calls_served + w.calls_failed, node: w.node,
       })));
     } else if (status.health) {
       applySnapshot(status.health);
@@ -224,7 +227,7 @@
       })
       .then((text) => {
         processFigures.clear();
-        const line = /^dspex_worker_(resident_memory_bytes|age_seconds)\{worker_id="([^"]*)"\} (\S+)$/;
+        const line = /^dspex_worker_(resident_memory_bytes|age_seconds)\{(?:[^}]*,)?worker_id="([^"]*)"[^}]*\} (\S+)$/;
         for (const row of text.split("\n")) {
           const match = line.exec(row);
           if (!match) continue;
@@ -276,7 +279,7 @@
       row.dataset.state = worker.state;
       if (worker.endedAt) row.className = "failed";
       const cells = [worker.worker_id, worker.pid, worker.state, worker.calls ?? 0, worker.in_flight ?? 0,
-        formatBytes(figures.rss), formatAge(figures.age)];
+        formatBytes(figures.rss), formatAge(figures.age), (worker.node || "").slice(0, NODE_CHARS)];
       cells.forEach((value, index) => {
         const cell = document.createElement("td");
         cell.textContent = String(value);

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ NETNS_RUN_TIMEOUT_S = 420
 """The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
 NODES = 3
 NODE_CPUS = 2
-CLUSTER_TESTS = 6
+CLUSTER_TESTS = 7
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -106,7 +107,10 @@ def workers(pool: dspex_trio.Pool) -> list[Any]:
 
 
 @inside
-async def test_calls_and_dspy_executions_spread_over_all_nodes(cluster: Any) -> None:
+async def test_calls_and_dspy_executions_spread_over_all_nodes(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dspex_trio.worker")
     with trio.fail_after(120):
         async with (
             dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,
@@ -122,8 +126,20 @@ async def test_calls_and_dspy_executions_spread_over_all_nodes(cluster: Any) -> 
                     nursery.start_soon(pool.call, "echo", {"value": i})
             served = [w.calls_served for w in workers(pool)]
             assert sum(served) >= 60 and all(n > 0 for n in served), served
-            # resized down and up again (Ray's SPREAD is round robin: the new workers may share a
-            # node with the one left, not with each other)
+            # one agent per node, whose template forked that node's worker
+            agents = launcher.agents
+            assert set(agents) == alive_nodes(), agents
+            assert {_ppid(w.pid) for w in stats} == {a["template_pid"] for a in agents.values()}, agents
+            # a worker's stderr reaches this host's log, under the worker's id
+            assert await pool.call("spew_stderr", {"bytes": 500}) == 500
+
+            def relayed() -> list[str]:
+                return [r.getMessage() for r in caplog.records if r.name == "dspex_trio.worker"]
+
+            await wait_until(
+                lambda: sum("eeee" in m for m in relayed()) >= 5, 30, lambda: f"{relayed()[-5:]}"
+            )
+            # resized down and up again (the new workers go to the nodes with the fewest workers)
             await pool.resize(1)
             await wait_until(lambda: len(workers(pool)) == 1, 30)
             await wait_until(lambda: sum(pid_alive(pid) for pid in pids) == 1, 10)
@@ -139,27 +155,71 @@ async def test_calls_and_dspy_executions_spread_over_all_nodes(cluster: Any) -> 
 
 
 @inside
-async def test_the_pool_exit_leaves_no_actor_and_no_process(cluster: Any) -> None:
+async def test_the_pool_exit_leaves_no_worker_and_the_launchers_no_actor_nor_process(cluster: Any) -> None:
     import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+
+    def alive_actors() -> list[Any]:
+        actors = ray._private.state.actors(job_id=ray.JobID.from_hex(job)).values()
+        return [a for a in actors if a["State"] != "DEAD"]
+
+    def reserved() -> list[Any]:  # placement groups of this job not removed
+        return [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
 
     with trio.fail_after(120):
         async with dspex_trio.RayLauncher(address=cluster.address) as launcher:
             async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
                 assert await pool.call("echo", {"value": 1}) == 1
                 pids = {w.pid for w in workers(pool)}
-                actor_pids = {p for pid in pids if (p := _ppid(pid)) is not None}
-                assert len(actor_pids) == 2 and all(pid_alive(pid) for pid in actor_pids)
-            # every actor process this driver started (the workers' parents) and every worker is gone
-            await wait_until(lambda: not any(pid_alive(pid) for pid in pids | actor_pids), 10)
-            # and the cluster's own view (the GCS): no actor of this job is alive
-            job = ray.get_runtime_context().get_job_id()
+                agents = launcher.agents
+                assert set(agents) == {w.node for w in workers(pool)}, agents  # one per node hosting workers
+                templates = {a["template_pid"] for a in agents.values()}
+                agent_pids = {a["pid"] for a in agents.values()}
+                assert {_ppid(pid) for pid in pids} == templates
+                assert all(pid_alive(pid) for pid in templates | agent_pids)
+            # every worker is gone; the agents stay up for the launcher's next workers
+            await wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10)
+            assert all(pid_alive(pid) for pid in templates | agent_pids)
+        # leaving the launcher: every agent and template gone, and the cluster's own view (the GCS):
+        # no actor of this job alive, no reservation left
+        await wait_until(lambda: not any(pid_alive(pid) for pid in templates | agent_pids), 10)
+        await wait_until(lambda: not alive_actors(), 10, lambda: f"alive: {alive_actors()}")
+        await wait_until(lambda: not reserved(), 10, lambda: f"reserved: {reserved()}")
+        assert ray.is_initialized()
 
-            def alive_actors() -> list[Any]:
-                actors = ray._private.state.actors(job_id=ray.JobID.from_hex(job)).values()
-                return [a for a in actors if a["State"] != "DEAD"]
 
-            await wait_until(lambda: not alive_actors(), 10, lambda: f"alive: {alive_actors()}")
-            assert ray.is_initialized()
+@inside
+async def test_a_killed_agent_loses_its_workers_which_are_replaced(cluster: Any) -> None:
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,
+            dspex_trio.open_pool(workers=NODES, diagnostics=True, launcher=launcher) as pool,
+        ):
+            before = workers(pool)
+            victim_node = before[0].node
+            agent = launcher.agents[victim_node]
+            lost = {w.pid for w in before if w.node == victim_node}
+            os.kill(agent["pid"], signal.SIGKILL)
+            await wait_until(
+                lambda: not any(pid_alive(pid) for pid in (*lost, agent["template_pid"])),
+                30,
+                "a worker or the template outlived its agent",
+            )
+
+            def replaced() -> bool:
+                now = workers(pool)
+                ready = [w for w in now if w.state in (WorkerState.READY, WorkerState.BUSY)]
+                return len(ready) == NODES and not {w.pid for w in now} & lost
+
+            await wait_until(replaced, 60, lambda: f"not replaced: {workers(pool)}")
+            assert pool.statistics().restarts >= len(lost)
+            new_agent = launcher.agents.get(victim_node)  # replacements on that node have a new agent
+            assert new_agent is None or new_agent["pid"] != agent["pid"], new_agent
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(pool.call, "echo", {"value": i})
 
 
 @inside
@@ -175,7 +235,8 @@ async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path:
                     async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
                         await pool.call("echo", {{"value": 1}})
                         pids = [w.pid for w in pool.statistics().workers]
-                        print(json.dumps(pids), flush=True)
+                        agents = [a["pid"] for a in launcher.agents.values()]
+                        print(json.dumps([pids, agents]), flush=True)
                         await trio.sleep_forever()
 
             trio.run(main)
@@ -193,10 +254,11 @@ async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path:
                 chunk = await host.stdout.receive_some(4096)
                 assert chunk, "the host exited before starting its pool"
                 line += chunk
-        pids = json.loads(line)
+        pids, agents = json.loads(line)
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
-        actor_pids = {p for pid in pids if (p := _ppid(pid)) is not None}
-        assert actor_pids and all(pid_alive(pid) for pid in actor_pids)
+        templates = {p for pid in pids if (p := _ppid(pid)) is not None}
+        actor_pids = templates | set(agents)
+        assert len(agents) == 2 and all(pid_alive(pid) for pid in actor_pids)
         host.send_signal(signal.SIGKILL)
         await host.wait()
         killed_at = time.monotonic()
