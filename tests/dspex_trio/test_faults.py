@@ -417,7 +417,8 @@ async def test_fault_03_cancellation_at_every_checkpoint(checkpoint: str) -> Non
                 # leaving the pool block with calls in flight: the drain waits for them ...
             elapsed = time.monotonic() - start
             # ... until the cancel reached them: they end as Cancelled, the drain ends, nothing is left
-            assert cancelled == 4 and 0.15 < elapsed < 3, (cancelled, elapsed)
+            # (well under the 10 s drain grace, which it did not wait out; a loaded CI machine took 3.05 s)
+            assert cancelled == 4 and 0.15 < elapsed < 8, (cancelled, elapsed)
             stats = pool.statistics()
             assert stats.in_flight == 0 and stats.queued == 0 and stats.workers == ()
             assert not any(pid_alive(pid) for pid in pids) and not child_processes()
