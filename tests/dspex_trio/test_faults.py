@@ -432,9 +432,9 @@ async def test_fault_03_cancellation_at_every_checkpoint(checkpoint: str) -> Non
             try:
                 if checkpoint == "before_send":
                     async with trio.open_nursery() as nursery:  # both workers busy: the call queues
-                        for _ in range(2):
-                            nursery.start_soon(pool.call, "sleep", {"seconds": 0.5})
-                        await wait_until(lambda: pool.statistics().in_flight == 2, 5)
+                        for _ in range(2):  # (30 s, cancelled below: neither may end meanwhile)
+                            nursery.start_soon(pool.call, "sleep", {"seconds": 30})
+                        await wait_until(lambda: pool.statistics().in_flight == 2, 30)
                         inner = trio.CancelScope()
 
                         async def queued() -> None:
@@ -445,8 +445,9 @@ async def test_fault_03_cancellation_at_every_checkpoint(checkpoint: str) -> Non
                         nursery.start_soon(queued)
                         await wait_until(lambda: pool.statistics().queued == 1, 5)
                         inner.cancel()
-                        await wait_until(lambda: pool.statistics().queued == 0, 5)
+                        await wait_until(lambda: pool.statistics().queued == 0, 30)
                         assert pool.statistics().in_flight == 2  # the queued one never went out
+                        nursery.cancel_scope.cancel()
                 elif checkpoint == "awaiting_ack":
                     stopped = pool.workers()[0].pid
                     os.kill(stopped, signal.SIGSTOP)  # it will not ack
