@@ -150,13 +150,13 @@ async def worker_idle(worker: dspex_trio.Worker) -> bool:
 
 async def assert_consistent(pool: dspex_trio.Pool, *, workers: int = 2) -> None:
     """The pool is back to normal: full, idle, nothing queued, and it serves a call."""
-    await wait_until(lambda: len(ready_pids(pool)) == workers, 10, lambda: repr(pool.statistics()))
-    await wait_until(lambda: pool.statistics().in_flight == 0, 5, lambda: repr(pool.statistics()))
+    await wait_until(lambda: len(ready_pids(pool)) == workers, 30, lambda: repr(pool.statistics()))
+    await wait_until(lambda: pool.statistics().in_flight == 0, 30, lambda: repr(pool.statistics()))
     stats = pool.statistics()
     assert stats.queued == 0 and stats.in_flight == 0
     assert all(w.in_flight == 0 for w in stats.workers), stats.workers
     for worker in pool.workers():
-        await wait_until(functools.partial(worker_idle, worker), 5)
+        await wait_until(functools.partial(worker_idle, worker), 30)
     token = uuid.uuid4().hex
     assert await pool.call("echo", {"value": token}) == token
 
@@ -283,9 +283,9 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
             before = ready_pids(pool)
             outcomes: list[tuple[str, Any]] = []
 
-            async def sleeper() -> None:  # 2 s: the kill must come before the victim's calls end,
-                # also after a stall of a loaded machine (0.8 s sleeps left little room for one)
-                outcomes.append(await settle(lambda: pool.call("sleep", {"seconds": 2.0})))
+            async def sleeper() -> None:  # 30 s, cancelled once the test has seen what it checks: the
+                # kill comes before the victim's calls end however loaded the machine (0.8 s did not)
+                outcomes.append(await settle(lambda: pool.call("sleep", {"seconds": 30})))
 
             async with trio.open_nursery() as nursery:
                 for _ in range(4):  # least-loaded routing: two on each worker
@@ -304,9 +304,15 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
                     }[how]
                     killer = await settle(lambda: pool.call(*params))
                 if how != "exception":
-                    await wait_until(lambda: len(outcomes) >= 2, 5)
+                    await wait_until(lambda: len(outcomes) >= 2, 30, lambda: repr(outcomes))
                     detected = time.monotonic() - start
-                    assert detected < 0.5, detected  # long before the sleeps would have ended
+                    # long before the sleeps would have ended (milliseconds on a quiet machine; seen
+                    # at 2 s pinned to one core beside two CPU hogs: the template's exit report)
+                    assert detected < 5, detected
+                # the other worker's calls were not touched: still running (then cancelled)
+                assert len(outcomes) == (0 if how == "exception" else 2), outcomes
+                assert pool.statistics().in_flight == 4 - len(outcomes), pool.statistics()
+                nursery.cancel_scope.cancel()
             errors = [exc for kind, exc in outcomes if kind == "error"]
             if how == "exception":  # not a death: an error reply, the worker keeps serving
                 kind, exc = killer
@@ -314,8 +320,7 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
                 assert exc.error_type == "RuntimeError" and "boom" in str(exc)
                 assert not errors and pool.statistics().restarts == 0 and ready_pids(pool) == before
                 return
-            assert len(errors) == 2, outcomes  # the two on the victim; the other two completed
-            assert [v for kind, v in outcomes if kind == "ok"] == [2.0, 2.0]
+            assert len(errors) == 2, outcomes  # the two on the victim
             if how != "sigkill":
                 errors.append(killer[1])
             for exc in errors:
