@@ -213,8 +213,13 @@ class Dispatch(Attempts):
     async def __aenter__(self) -> Dispatch:
         """Send the first attempt (the backend's admission errors raise here). A checkpoint first, also
         when a worker is free at once: a cancelled caller sends nothing. (Once per stream, not per event;
-        a call's ``result()`` needs none of its own: it always waits for its reply.)"""
-        await trio.lowlevel.checkpoint()
+        a call's ``result()`` needs none of its own: it always waits for its reply.) A stream cancelled
+        there is counted as a call with its outcome (``cancelled``), as every call is."""
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException as exc:  # the caller's deadline passed before anything was sent
+            self._finish(failed=True, outcome=outcome_of(exc))
+            raise
         if _tracing.STATE.tracer is not None:  # a span of its own, ended with its outcome (``_finish``)
             self._span = _tracing.start_span(f"dspex.pool {self.method}", {"dspex.method": self.method})
             self.trace = _tracing.traceparent_of(self._span)

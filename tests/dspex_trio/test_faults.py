@@ -150,13 +150,13 @@ async def worker_idle(worker: dspex_trio.Worker) -> bool:
 
 async def assert_consistent(pool: dspex_trio.Pool, *, workers: int = 2) -> None:
     """The pool is back to normal: full, idle, nothing queued, and it serves a call."""
-    await wait_until(lambda: len(ready_pids(pool)) == workers, 10, lambda: repr(pool.statistics()))
-    await wait_until(lambda: pool.statistics().in_flight == 0, 5, lambda: repr(pool.statistics()))
+    await wait_until(lambda: len(ready_pids(pool)) == workers, 30, lambda: repr(pool.statistics()))
+    await wait_until(lambda: pool.statistics().in_flight == 0, 30, lambda: repr(pool.statistics()))
     stats = pool.statistics()
     assert stats.queued == 0 and stats.in_flight == 0
     assert all(w.in_flight == 0 for w in stats.workers), stats.workers
     for worker in pool.workers():
-        await wait_until(functools.partial(worker_idle, worker), 5)
+        await wait_until(functools.partial(worker_idle, worker), 30)
     token = uuid.uuid4().hex
     assert await pool.call("echo", {"value": token}) == token
 
@@ -283,13 +283,14 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
             before = ready_pids(pool)
             outcomes: list[tuple[str, Any]] = []
 
-            async def sleeper() -> None:
-                outcomes.append(await settle(lambda: pool.call("sleep", {"seconds": 0.8})))
+            async def sleeper() -> None:  # 30 s, cancelled once the test has seen what it checks: the
+                # kill comes before the victim's calls end however loaded the machine (0.8 s did not)
+                outcomes.append(await settle(lambda: pool.call("sleep", {"seconds": 30})))
 
             async with trio.open_nursery() as nursery:
                 for _ in range(4):  # least-loaded routing: two on each worker
                     nursery.start_soon(sleeper)
-                await wait_until(lambda: [w.in_flight for w in pool.statistics().workers] == [2, 2], 5)
+                await wait_until(lambda: [w.in_flight for w in pool.statistics().workers] == [2, 2], 30)
                 start = time.monotonic()
                 if how == "sigkill":
                     victim = pool.statistics().workers[0].pid
@@ -303,9 +304,15 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
                     }[how]
                     killer = await settle(lambda: pool.call(*params))
                 if how != "exception":
-                    await wait_until(lambda: len(outcomes) >= 2, 5)
+                    await wait_until(lambda: len(outcomes) >= 2, 30, lambda: repr(outcomes))
                     detected = time.monotonic() - start
-                    assert detected < 0.5, detected  # long before the sleeps would have ended
+                    # long before the sleeps would have ended (milliseconds on a quiet machine; seen
+                    # at 2 s pinned to one core beside two CPU hogs: the template's exit report)
+                    assert detected < 5, detected
+                # the other worker's calls were not touched: still running (then cancelled)
+                assert len(outcomes) == (0 if how == "exception" else 2), outcomes
+                assert pool.statistics().in_flight == 4 - len(outcomes), pool.statistics()
+                nursery.cancel_scope.cancel()
             errors = [exc for kind, exc in outcomes if kind == "error"]
             if how == "exception":  # not a death: an error reply, the worker keeps serving
                 kind, exc = killer
@@ -313,8 +320,7 @@ async def test_fault_01_worker_dies_mid_call(how: str, named: str | None) -> Non
                 assert exc.error_type == "RuntimeError" and "boom" in str(exc)
                 assert not errors and pool.statistics().restarts == 0 and ready_pids(pool) == before
                 return
-            assert len(errors) == 2, outcomes  # the two on the victim; the other two completed
-            assert [v for kind, v in outcomes if kind == "ok"] == [0.8, 0.8]
+            assert len(errors) == 2, outcomes  # the two on the victim
             if how != "sigkill":
                 errors.append(killer[1])
             for exc in errors:
@@ -433,9 +439,9 @@ async def test_fault_03_cancellation_at_every_checkpoint(checkpoint: str) -> Non
             try:
                 if checkpoint == "before_send":
                     async with trio.open_nursery() as nursery:  # both workers busy: the call queues
-                        for _ in range(2):
-                            nursery.start_soon(pool.call, "sleep", {"seconds": 0.5})
-                        await wait_until(lambda: pool.statistics().in_flight == 2, 5)
+                        for _ in range(2):  # (30 s, cancelled below: neither may end meanwhile)
+                            nursery.start_soon(pool.call, "sleep", {"seconds": 30})
+                        await wait_until(lambda: pool.statistics().in_flight == 2, 30)
                         inner = trio.CancelScope()
 
                         async def queued() -> None:
@@ -446,8 +452,9 @@ async def test_fault_03_cancellation_at_every_checkpoint(checkpoint: str) -> Non
                         nursery.start_soon(queued)
                         await wait_until(lambda: pool.statistics().queued == 1, 5)
                         inner.cancel()
-                        await wait_until(lambda: pool.statistics().queued == 0, 5)
+                        await wait_until(lambda: pool.statistics().queued == 0, 30)
                         assert pool.statistics().in_flight == 2  # the queued one never went out
+                        nursery.cancel_scope.cancel()
                 elif checkpoint == "awaiting_ack":
                     stopped = pool.workers()[0].pid
                     os.kill(stopped, signal.SIGSTOP)  # it will not ack
@@ -878,7 +885,13 @@ async def test_fault_17_graceful_shutdown_with_calls_in_flight() -> None:
                 for _ in range(3):
                     outer.start_soon(call, "short", 0.2)
                     outer.start_soon(call, "long", 20)
-                await wait_until(lambda: pool.statistics().in_flight == 6, 5)
+                # all six sent (a short one may have ended already if this machine stalled for 0.2 s:
+                # it then finished before the drain, which the outcomes below accept as well)
+                await wait_until(
+                    lambda: pool.statistics().in_flight + len(outcomes["short"]) == 6,
+                    30,
+                    lambda: f"{pool.statistics()} {outcomes}",
+                )
                 start = time.monotonic()
             elapsed = time.monotonic() - start
             stats = pool.statistics()

