@@ -105,3 +105,18 @@ class Tuned(dspy.Module):
 
 
 program("tuned")(Tuned)
+
+
+@metric
+def agrees_with_feedback(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> dspy.Prediction:
+    """GEPA's five-argument form of ``agrees``: the score, and a feedback text naming the predictor."""
+    score = 1.0 if bool(pred.correct) else 0.0
+    verdict = "right" if score else "wrong"
+    about = f" ({pred_name})" if pred_name else ""
+    return dspy.Prediction(score=score, feedback=f"The answer to {gold.question!r} was {verdict}{about}.")

@@ -1,0 +1,178 @@
+"""``pool.compile(..., optimizer="gepa")`` on the real pool (real workers, real DSPy, the offline LM as the
+task and the reflection LM): the same candidates (instructions, parents, valset scores) and the same
+optimized state as ``dspy.GEPA`` run in-process on the same program, metric, data and seed; a worker
+SIGKILLed during the run changes nothing; cancelling leaves no program behind; bad options and a metric
+without GEPA's five arguments are refused before anything runs. Real processes mean real time: bounded
+waits only, no timing asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dspy
+import pytest
+import trio
+
+import dspex_trio
+from bridge_child._offline_lm import offline_lm
+from tests import jobs_module
+from tests.dspex_trio.test_jobs import devset
+
+pytestmark = pytest.mark.real_processes
+
+APP = "tests.jobs_module"
+LIVE = (dspex_trio.WorkerState.READY, dspex_trio.WorkerState.BUSY)
+OPTIONS: dict[str, Any] = {"max_metric_calls": 60, "seed": 0}
+TRAIN, VAL = devset(12), devset(20)[12:]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[dspex_trio.Pool]:
+    async with dspex_trio.open_pool(workers=2, programs=[APP]) as pool:
+        yield pool
+
+
+def examples(data: list[dict[str, Any]]) -> list[dspy.Example]:
+    return [dspy.Example(**e["inputs"], **e["labels"]).with_inputs(*e["inputs"]) for e in data]
+
+
+def dspy_gepa(options: dict[str, Any], factory: Any = jobs_module.Tuned) -> dspy.Module:
+    """``dspy.GEPA`` in this process, with the offline LM the workers use as the task and reflection LM."""
+    with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
+        warnings.simplefilter("ignore")
+        optimizer = dspy.GEPA(
+            metric=jobs_module.agrees_with_feedback,
+            reflection_lm=offline_lm(),
+            num_threads=4,
+            track_stats=True,
+            **options,
+        )
+        return optimizer.compile(factory(), trainset=examples(TRAIN), valset=examples(VAL))
+
+
+def theirs_candidates(best: dspy.Module) -> list[dict[str, Any]]:
+    details = best.detailed_results
+    return [
+        {
+            "candidate": i,
+            "instructions": {name: p.signature.instructions for name, p in cand.named_predictors()},
+            "score": details.val_aggregate_scores[i],
+            "parents": list(details.parents[i]),
+        }
+        for i, cand in enumerate(details.candidates)
+    ]
+
+
+def without_metadata(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "metadata"}
+
+
+async def test_gepa_gives_dspy_s_candidates_and_optimized_program(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="tuned")
+    seen: list[Any] = []
+    async with pool.compile(
+        pid, optimizer="gepa", trainset=TRAIN, valset=VAL, metric="agrees_with_feedback", options=OPTIONS
+    ) as job:
+        async for progress in job:
+            seen.append(progress)
+    result = job.result
+    theirs = dspy_gepa(OPTIONS)
+    assert list(result.candidates) == theirs_candidates(theirs)
+    assert len(result.candidates) > 1, "GEPA accepted at least one proposal"
+    assert without_metadata(result.state) == theirs.dump_state()
+    assert result.score == max(c["score"] for c in result.candidates)
+    assert {p["id"] for p in await pool.list_programs()} == {pid, result.program}
+    assert seen and seen[-1].best_score == result.score, seen[-1:]
+
+
+async def test_gepa_follows_dspy_with_two_predictors_and_every_component(pool: dspex_trio.Pool) -> None:
+    options = {"max_metric_calls": 50, "component_selector": "all", "use_merge": False, "seed": 3}
+    pid = await pool.create_program(module="two_step")
+    async with pool.compile(
+        pid, optimizer="gepa", trainset=TRAIN, valset=VAL, metric="agrees_with_feedback", options=options
+    ) as job:
+        result = await job.wait()
+    theirs = dspy_gepa(options, jobs_module.TwoStep)
+    assert list(result.candidates) == theirs_candidates(theirs)
+    assert without_metadata(result.state) == theirs.dump_state()
+
+
+async def test_a_worker_sigkilled_during_the_run_changes_nothing() -> None:
+    options = dspex_trio.PoolOptions(workers=2, restart_intensity=1000, min_healthy_uptime=0.0)
+    kills: list[int] = []
+    async with dspex_trio.open_pool(options=options, programs=[APP]) as pool:
+        pid = await pool.create_program(module="tuned")
+        with trio.fail_after(120):  # a failure bound, not a sleep
+            async with pool.compile(
+                pid,
+                optimizer="gepa",
+                trainset=TRAIN,
+                valset=VAL,
+                metric="agrees_with_feedback",
+                options=OPTIONS,
+            ) as job:
+                async for progress in job:
+                    wanted = (progress.done >= 10) + (progress.done >= 30)  # two kills, calls apart
+                    if len(kills) < wanted and not job.finished:
+                        live = [w for w in pool.workers() if w.state in LIVE]
+                        if live:
+                            os.kill(live[0].pid, signal.SIGKILL)
+                            kills.append(live[0].pid)
+        result = job.result
+    assert kills, "a worker was killed while GEPA ran"
+    theirs = dspy_gepa(OPTIONS)
+    assert list(result.candidates) == theirs_candidates(theirs), f"killed {kills}"
+    assert without_metadata(result.state) == theirs.dump_state()
+
+
+async def test_cancelling_gepa_stops_it_and_leaves_no_program(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="tuned")
+    with trio.fail_after(60):  # a failure bound, not a sleep
+        async with pool.compile(
+            pid,
+            optimizer="gepa",
+            trainset=TRAIN,
+            valset=VAL,
+            metric="agrees_with_feedback",
+            options={"max_metric_calls": 10_000},
+        ) as job:
+            async for progress in job:
+                if progress.trials >= 2:
+                    break
+    assert progress.stage == "search"
+    with pytest.raises(dspex_trio.JobCancelled):
+        job.result  # noqa: B018
+    assert [p["id"] for p in await pool.list_programs()] == [pid]
+    # the pool serves others at once
+    assert await pool.execute(pid, {"question": "still there?"})
+
+
+async def test_bad_gepa_input_is_refused_before_anything_runs(pool: dspex_trio.Pool) -> None:
+    pid = await pool.create_program(module="tuned")
+
+    async def refused(match: str, **kwargs: Any) -> None:
+        arguments = {
+            "optimizer": "gepa",
+            "trainset": TRAIN,
+            "metric": "agrees_with_feedback",
+            "options": OPTIONS,
+        } | kwargs
+        with pytest.raises(dspex_trio.InvalidParams, match=match):
+            async with pool.compile(pid, **arguments):
+                pass
+
+    await refused("five arguments", metric="agrees")
+    await refused("exactly one of auto, max_full_evals, max_metric_calls", options={})
+    await refused(r"exactly one of .* \(got auto, max_metric_calls\)", options={**OPTIONS, "auto": "light"})
+    await refused("max_metric_calls must be an integer within", options={"max_metric_calls": 10**9})
+    await refused("above the limit", options={"max_full_evals": 90_000})
+    await refused("auto must be one of", options={"auto": "huge"})
+    await refused("candidate_selection_strategy", options={**OPTIONS, "candidate_selection_strategy": "x"})
+    await refused("unknown option", options={**OPTIONS, "log_dir": "/"})
+    await refused("reflection_lm: no session 'nobody'", options={**OPTIONS, "reflection_lm": "nobody"})
+    assert [p["id"] for p in await pool.list_programs()] == [pid]
