@@ -44,6 +44,7 @@ from dspex_trio._errors import (
     WorkerCrashed,
 )
 from dspex_trio._jobs import MAX_EXAMPLE_ATTEMPTS, error_info
+from dspex_trio._sessions import MINTED_PREFIX
 
 if TYPE_CHECKING:
     from dspex_trio._compile import CompileJob, CompileResult
@@ -161,7 +162,8 @@ def metric_calls(options: dict[str, Any], names: Sequence[str], train: int, val:
 
 async def check_gepa(backend: ProgramHost, metric: str, options: dict[str, Any], session: str | None) -> None:
     """What ``dspy.GEPA`` refuses, checked before anything runs: a metric that does not take its five
-    arguments; and (ours) a ``reflection_lm`` naming a session that has no LM."""
+    arguments; and (ours) a ``reflection_lm`` naming a session that has no LM, or, from a minted
+    session (the websocket's), a session that is not minted."""
     answer = await backend.call("gepa_metric", {"metric": metric}, idempotent=True)
     if not answer.get("feedback"):
         raise InvalidParams(
@@ -170,6 +172,9 @@ async def check_gepa(backend: ProgramHost, metric: str, options: dict[str, Any],
         )
     name = options["reflection_lm"]
     if name is not None:
+        if session is not None and session.startswith(MINTED_PREFIX) and not name.startswith(MINTED_PREFIX):
+            # a websocket client names sessions by the minted ids it holds, never the operator's names
+            raise InvalidParams("reflection_lm: a job of a minted session names another minted session")
         record = backend.sessions.peek(name)
         if record is None or record.lm is None:
             raise InvalidParams(f"reflection_lm: no session {name!r} with an LM configured")

@@ -120,3 +120,15 @@ def agrees_with_feedback(
     verdict = "right" if score else "wrong"
     about = f" ({pred_name})" if pred_name else ""
     return dspy.Prediction(score=score, feedback=f"The answer to {gold.question!r} was {verdict}{about}.")
+
+
+class TunedTwoStep(TwoStep):
+    """As two_step, each predictor's answers depending on its own instruction too (as ``tuned``), so
+    GEPA's proposals for either predictor change the scores."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        draft = self.draft(question=f"{question} ({self.draft.signature.instructions})").draft
+        return self.check(question=f"{question} ({self.check.signature.instructions})", draft=draft)
+
+
+program("tuned_two_step")(TunedTwoStep)

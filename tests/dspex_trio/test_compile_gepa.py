@@ -8,10 +8,12 @@ waits only, no timing asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.real_processes
 
 APP = "tests.jobs_module"
 LIVE = (dspex_trio.WorkerState.READY, dspex_trio.WorkerState.BUSY)
-OPTIONS: dict[str, Any] = {"max_metric_calls": 60, "seed": 0}
+OPTIONS: dict[str, Any] = {"max_metric_calls": 100, "seed": 7}
+"""With this seed a proposed instruction beats the student (checked below)."""
 TRAIN, VAL = devset(12), devset(20)[12:]
 
 
@@ -83,23 +86,36 @@ async def test_gepa_gives_dspy_s_candidates_and_optimized_program(pool: dspex_tr
     result = job.result
     theirs = dspy_gepa(OPTIONS)
     assert list(result.candidates) == theirs_candidates(theirs)
-    assert len(result.candidates) > 1, "GEPA accepted at least one proposal"
     assert without_metadata(result.state) == theirs.dump_state()
+    student = await pool.get_state(pid)
+    assert without_metadata(result.state) != without_metadata(student), "a candidate beat the student"
     assert result.score == max(c["score"] for c in result.candidates)
     assert {p["id"] for p in await pool.list_programs()} == {pid, result.program}
     assert seen and seen[-1].best_score == result.score, seen[-1:]
 
 
-async def test_gepa_follows_dspy_with_two_predictors_and_every_component(pool: dspex_trio.Pool) -> None:
-    options = {"max_metric_calls": 50, "component_selector": "all", "use_merge": False, "seed": 3}
-    pid = await pool.create_program(module="two_step")
+@pytest.mark.parametrize(
+    "options",
+    [
+        # round robin over the predictors; with this seed a merge of two candidates wins
+        {"max_metric_calls": 120, "seed": 0},
+        # every predictor updated at each step, no merges
+        {"max_metric_calls": 120, "seed": 0, "component_selector": "all", "use_merge": False},
+    ],
+    ids=["round_robin_with_merge", "all_components"],
+)
+async def test_gepa_follows_dspy_with_two_predictors(pool: dspex_trio.Pool, options: dict[str, Any]) -> None:
+    pid = await pool.create_program(module="tuned_two_step")
     async with pool.compile(
         pid, optimizer="gepa", trainset=TRAIN, valset=VAL, metric="agrees_with_feedback", options=options
     ) as job:
         result = await job.wait()
-    theirs = dspy_gepa(options, jobs_module.TwoStep)
+    theirs = dspy_gepa(options, jobs_module.TunedTwoStep)
     assert list(result.candidates) == theirs_candidates(theirs)
     assert without_metadata(result.state) == theirs.dump_state()
+    assert len(result.candidates) > 2, result.candidates
+    if options.get("use_merge", True):
+        assert any(len(c["parents"]) == 2 for c in result.candidates), "a merge was accepted"
 
 
 async def test_a_worker_sigkilled_during_the_run_changes_nothing() -> None:
@@ -176,3 +192,75 @@ async def test_bad_gepa_input_is_refused_before_anything_runs(pool: dspex_trio.P
     await refused("unknown option", options={**OPTIONS, "log_dir": "/"})
     await refused("reflection_lm: no session 'nobody'", options={**OPTIONS, "reflection_lm": "nobody"})
     assert [p["id"] for p in await pool.list_programs()] == [pid]
+
+
+async def test_the_cli_runs_gepa_in_a_pool_of_its_own_and_over_the_websocket(tmp_path: Path) -> None:
+    """``dspex-trio compile --optimizer gepa``: DSPy's optimized state and the candidates table, with a
+    pool of its own and on a served endpoint (the websocket job and the remote client)."""
+    from tests.dspex_trio.test_cli_jobs import cli, write_jsonl
+    from tests.dspex_trio.test_websocket import start_server
+
+    train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
+    val = write_jsonl(tmp_path / "val.jsonl", VAL)
+    out = tmp_path / "state.json"
+    options = [f"--option={name}={json.dumps(value)}" for name, value in OPTIONS.items()]
+    common = [
+        "--program",
+        "tuned",
+        "--metric",
+        "agrees_with_feedback",
+        "--trainset",
+        train,
+        "--valset",
+        val,
+        "--optimizer",
+        "gepa",
+        *options,
+        "--out",
+        str(out),
+    ]
+    theirs = dspy_gepa(OPTIONS)
+    code, stdout, err = await cli("compile", "--programs", APP, *common)
+    assert code == 0, err
+    assert without_metadata(json.loads(out.read_text())) == theirs.dump_state()
+    assert "candidates" in stdout and "(best)" in stdout, stdout
+    out.unlink()
+    async with (
+        dspex_trio.open_pool(workers=2, programs=[APP]) as pool,
+        trio.open_nursery() as nursery,
+    ):
+        server = await start_server(nursery, pool)
+        code, stdout, err = await cli("compile", "--url", server.url, *common, "--json")
+        nursery.cancel_scope.cancel()
+    assert code == 0, err
+    assert without_metadata(json.loads(out.read_text())) == theirs.dump_state()
+    assert json.loads(stdout)["candidates"] == theirs_candidates(theirs)
+
+
+async def test_a_named_session_s_lm_is_the_reflection_lm(pool: dspex_trio.Pool) -> None:
+    """``reflection_lm``: the LM configured for that session reflects (the offline LM here: the same
+    result as the job's own session's LM)."""
+    await pool.configure_lm("offline", session="reflector")
+    pid = await pool.create_program(module="tuned")
+    options = {**OPTIONS, "reflection_lm": "reflector"}
+    async with pool.compile(
+        pid, optimizer="gepa", trainset=TRAIN, valset=VAL, metric="agrees_with_feedback", options=options
+    ) as job:
+        result = await job.wait()
+    assert list(result.candidates) == theirs_candidates(dspy_gepa(OPTIONS))
+
+
+async def test_a_minted_session_cannot_borrow_a_named_session_s_lm(pool: dspex_trio.Pool) -> None:
+    await pool.configure_lm("offline", session="operators")
+    minted = await pool.open_session()
+    pid = await pool.create_program(module="tuned", session=minted)
+    with pytest.raises(dspex_trio.InvalidParams, match="names another minted session"):
+        async with pool.compile(
+            pid,
+            optimizer="gepa",
+            trainset=TRAIN,
+            metric="agrees_with_feedback",
+            options={**OPTIONS, "reflection_lm": "operators"},
+            session=minted,
+        ):
+            pass
