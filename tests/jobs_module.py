@@ -132,3 +132,29 @@ class TunedTwoStep(TwoStep):
 
 
 program("tuned_two_step")(TunedTwoStep)
+
+
+class TunedFragile(Tuned):
+    """As tuned, but raises for a question that holds "boom"."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        if "boom" in question:
+            raise ValueError(f"cannot answer {question!r}")
+        return super().forward(question)
+
+
+program("tuned_fragile")(TunedFragile)
+
+
+@metric
+def picky_with_feedback(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> dspy.Prediction:
+    """As ``agrees_with_feedback``, raising for an example labelled "raise" (as ``picky``)."""
+    if gold.answer == "raise":
+        raise RuntimeError("picky cannot score this example")
+    return agrees_with_feedback(gold, pred, trace, pred_name, pred_trace)

@@ -44,18 +44,24 @@ def examples(data: list[dict[str, Any]]) -> list[dspy.Example]:
     return [dspy.Example(**e["inputs"], **e["labels"]).with_inputs(*e["inputs"]) for e in data]
 
 
-def dspy_gepa(options: dict[str, Any], factory: Any = jobs_module.Tuned) -> dspy.Module:
+def dspy_gepa(
+    options: dict[str, Any],
+    factory: Any = jobs_module.Tuned,
+    *,
+    metric: Any = jobs_module.agrees_with_feedback,
+    data: tuple[list[dict[str, Any]], list[dict[str, Any]]] = (TRAIN, VAL),
+) -> dspy.Module:
     """``dspy.GEPA`` in this process, with the offline LM the workers use as the task and reflection LM."""
     with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
         warnings.simplefilter("ignore")
         optimizer = dspy.GEPA(
-            metric=jobs_module.agrees_with_feedback,
+            metric=metric,
             reflection_lm=offline_lm(),
             num_threads=4,
             track_stats=True,
             **options,
         )
-        return optimizer.compile(factory(), trainset=examples(TRAIN), valset=examples(VAL))
+        return optimizer.compile(factory(), trainset=examples(data[0]), valset=examples(data[1]))
 
 
 def theirs_candidates(best: dspy.Module) -> list[dict[str, Any]]:
@@ -116,6 +122,25 @@ async def test_gepa_follows_dspy_with_two_predictors(pool: dspex_trio.Pool, opti
     assert len(result.candidates) > 2, result.candidates
     if options.get("use_merge", True):
         assert any(len(c["parents"]) == 2 for c in result.candidates), "a merge was accepted"
+
+
+async def test_a_program_or_metric_that_raises_counts_as_dspy_counts_it(pool: dspex_trio.Pool) -> None:
+    """Examples whose program or metric raises: dropped from the traces and scored ``failure_score``,
+    in the minibatches and on the valset, as ``dspy.GEPA`` does (the same candidates and state)."""
+    data = devset(20, boom=(2, 15), raises=(5, 17))
+    train, val = data[:12], data[12:]
+    options = {**OPTIONS, "failure_score": 0.0}
+    pid = await pool.create_program(module="tuned_fragile")
+    async with pool.compile(
+        pid, optimizer="gepa", trainset=train, valset=val, metric="picky_with_feedback", options=options
+    ) as job:
+        result = await job.wait()
+    theirs = dspy_gepa(
+        options, jobs_module.TunedFragile, metric=jobs_module.picky_with_feedback, data=(train, val)
+    )
+    assert list(result.candidates) == theirs_candidates(theirs)
+    assert without_metadata(result.state) == theirs.dump_state()
+    assert len(result.candidates) > 1, result.candidates
 
 
 async def test_a_worker_sigkilled_during_the_run_changes_nothing() -> None:
