@@ -290,6 +290,8 @@ class GepaRun:
         self.names = job.names
         self.programs: dict[str, str] = {}
         """Each evaluated candidate's program (by the candidate as JSON)."""
+        self.limiter = trio.Semaphore(max(1, job.concurrency))
+        """Calls of the job in flight (evaluations of several candidates share it)."""
         backend = job.backend
         name = self.options["reflection_lm"]
         self.reflection_lm = backend._lm_params(job.session if name is None else name)
@@ -333,7 +335,6 @@ class GepaRun:
         size = max(1, min(EXAMPLES_PER_CALL, len(batch) // max(1, self.job.concurrency)))
         chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
         answers: list[list[dict[str, Any]]] = [[] for _ in chunks]
-        limiter = trio.Semaphore(max(1, self.job.concurrency))
         base = {
             "program": program,
             "metric": self.job.metric,
@@ -344,7 +345,7 @@ class GepaRun:
         }
 
         async def one(index: int) -> None:
-            async with limiter:
+            async with self.limiter:
                 answer = await self._call("gepa_evaluate", {**base, "examples": chunks[index]})
             answers[index] = answer["results"]
 
