@@ -7,7 +7,8 @@ run in a host thread (pure Python: it imports no DSPy and no LM client) with :cl
 its adapter in place of DSPy's ``DspyAdapter``:
 
 - ``evaluate(batch, candidate, capture_traces)``: the candidate (an instruction per predictor) is a
-  program of the job's session (the student's state with those instructions), and its examples are
+  program of the job's session while it is evaluated (the student's state with those instructions),
+  and its examples are
   ``gepa_evaluate`` calls (``bridge_child._gepa``) spread over the workers, idempotent and sent again
   when a worker dies; with ``capture_traces`` the worker runs them as ``bootstrap_trace_data`` does and
   returns each predictor's trace instances, with the metric's feedback, as plain data;
@@ -25,7 +26,6 @@ Metric: a registered metric taking GEPA's five arguments ``(gold, pred, trace, p
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -288,8 +288,6 @@ class GepaRun:
         self.job = job
         self.options = job.options
         self.names = job.names
-        self.programs: dict[str, str] = {}
-        """Each evaluated candidate's program (by the candidate as JSON)."""
         self.limiter = trio.Semaphore(max(1, job.concurrency))
         """Calls of the job in flight (evaluations of several candidates share it)."""
         backend = job.backend
@@ -306,10 +304,7 @@ class GepaRun:
         return state
 
     async def _program(self, candidate: dict[str, str]) -> str:
-        key = json.dumps(candidate, sort_keys=True)
-        if key not in self.programs:
-            self.programs[key] = await self.job._create(self._state(candidate))
-        return self.programs[key]
+        return await self.job._create(self._state(candidate))
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
         """One idempotent call, sent again when its worker dies (``MAX_EXAMPLE_ATTEMPTS`` sends)."""
@@ -326,10 +321,19 @@ class GepaRun:
                 raise JobFailed(f"gepa: {method} failed: {_describe(exc)}") from None
 
     async def evaluate(self, batch: list[dict[str, Any]], candidate: dict[str, str], capture: bool) -> Any:
+        # the candidate is a program of the session only while it is evaluated (a session holds a
+        # bounded number of programs; the engine may keep hundreds of candidates)
+        program = await self._program(candidate)
+        try:
+            return await self._evaluate(program, batch, capture)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.job._forget_one(program)
+
+    async def _evaluate(self, program: str, batch: list[dict[str, Any]], capture: bool) -> Any:
         from gepa import EvaluationBatch
 
         o = self.options
-        program = await self._program(candidate)
         # the traces' feedback is for the reflection minibatches (DspyAdapter asks for it only there)
         feedback = capture and len(batch) <= o["reflection_minibatch_size"]
         size = max(1, min(EXAMPLES_PER_CALL, len(batch) // max(1, self.job.concurrency)))
