@@ -592,5 +592,7 @@ async def start_compile(
         state=state,
     )
     if optimizer == "gepa":  # its budget, as DSPy computes it, within the limit
+        if not job.names:
+            raise InvalidParams("gepa optimizes the instructions of predictors; the program has none")
         metric_calls(merged, job.names, len(train), None if val is None else len(val))
     return job

@@ -227,7 +227,8 @@ class PoolAdapter:
                         continue
                     selected = self.rng.choice(instances)
                 if "feedback_error" in selected:
-                    raise JobFailed(f"gepa: the metric raised giving feedback: {selected['feedback_error']}")
+                    # as DSPy's feedback_fn raising there: the engine logs it and proposes nothing
+                    raise RuntimeError(f"the metric raised giving feedback: {selected['feedback_error']}")
                 items.append(
                     {
                         "Inputs": selected["inputs"],
@@ -435,7 +436,12 @@ class GepaRun:
             self.options, self.names, len(job.trainset), None if job.valset is None else len(job.valset)
         )
         job._update(stage="search", trials=0, total_trials=0, done=0, total=budget)
-        result = await trio.to_thread.run_sync(self._optimize, job.trainset, valset, budget)
+        try:
+            result = await trio.to_thread.run_sync(self._optimize, job.trainset, valset, budget)
+        except DspexError:
+            raise
+        except Exception as exc:  # the engine's own (as DSPy's: "No valid predictions found ...")
+            raise JobFailed(f"gepa stopped: {type(exc).__name__}: {exc}") from exc
         best = dict(result.best_candidate)
         candidates = tuple(
             {

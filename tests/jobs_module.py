@@ -158,3 +158,17 @@ def picky_with_feedback(
     if gold.answer == "raise":
         raise RuntimeError("picky cannot score this example")
     return agrees_with_feedback(gold, pred, trace, pred_name, pred_trace)
+
+
+@metric
+def feedback_raises(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> float:
+    """Scores as ``agrees``, but raises when GEPA asks it for a predictor's feedback."""
+    if pred_name is not None:
+        raise RuntimeError("no feedback here")
+    return 1.0 if bool(pred.correct) else 0.0

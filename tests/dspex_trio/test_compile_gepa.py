@@ -289,3 +289,21 @@ async def test_a_minted_session_cannot_borrow_a_named_session_s_lm(pool: dspex_t
             session=minted,
         ):
             pass
+
+
+async def test_a_metric_that_raises_giving_feedback_stops_each_proposal_as_in_dspy(
+    pool: dspex_trio.Pool,
+) -> None:
+    """The engine catches an exception building the reflective dataset and proposes nothing that
+    iteration: with a metric that raises whenever it is asked for feedback, the run ends with the
+    student alone, in DSPy and on the pool."""
+    pid = await pool.create_program(module="tuned")
+    with trio.fail_after(60):  # a failure bound, not a sleep
+        async with pool.compile(
+            pid, optimizer="gepa", trainset=TRAIN, valset=VAL, metric="feedback_raises", options=OPTIONS
+        ) as job:
+            result = await job.wait()
+    theirs = dspy_gepa(OPTIONS, metric=jobs_module.feedback_raises)
+    assert list(result.candidates) == theirs_candidates(theirs)
+    assert [c["candidate"] for c in result.candidates] == [0]
+    assert without_metadata(result.state) == without_metadata(await pool.get_state(pid))
