@@ -22,8 +22,10 @@ import trio
 
 import dspex_trio
 from bridge_child._offline_lm import offline_lm
+from dspex_trio.testing import open_fake_lm
 from tests import jobs_module
 from tests.dspex_trio.test_jobs import devset
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.real_processes
 
@@ -49,14 +51,16 @@ def dspy_gepa(
     factory: Any = jobs_module.Tuned,
     *,
     metric: Any = jobs_module.agrees_with_feedback,
+    reflection_lm: Any = None,
     data: tuple[list[dict[str, Any]], list[dict[str, Any]]] = (TRAIN, VAL),
 ) -> dspy.Module:
     """``dspy.GEPA`` in this process, with the offline LM the workers use as the task and reflection LM."""
     with warnings.catch_warnings(), dspy.context(lm=offline_lm(), adapter=dspy.ChatAdapter()):
         warnings.simplefilter("ignore")
+        options = {k: v for k, v in options.items() if k != "reflection_lm"}
         optimizer = dspy.GEPA(
             metric=metric,
-            reflection_lm=offline_lm(),
+            reflection_lm=reflection_lm or offline_lm(),
             num_threads=4,
             track_stats=True,
             **options,
@@ -168,6 +172,49 @@ async def test_a_worker_sigkilled_during_the_run_changes_nothing() -> None:
     assert kills, "a worker was killed while GEPA ran"
     theirs = dspy_gepa(OPTIONS)
     assert list(result.candidates) == theirs_candidates(theirs), f"killed {kills}"
+    assert without_metadata(result.state) == theirs.dump_state()
+
+
+async def test_a_worker_killed_during_a_reflection_loses_nothing() -> None:
+    """The reflection LM a named session configured (a fake LM answering in 0.5 s; the task LM stays
+    the offline one): when its first request arrives a proposal is the only call running (the engine is
+    sequential), and its worker is SIGKILLed; the call is sent again and the job ends as ``dspy.GEPA``
+    does with the same reflection LM."""
+    options = {"max_metric_calls": 40, "seed": 7, "reflection_lm": "reflector"}
+    pool_options = dspex_trio.PoolOptions(workers=2, restart_intensity=1000, min_healthy_uptime=0.0)
+    async with (
+        open_fake_lm(latency_s=0.5) as fake,
+        dspex_trio.open_pool(options=pool_options, programs=[APP]) as pool,
+    ):
+        await pool.configure_lm(
+            "openai/fake", api_base=fake.url, api_key="x", num_retries=0, session="reflector"
+        )
+        pid = await pool.create_program(module="tuned")
+        killed: list[int] = []
+        with trio.fail_after(120):  # a failure bound, not a sleep
+            async with pool.compile(
+                pid,
+                optimizer="gepa",
+                trainset=TRAIN,
+                valset=VAL,
+                metric="agrees_with_feedback",
+                options=options,
+            ) as job:
+                await wait_until(lambda: fake.requests >= 1, 60, lambda: f"a reflection request: {fake!r}")
+                busy = [w for w in pool.workers() if w.in_flight]
+                if busy:
+                    os.kill(busy[0].pid, signal.SIGKILL)
+                    killed.append(busy[0].pid)
+                result = await job.wait()
+        stats = pool.statistics()
+        reflection = dspy.LM("openai/fake", api_base=fake.url, api_key="x", num_retries=0, cache=False)
+        theirs = await trio.to_thread.run_sync(
+            lambda: dspy_gepa({**options, "reflection_lm": None}, reflection_lm=reflection)
+        )
+    assert killed, "a worker was killed while the reflection ran"
+    assert stats.retried + stats.redispatched >= 1, stats
+    assert list(result.candidates) == theirs_candidates(theirs)
+    assert len(result.candidates) > 1, result.candidates
     assert without_metadata(result.state) == theirs.dump_state()
 
 
