@@ -244,7 +244,7 @@ class CompileJob(Job):
         """The student's DSPy state (its predictors' names, and their signatures)."""
         self.flat = "demos" in state
         self.names = ["self"] if self.flat else [k for k in state if k != "metadata"]
-        self._progress = CompileProgress("bootstrap", 0, 0, 0, None)
+        self._progress = CompileProgress("search" if optimizer == "gepa" else "bootstrap", 0, 0, 0, None)
         self._created: list[str] = []
         self._report = True
 

@@ -102,6 +102,10 @@ async def test_gepa_gives_dspy_s_candidates_and_optimized_program(pool: dspex_tr
     assert result.score == max(c["score"] for c in result.candidates)
     assert {p["id"] for p in await pool.list_programs()} == {pid, result.program}
     assert seen and seen[-1].best_score == result.score, seen[-1:]
+    # progress: the search only; its iterations, and the metric calls used of the budget
+    assert {p.stage for p in seen} == {"search"}, seen
+    assert seen[-1].done == seen[-1].total == OPTIONS["max_metric_calls"], seen[-1]
+    assert seen[-1].trials >= len(result.candidates) - 1, seen[-1]
 
 
 @pytest.mark.parametrize(
