@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from bridge_child import _jobs, _programs, _propose, wire
+from bridge_child import _gepa, _jobs, _programs, _propose, wire
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError, invalid_params
 
@@ -285,4 +285,5 @@ def build_registry(*, diagnostics: bool) -> dict[str, Method]:
     registry.update(_programs.METHODS)
     registry.update(_jobs.METHODS)
     registry.update(_propose.METHODS)
+    registry.update(_gepa.METHODS)
     return registry

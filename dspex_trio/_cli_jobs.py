@@ -55,7 +55,7 @@ def add_job_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace], 
     compile_ = commands.add_parser(
         "compile",
         help="optimize a registered program with a DSPy optimizer, spread over a pool's workers",
-        description="Run bootstrap_few_shot, bootstrap_few_shot_with_random_search or mipro_v2 on a "
+        description="Run bootstrap_few_shot, bootstrap_few_shot_with_random_search, mipro_v2 or gepa on a "
         "program of --programs (or of the server at --url) and write its optimized DSPy JSON state.",
     )
     _common(compile_)
@@ -350,6 +350,19 @@ async def compile_(
             )
         out.print(trial_table)
         out.print(f"best full evaluation: {result.score:.2f}")
+    elif result.candidates and "instructions" in result.candidates[0]:  # gepa: its candidates
+        gepa_table = Table(title="candidates")
+        for column in ("candidate", "parents", "score", "instructions"):
+            gepa_table.add_column(column, justify="left" if column == "instructions" else "right")
+        for c in result.candidates:
+            mark = " (best)" if c["score"] == result.score else ""
+            gepa_table.add_row(
+                str(c["candidate"]),
+                ", ".join("-" if p is None else str(p) for p in c["parents"]),
+                f"{c['score']:.2f}{mark}",
+                " | ".join(f"{k}: {v}" for k, v in c["instructions"].items()),
+            )
+        out.print(gepa_table)
     elif result.candidates:
         candidates = Table(title="candidates")
         candidates.add_column("seed", justify="right")

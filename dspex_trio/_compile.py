@@ -21,9 +21,9 @@ So a worker's death loses nothing (every call is idempotent and sent again), and
 the loop is the death of the caller's process (the job's task and its caller go together; over the
 websocket, a closed connection cancels its jobs): never a hang. Cancelling the caller cancels every
 pending call in its worker. ``mipro_v2`` runs the same way (``dspex_trio._compile_mipro``: its
-instruction proposals in a worker, optuna's search in the host). ``gepa`` is not provided: its loop
-(the ``gepa`` package's engine and DSPy's trace-capturing adapter) has not been restated over the pool
-(docs/jobs.md).
+instruction proposals in a worker, optuna's search in the host), and ``gepa`` too
+(``dspex_trio._compile_gepa``: the ``gepa`` package's engine in a host thread, its evaluations, traces
+and proposals in the workers).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from dspex_trio._compile_gepa import GepaRun, check_gepa, check_gepa_options, metric_calls
 from dspex_trio._compile_mipro import MiproRun, check_mipro_options, import_optuna, split
 from dspex_trio._errors import (
     CallTimeout,
@@ -65,12 +66,16 @@ if TYPE_CHECKING:
     from dspex_trio._programs_host import ProgramHost
 
 
-OPTIMIZERS: Final = ("bootstrap_few_shot", "bootstrap_few_shot_with_random_search", "mipro_v2")
-"""The optimizers a compile job runs (``mipro_v2``: ``dspex_trio._compile_mipro``)."""
-NOT_PROVIDED: Final = {
-    "gepa": "its loop (the gepa engine and DSPy's trace-capturing adapter) is not restated over the "
-    "pool yet (docs/jobs.md)",
-}
+OPTIMIZERS: Final = (
+    "bootstrap_few_shot",
+    "bootstrap_few_shot_with_random_search",
+    "mipro_v2",
+    "gepa",
+)
+"""The optimizers a compile job runs (``mipro_v2``: ``dspex_trio._compile_mipro``; ``gepa``:
+``dspex_trio._compile_gepa``)."""
+NOT_PROVIDED: Final[dict[str, str]] = {}
+"""Optimizers named but not provided, and why (none now)."""
 MAX_DEMOS: Final = 1000
 """Most demos of one predictor (``max_bootstrapped_demos``, ``max_labeled_demos``)."""
 MAX_CANDIDATES: Final = 256
@@ -160,6 +165,8 @@ def check_options(optimizer: str, options: Any) -> dict[str, Any]:
         raise InvalidParams("options must be an object")
     if optimizer == "mipro_v2":
         return check_mipro_options(options)
+    if optimizer == "gepa":
+        return check_gepa_options(options)
     defaults = _OPTIONS[optimizer]
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -237,7 +244,7 @@ class CompileJob(Job):
         """The student's DSPy state (its predictors' names, and their signatures)."""
         self.flat = "demos" in state
         self.names = ["self"] if self.flat else [k for k in state if k != "metadata"]
-        self._progress = CompileProgress("bootstrap", 0, 0, 0, None)
+        self._progress = CompileProgress("search" if optimizer == "gepa" else "bootstrap", 0, 0, 0, None)
         self._created: list[str] = []
         self._report = True
 
@@ -320,6 +327,8 @@ class CompileJob(Job):
         o = self.options
         if self.optimizer == "mipro_v2":
             return await MiproRun(self).run()
+        if self.optimizer == "gepa":
+            return await GepaRun(self).run()
         if self.optimizer == "bootstrap_few_shot":
             found = await self._bootstrap_few_shot(self.trainset, o["max_bootstrapped_demos"])
             program = await self._create(self._with_demos(found))
@@ -565,9 +574,11 @@ async def start_compile(
     if optimizer == "mipro_v2":
         split(merged, train, val)
         await trio.to_thread.run_sync(import_optuna)  # ~0.6 s the first time: not in the event loop
+    if optimizer == "gepa":
+        await check_gepa(backend, metric, merged, session)
     concurrency = check_job_limits(backend, max_errors, concurrency)
     state = await backend.get_state(program, session=session)
-    return CompileJob(
+    job = CompileJob(
         backend,
         program,
         optimizer=optimizer,
@@ -580,3 +591,8 @@ async def start_compile(
         concurrency=concurrency,
         state=state,
     )
+    if optimizer == "gepa":  # its budget, as DSPy computes it, within the limit
+        if not job.names:
+            raise InvalidParams("gepa optimizes the instructions of predictors; the program has none")
+        metric_calls(merged, job.names, len(train), None if val is None else len(val))
+    return job

@@ -99,6 +99,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/bridge_child/test_lmcache.py": frozenset(),
     "tests/dspex_trio/test_lm_cache.py": frozenset(),
     "tests/dspex_trio/test_ws_lm_cache.py": frozenset(),
+    "tests/dspex_trio/test_gepa_options.py": frozenset(),  # GEPA's options and budget, no worker
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}

@@ -105,3 +105,70 @@ class Tuned(dspy.Module):
 
 
 program("tuned")(Tuned)
+
+
+@metric
+def agrees_with_feedback(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> dspy.Prediction:
+    """GEPA's five-argument form of ``agrees``: the score, and a feedback text naming the predictor."""
+    score = 1.0 if bool(pred.correct) else 0.0
+    verdict = "right" if score else "wrong"
+    about = f" ({pred_name})" if pred_name else ""
+    return dspy.Prediction(score=score, feedback=f"The answer to {gold.question!r} was {verdict}{about}.")
+
+
+class TunedTwoStep(TwoStep):
+    """As two_step, each predictor's answers depending on its own instruction too (as ``tuned``), so
+    GEPA's proposals for either predictor change the scores."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        draft = self.draft(question=f"{question} ({self.draft.signature.instructions})").draft
+        return self.check(question=f"{question} ({self.check.signature.instructions})", draft=draft)
+
+
+program("tuned_two_step")(TunedTwoStep)
+
+
+class TunedFragile(Tuned):
+    """As tuned, but raises for a question that holds "boom"."""
+
+    def forward(self, question: str) -> dspy.Prediction:
+        if "boom" in question:
+            raise ValueError(f"cannot answer {question!r}")
+        return super().forward(question)
+
+
+program("tuned_fragile")(TunedFragile)
+
+
+@metric
+def picky_with_feedback(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> dspy.Prediction:
+    """As ``agrees_with_feedback``, raising for an example labelled "raise" (as ``picky``)."""
+    if gold.answer == "raise":
+        raise RuntimeError("picky cannot score this example")
+    return agrees_with_feedback(gold, pred, trace, pred_name, pred_trace)
+
+
+@metric
+def feedback_raises(
+    gold: dspy.Example,
+    pred: dspy.Prediction,
+    trace: object = None,
+    pred_name: str | None = None,
+    pred_trace: object = None,
+) -> float:
+    """Scores as ``agrees``, but raises when GEPA asks it for a predictor's feedback."""
+    if pred_name is not None:
+        raise RuntimeError("no feedback here")
+    return 1.0 if bool(pred.correct) else 0.0

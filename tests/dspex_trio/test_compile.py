@@ -127,7 +127,7 @@ async def test_bad_compile_input_is_refused_before_anything_runs(pool: dspex_tri
                 pass
 
     await refused("unknown optimizer 'copro'", optimizer="copro")
-    await refused("'gepa' is not provided", optimizer="gepa")
+    await refused("gepa needs exactly one of auto", optimizer="gepa")
     await refused("unknown option", options={"max_demos": 3})
     await refused(r"max_bootstrapped_demos must be an integer", options={"max_bootstrapped_demos": -1})
     await refused("empty trainset", trainset=[])
