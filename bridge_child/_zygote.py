@@ -13,7 +13,9 @@ parent -> template
     ``{"op": "spawn", "id": I, "argv": [...], "tcp": {"connect": "HOST:PORT", "token": T, "node": N}}``
     with exactly two fds: the worker's stdin (read end: the pool's secret, then its lifeline) and its
     stderr (write end). The worker dials the host and serves its frames over TCP (``bridge_child.tcp``):
-    how a Ray node's agent (``dspex_trio._ray_agent``) forks its workers.
+    how a Ray node's agent (``dspex_trio._ray_agent``) forks its workers. ``tcp`` may hold ``"env"``:
+    the accelerators Ray assigned to the worker's reservation (names of ``ACCELERATOR_ENV`` only, e.g.
+    ``{"CUDA_VISIBLE_DEVICES": "1"}``), set in the forked worker's environment before it runs anything.
 template -> parent
     ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S, "programs": [...]}`` once, when it can
     fork (it imported dspy and the operator's program modules);
@@ -68,6 +70,25 @@ TCP_SPAWN_FDS: Final = 2
 """File descriptors that come with a ``spawn`` request of a TCP worker: stdin (read), stderr (write)."""
 MAX_TCP_FIELD_CHARS: Final = 512
 """Longest ``connect``, ``token`` or ``node`` of a TCP spawn."""
+ACCELERATOR_ENV: Final = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",  # NVIDIA and MetaX GPUs
+        "HIP_VISIBLE_DEVICES",  # AMD GPUs
+        "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR",  # Intel GPUs
+        "NEURON_RT_VISIBLE_CORES",  # AWS Neuron cores
+        "TPU_VISIBLE_CHIPS",  # TPUs
+        "HABANA_VISIBLE_MODULES",  # Intel Gaudi HPUs
+        "ASCEND_RT_VISIBLE_DEVICES",  # Huawei Ascend NPUs
+        "RBLN_DEVICES",  # Rebellions NPUs
+        "FURIOSA_DEVICES",  # FuriosaAI NPUs
+        "QBRUNTIME_VISIBLE_DEVICES",  # Mobilint NPUs
+        "TT_VISIBLE_DEVICES",  # Tenstorrent NPUs
+    }
+)  # fmt: skip
+"""The variables Ray (2.60) sets to give a task or actor its accelerators: the only ones a TCP spawn's
+``env`` may set."""
+MAX_ACCELERATOR_ENV_CHARS: Final = 1024
+"""Longest value of one of them (a list of device ids)."""
 REAP_INTERVAL_S: Final = 1.0
 """The loop reaps children at least this often, even if a SIGCHLD wake-up was lost."""
 EXIT_TEMPLATE_ERROR: Final = 70
@@ -157,7 +178,13 @@ class Template:
             return
         tcp = message.get("tcp")
         if tcp is not None and not _valid_tcp(tcp):
-            self.send({"op": "error", "id": request_id, "message": "tcp needs string connect, token, node"})
+            self.send(
+                {
+                    "op": "error",
+                    "id": request_id,
+                    "message": "tcp needs string connect, token, node (and env: accelerator variables only)",
+                }
+            )
             return
         expected = SPAWN_FDS if tcp is None else TCP_SPAWN_FDS
         if flags & socket.MSG_CTRUNC or len(fds) != expected:
@@ -194,7 +221,7 @@ class Template:
         os._exit(0)
 
     # -- forking ----------------------------------------------------------------------------------------
-    def fork_worker(self, argv: list[str], fds: list[int], tcp: dict[str, str] | None = None) -> int:
+    def fork_worker(self, argv: list[str], fds: list[int], tcp: dict[str, Any] | None = None) -> int:
         threads = threading.active_count()
         if threads != 1:  # a fork with other threads alive may copy a held lock: refuse instead
             raise OSError(errno.EDEADLK, f"the template has {threads} threads; forking is unsafe")
@@ -255,7 +282,7 @@ class Template:
                 os._exit(code)
 
     def become_tcp_worker(
-        self, argv: list[str], tcp: dict[str, str], stdin_fd: int, stderr_fd: int
+        self, argv: list[str], tcp: dict[str, Any], stdin_fd: int, stderr_fd: int
     ) -> NoReturn:
         """A worker that serves its frames over TCP (``bridge_child.tcp.serve``): stdin on 0 (its secret,
         then its lifeline), stderr on 1 and 2, nothing else inherited."""
@@ -271,6 +298,7 @@ class Template:
             os.dup2(stderr_fd, 1)
             os.dup2(stderr_fd, 2)
             os.closerange(3, _max_fd())
+            os.environ.update(tcp.get("env") or {})  # its accelerators (checked by _valid_tcp)
             _reseed()
             from bridge_child import tcp as tcp_worker
 
@@ -289,9 +317,18 @@ class Template:
 
 
 def _valid_tcp(tcp: object) -> bool:
-    return isinstance(tcp, dict) and all(
+    if not isinstance(tcp, dict) or not all(
         isinstance(tcp.get(key), str) and len(tcp[key]) <= MAX_TCP_FIELD_CHARS
         for key in ("connect", "token", "node")
+    ):
+        return False
+    env = tcp.get("env", {})
+    return isinstance(env, dict) and all(
+        name in ACCELERATOR_ENV
+        and isinstance(value, str)
+        and len(value) <= MAX_ACCELERATOR_ENV_CHARS
+        and "\0" not in value
+        for name, value in env.items()
     )
 
 

@@ -168,15 +168,26 @@ class NodeAgent:
         """Where the agent runs and how long its template's preload took (it is ready once this returns)."""
         return self.info
 
-    def spawn(self, connect_to: str, token: str, secret_hex: str, node: str, argv: list[str]) -> int:
-        """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``RuntimeError`` if the
-        template cannot."""
+    def spawn(
+        self,
+        connect_to: str,
+        token: str,
+        secret_hex: str,
+        node: str,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``env``: the accelerators of
+        its reservation (``bridge_child._zygote.ACCELERATOR_ENV`` names), set in its environment.
+        ``RuntimeError`` if the template cannot."""
         if self._dead is not None:
             raise RuntimeError(f"the agent's template is gone: {self._dead}")
         request_id = next(self._ids)
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        tcp = {"connect": connect_to, "token": token, "node": node}
+        tcp: dict[str, Any] = {"connect": connect_to, "token": token, "node": node}
+        if env:
+            tcp["env"] = dict(env)
         payload = json.dumps({"op": "spawn", "id": request_id, "argv": argv, "tcp": tcp}).encode()
         with self._lock:
             self._replies[request_id] = None

@@ -49,6 +49,7 @@ import trio
 
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, check_env_names
+from dspex_trio._ray_accelerators import accelerator_resources, visible_accelerators
 from dspex_trio._ray_agent import AGENT_CONCURRENCY, NodeAgent
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
@@ -320,6 +321,9 @@ class _Placement:
     group: Any
     node_id: str
     released_at: float | None = None
+    env: dict[str, str] = attrs.Factory(dict)
+    """The variables of the accelerators Ray assigned to the bundle (``dspex_trio._ray_accelerators``),
+    set in the worker's environment."""
 
 
 @attrs.define(eq=False)
@@ -344,7 +348,8 @@ class RayLauncher:
     num_cpus: float = 1.0
     """Ray CPUs reserved per worker."""
     num_gpus: float = 0.0
-    """Ray GPUs reserved per worker (reserved, not pinned: the worker sees its node's GPUs)."""
+    """Ray GPUs reserved per worker; the worker sees only its own (``CUDA_VISIBLE_DEVICES``: the ids
+    Ray assigned to its reservation)."""
     resources: Mapping[str, float] = attrs.field(factory=dict)
     """Custom Ray resources reserved per worker."""
     label_selector: Mapping[str, str] = attrs.field(factory=dict)
@@ -363,6 +368,7 @@ class RayLauncher:
     listener: WorkerListener | None = None
     """The worker listener, while open."""
     _agent_class: Any = None
+    _probe: Any = None
     _context: Any = None
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _agents: dict[tuple[str, tuple[str, ...]], _Agent] = attrs.field(factory=dict, init=False)
@@ -409,6 +415,7 @@ class RayLauncher:
             kwargs = {"log_to_driver": False, "include_dashboard": False, **self.ray_init}
             await trio.to_thread.run_sync(lambda: ray.init(address=self.address, **kwargs))
         self._agent_class = ray.remote(NodeAgent)
+        self._probe = ray.remote(visible_accelerators)
         async with (
             open_worker_listener(self.listen_host, self.listen_port) as listener,
             open_service_nursery() as nursery,
@@ -481,7 +488,33 @@ class RayLauncher:
             remove_placement_group(group)
             raise OSError(f"Ray could not place a worker's bundle {bundle} within {timeout} s")
         self._live[node] += 1
-        return _Placement(group, node)
+        placement = _Placement(group, node)
+        try:
+            placement.env = await self._accelerators(group, bundle)
+        except BaseException:
+            self._uncount(node)
+            remove_placement_group(group)
+            raise
+        return placement
+
+    async def _accelerators(self, group: Any, bundle: Mapping[str, float]) -> dict[str, str]:
+        """The accelerator variables Ray sets for the devices of ``group``'s bundle (``{}`` if it holds
+        none): reported by a task run in the bundle with them (``dspex_trio._ray_accelerators``)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        wanted = accelerator_resources(bundle)
+        if not wanted:
+            return {}
+        gpus = wanted.pop("GPU", 0.0)
+        probe = self._probe.options(
+            num_cpus=0,
+            num_gpus=gpus,
+            resources=wanted,
+            max_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        )
+        env: dict[str, str] = await await_ref(probe.remote())
+        return env
 
     def _uncount(self, node_id: str) -> None:
         self._live[node_id] -= 1
@@ -560,7 +593,12 @@ class RayLauncher:
                 placement = await self._place()
             agent = await self._agent(placement.node_id, spec.programs)
             spawn = agent.actor.spawn.remote(
-                listener.connect_to, token, listener.secret.hex(), placement.node_id, spec.argv()
+                listener.connect_to,
+                token,
+                listener.secret.hex(),
+                placement.node_id,
+                spec.argv(),
+                placement.env,
             )
             try:
                 with trio.fail_after(self.start_timeout):

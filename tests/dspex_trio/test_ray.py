@@ -42,7 +42,11 @@ NETNS_RUN_TIMEOUT_S = 420
 """The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
 NODES = 3
 NODE_CPUS = 2
-CLUSTER_TESTS = 7
+GPU_NODE_GPUS = 2
+"""Fake GPUs of one worker node (Ray assigns ids for them whether or not they exist)."""
+GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
+"""That node's label (the others have none)."""
+CLUSTER_TESTS = 9
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -85,7 +89,8 @@ def cluster() -> Iterator[Any]:
         initialize_head=True,
         head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False},
     )
-    for _ in range(NODES - 1):
+    c.add_node(num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL)
+    for _ in range(NODES - 2):
         c.add_node(num_cpus=NODE_CPUS)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False, include_dashboard=False)
@@ -104,6 +109,13 @@ def alive_nodes() -> set[str]:
 
 def workers(pool: dspex_trio.Pool) -> list[Any]:
     return list(pool.statistics().workers)
+
+
+def gpu_node() -> str:
+    import ray
+
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+    return str(node)
 
 
 @inside
@@ -337,6 +349,33 @@ async def test_a_worker_no_node_can_host_fails_to_start_within_its_bound(cluster
                 return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
 
             await wait_until(lambda: not pending(), 10, lambda: f"left: {pending()}")
+
+
+@inside
+async def test_gpu_workers_see_only_the_gpus_of_their_reservation(cluster: Any) -> None:
+    """Two workers of one GPU each on a node of two: each sees its own GPU id (CUDA_VISIBLE_DEVICES,
+    what Ray assigned to its placement group), disjoint, although one template forked both."""
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, num_gpus=1) as launcher,
+            dspex_trio.open_pool(workers=2, launcher=launcher) as pool,
+        ):
+            assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
+            seen = [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()]
+            assert sorted(env.get("CUDA_VISIBLE_DEVICES", "") for env in seen) == ["0", "1"], seen
+
+
+@inside
+async def test_a_label_selector_places_workers_on_the_labelled_node_only(cluster: Any) -> None:
+    """``label_selector`` (sent as the bundle's ``bundle_label_selector``): both workers go to the one
+    labelled node, although spreading would put them on two nodes."""
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, label_selector=GPU_NODE_LABEL) as launcher,
+            dspex_trio.open_pool(workers=2, launcher=launcher) as pool,
+        ):
+            assert [w.node for w in workers(pool)] == [gpu_node()] * 2, workers(pool)
+            assert await pool.call("ping") is not None
 
 
 @inside

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import dspex_trio
-from bridge_child._zygote import MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
+from bridge_child._zygote import MAX_ACCELERATOR_ENV_CHARS, MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
 from dspex_trio._launcher import WorkerSpec, worker_environment
 from dspex_trio._ray_agent import STDERR_BYTES_PER_S, NodeAgent
 from dspex_trio._ray_launcher import RayControl, _Agent, await_ref
@@ -59,12 +59,19 @@ class AgentLauncher:
 
     def __init__(self, handle: _Agent, listener: WorkerListener) -> None:
         self.handle, self.listener = handle, listener
+        self.env: list[dict[str, str]] = []
+        """The accelerator variables of the next workers, one each (as a launcher's placements give)."""
 
     async def launch(self, spec: WorkerSpec) -> TcpWorker:
         token = f"{spec.worker_id}-{secrets.token_hex(4)}"
         receive = self.listener.expect(token)
         spawn = self.handle.actor.spawn.remote(
-            self.listener.connect_to, token, self.listener.secret.hex(), "node-test", spec.argv()
+            self.listener.connect_to,
+            token,
+            self.listener.secret.hex(),
+            "node-test",
+            spec.argv(),
+            self.env.pop(0) if self.env else None,
         )
         pid = await await_ref(spawn)
         control = RayControl(self.handle, pid)
@@ -159,6 +166,30 @@ async def test_an_exit_status_is_reported_and_a_lost_lifeline_ends_the_worker(
             assert await pool.call("echo", {"value": 5}) == 5
 
 
+async def test_a_forked_worker_gets_the_accelerators_of_its_reservation(
+    agent: tuple[NodeAgent, AgentLauncher],
+) -> None:
+    """The variables the launcher's probe found for a worker's bundle ride with its spawn and are in the
+    forked worker's environment; a worker spawned without them has none (the template's environment
+    has none: not on the allow-list)."""
+    _, launcher = agent
+    launcher.env = [
+        {"CUDA_VISIBLE_DEVICES": "1"},
+        {"CUDA_VISIBLE_DEVICES": "0", "NEURON_RT_VISIBLE_CORES": "3"},
+    ]
+    with trio.fail_after(120):
+        async with dspex_trio.open_pool(workers=3, launcher=launcher) as pool:
+            seen = sorted(
+                [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()],
+                key=lambda env: sorted(env.items()),
+            )
+    assert seen == [
+        {},
+        {"CUDA_VISIBLE_DEVICES": "0", "NEURON_RT_VISIBLE_CORES": "3"},
+        {"CUDA_VISIBLE_DEVICES": "1"},
+    ], seen
+
+
 def _wait(process: subprocess.Popen[bytes], timeout: float) -> int | None:
     try:
         return process.wait(timeout)
@@ -199,6 +230,10 @@ def test_the_template_refuses_malformed_tcp_spawns() -> None:
             ({**good, "connect": 1}, [r, w]),  # not a string
             ({**good, "token": "x" * (MAX_TCP_FIELD_CHARS + 1)}, [r, w]),  # too long
             ({"connect": "127.0.0.1:1", "token": "t"}, [r, w]),  # no node
+            ({**good, "env": {"LD_PRELOAD": "x.so"}}, [r, w]),  # not an accelerator variable
+            ({**good, "env": {"CUDA_VISIBLE_DEVICES": 1}}, [r, w]),  # not a string
+            ({**good, "env": {"CUDA_VISIBLE_DEVICES": "0" * (MAX_ACCELERATOR_ENV_CHARS + 1)}}, [r, w]),
+            ({**good, "env": ["CUDA_VISIBLE_DEVICES"]}, [r, w]),  # not an object
         ]
         for i, (tcp, fds) in enumerate(requests, 1):
             message = {"op": "spawn", "id": i, "argv": [], "tcp": tcp}
