@@ -12,6 +12,8 @@ node ``label_selector``) as a one-bundle Ray placement group, which Ray's schedu
 see; its node is the bundle's. With ``spread`` (the default) each new worker's bundle is aimed at the
 alive node with the fewest of this launcher's workers. A worker's bundle is kept ``PLACEMENT_LINGER_S``
 after it exits, for its replacement on the same node, then removed.
+When the bundle holds GPUs (or other accelerators), the worker gets the ids Ray assigned to it
+(``CUDA_VISIBLE_DEVICES``...: ``dspex_trio._ray_accelerators``), not its node's.
 
 What the host learns of a worker's process comes from its agent, one long poll per agent
 (:meth:`NodeAgent.poll`): its exit status, and its stderr (bounded by the agent: per worker at most
