@@ -55,6 +55,7 @@ from dspex_trio._ray_accelerators import accelerator_resources, visible_accelera
 from dspex_trio._ray_agent import AGENT_CONCURRENCY, NodeAgent
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
+    ProcessUsage,
     TcpWorker,
     WorkerListener,
     open_worker_listener,
@@ -135,6 +136,8 @@ class RayControl:
     _closed: bool = False
     stderr_dropped: int = 0
     """Stderr chunks dropped on the host (the worker handle did not keep up)."""
+    _usage: tuple[int | None, float | None, float] | None = None
+    """Its resident bytes and age as its agent last read them, and when (Trio's clock)."""
     _stderr_send: trio.MemorySendChannel[bytes] = attrs.field(init=False)
     _stderr: _ChunkStream = attrs.field(init=False)
 
@@ -159,6 +162,21 @@ class RayControl:
 
     def exit_status(self) -> ExitStatus | None:
         return self._status
+
+    def set_usage(self, rss_bytes: int | None, age_s: float | None) -> None:
+        """Its agent read its resident memory and age on its node (``NodeAgent.poll``)."""
+        self._usage = (rss_bytes, age_s, trio.current_time())
+
+    def usage(self) -> ProcessUsage | None:
+        """Its resident memory and age, as its agent last reported them (the age brought up to now);
+        None before the first report or once it exited."""
+        if self._usage is None or self._status is not None:
+            return None
+        rss_bytes, age_s, at = self._usage
+        return ProcessUsage(
+            rss_bytes=rss_bytes,
+            age_s=None if age_s is None else age_s + max(0.0, trio.current_time() - at),
+        )
 
     def stderr_data(self, data: bytes) -> None:
         try:
@@ -290,6 +308,10 @@ class _Agent:
                     self._news(pid, "eof", None)
                 for pid, code in news["exits"].items():
                     self._news(pid, "exit", code)
+                for pid, (rss_bytes, age_s) in news.get("usage", {}).items():
+                    control = self.controls.get(pid)
+                    if control is not None:
+                        control.set_usage(rss_bytes, age_s)
                 if news["dead"]:
                     reason = f"its template is gone: {news['dead']}"
                     break

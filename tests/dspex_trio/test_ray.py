@@ -31,6 +31,7 @@ import pytest
 import trio
 
 import dspex_trio
+from dspex_trio._metrics import RuntimeCollector
 from dspex_trio._states import WorkerState
 from tests.helpers import pid_alive, wait_until
 
@@ -138,6 +139,20 @@ async def test_calls_and_dspy_executions_spread_over_all_nodes(
                     nursery.start_soon(pool.call, "echo", {"value": i})
             served = [w.calls_served for w in workers(pool)]
             assert sum(served) >= 60 and all(n > 0 for n in served), served
+            # each worker's resident memory and age, read by its agent on its node, in the metrics
+            collector = RuntimeCollector(pool)
+
+            def figures() -> dict[str, dict[str, float]]:
+                return {
+                    name: metric_samples(collector, name) for name in ("resident_memory_bytes", "age_seconds")
+                }
+
+            await wait_until(
+                lambda: all(set(f) == {w.worker_id for w in stats} for f in figures().values()),
+                30,
+                lambda: f"{figures()}",
+            )
+            assert all(v > 1_000_000 for v in figures()["resident_memory_bytes"].values()), figures()
             # one agent per node, whose template forked that node's worker
             agents = launcher.agents
             assert set(agents) == alive_nodes(), agents
@@ -280,6 +295,17 @@ async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path:
         if host.returncode is None:
             host.kill()
             await host.wait()
+
+
+def metric_samples(collector: Any, name: str) -> dict[str, float]:
+    """The ``dspex_worker_<name>`` samples by worker id."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dspex_trio._metrics import render_metrics
+
+    body, _ = render_metrics(collector)
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    return {s.labels["worker_id"]: s.value for s in families[f"dspex_worker_{name}"].samples}
 
 
 def _ppid(pid: int) -> int | None:

@@ -107,6 +107,15 @@ async def test_forked_tcp_workers_serve_and_their_stderr_reaches_the_host_log(
             stats = pool.statistics().workers
             assert {w.node for w in stats} == {"node-test"}, stats
             assert all(_parent(w.pid) == node_agent._template.pid for w in stats)  # forked by the template
+            # the agent reads each worker's resident memory and age (its node's /proc) in its poll
+            controls = launcher.handle.controls
+
+            def usages() -> list[Any]:
+                return [c.usage() for c in controls.values()]
+
+            await wait_until(lambda: len(usages()) == 2 and None not in usages(), 30, lambda: f"{usages()}")
+            for usage in usages():
+                assert usage.rss_bytes > 1_000_000 and 0 <= usage.age_s < 600, usages()
             async with trio.open_nursery() as nursery:
                 for i in range(20):
                     nursery.start_soon(pool.call, "echo", {"value": i})
