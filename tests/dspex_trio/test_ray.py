@@ -112,6 +112,17 @@ def workers(pool: dspex_trio.Pool) -> list[Any]:
     return list(pool.statistics().workers)
 
 
+def unreserved() -> str | None:
+    """None once the cluster's CPUs and GPUs are all free again (Ray removes placement groups
+    asynchronously: a test that filled a node waits for it, so the next one can spread), else what
+    is still held."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    held = {r: (free.get(r, 0), total[r]) for r in ("CPU", "GPU") if free.get(r, 0) < total.get(r, 0)}
+    return f"held (free, total): {held}" if held else None
+
+
 def gpu_node() -> str:
     import ray
 
@@ -389,6 +400,7 @@ async def test_gpu_workers_see_only_the_gpus_of_their_reservation(cluster: Any) 
             assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
             seen = [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()]
             assert sorted(env.get("CUDA_VISIBLE_DEVICES", "") for env in seen) == ["0", "1"], seen
+        await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
 
 
 @inside
@@ -402,6 +414,7 @@ async def test_a_label_selector_places_workers_on_the_labelled_node_only(cluster
         ):
             assert [w.node for w in workers(pool)] == [gpu_node()] * 2, workers(pool)
             assert await pool.call("ping") is not None
+        await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
 
 
 @inside
@@ -431,6 +444,8 @@ async def test_a_node_removed_under_load(cluster: Any) -> None:
             results["ok"] += 1
             n += 1
 
+    # every node must have room for its worker (a test before may have filled one, freed asynchronously)
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
     with trio.fail_after(180):
         async with (
             dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,
