@@ -10,8 +10,9 @@ re-dispatch, supervision, restart budget and circuit behave as locally.
 Placement: each worker reserves its resources (``num_cpus``, ``num_gpus``, custom ``resources``, a
 node ``label_selector``) as a one-bundle Ray placement group, which Ray's scheduler and autoscaler
 see; its node is the bundle's. With ``spread`` (the default) each new worker's bundle is aimed at the
-alive node with the fewest of this launcher's workers. A worker's bundle is kept ``PLACEMENT_LINGER_S``
-after it exits, for its replacement on the same node, then removed.
+alive node with the fewest of this launcher's workers among those that could host it
+(``could_host``). A worker's bundle is kept ``PLACEMENT_LINGER_S`` after it exits, for its replacement
+on the same node, then removed.
 When the bundle holds GPUs (or other accelerators), the worker gets the ids Ray assigned to it
 (``CUDA_VISIBLE_DEVICES``...: ``dspex_trio._ray_accelerators``), not its node's.
 
@@ -379,8 +380,8 @@ class RayLauncher:
     label_selector: Mapping[str, str] = attrs.field(factory=dict)
     """Node labels a worker's node must have (Ray's ``label_selector``)."""
     spread: bool = True
-    """Aim each new worker at the alive node with the fewest of this launcher's workers (else Ray places
-    its bundle where it likes)."""
+    """Aim each new worker at the alive node with the fewest of this launcher's workers among those that
+    could host it (``could_host``; else Ray places its bundle where it likes)."""
     env: Mapping[str, str] | None = None
     worker_env: Sequence[str] = attrs.field(default=(), converter=check_env_names)
     """Variables of each node's environment its workers get besides the allow-list."""
@@ -472,17 +473,21 @@ class RayLauncher:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-        alive = [n["NodeID"] for n in await trio.to_thread.run_sync(ray.nodes) if n["Alive"]]
+        nodes = [n for n in await trio.to_thread.run_sync(ray.nodes) if n["Alive"]]
+        alive = [n["NodeID"] for n in nodes]
         if not alive:
             raise OSError("no Ray node is alive")
-        target = min(alive, key=lambda node: self._live[node]) if self.spread else None
+        bundle = self._bundle()
+        # aim at a node that could host the bundle at all (its GPUs, its labels): else the target is
+        # a node Ray must refuse, and a lingering reservation on the right node is never reused
+        able = [n["NodeID"] for n in nodes if could_host(n, bundle, self.label_selector)] or alive
+        target = min(able, key=lambda node: self._live[node]) if self.spread else None
         for placement in self._free:  # a lingering reservation on the node wanted
             if placement.node_id in alive and (target is None or placement.node_id == target):
                 self._free.remove(placement)
                 placement.released_at = None
                 self._live[placement.node_id] += 1
                 return placement
-        bundle = self._bundle()
         if not bundle:  # nothing to reserve: the node is ours to choose
             self._live[target or alive[0]] += 1
             return _Placement(None, target or alive[0])
@@ -653,6 +658,29 @@ class RayLauncher:
                 "worker %s: claims pid %s, its agent forked %s", spec.worker_id, claims["pid"], pid
             )
         return TcpWorker(stream, control, node=str(claims["node"]))
+
+
+def could_host(
+    node: Mapping[str, Any], bundle: Mapping[str, float], label_selector: Mapping[str, str]
+) -> bool:
+    """Whether a node (an entry of ``ray.nodes()``) could host ``bundle`` when free: it has that much of
+    every resource in all, and the labels ``label_selector`` asks for (Ray's syntax: ``value``,
+    ``!value``, ``in(a, b)``, ``!in(a, b)``)."""
+    resources = node.get("Resources") or {}
+    if any(resources.get(name, 0.0) < amount for name, amount in bundle.items()):
+        return False
+    labels = node.get("Labels") or {}
+    return all(_label_matches(labels.get(key), wanted) for key, wanted in label_selector.items())
+
+
+def _label_matches(value: str | None, wanted: str) -> bool:
+    negated = wanted.startswith("!")
+    wanted = wanted[1:] if negated else wanted
+    if wanted.startswith("in(") and wanted.endswith(")"):
+        matches = value in {v.strip() for v in wanted[3:-1].split(",")}
+    else:
+        matches = value == wanted
+    return matches != negated
 
 
 def _kill(actor: Any) -> None:

@@ -392,14 +392,39 @@ async def test_a_worker_no_node_can_host_fails_to_start_within_its_bound(cluster
 async def test_gpu_workers_see_only_the_gpus_of_their_reservation(cluster: Any) -> None:
     """Two workers of one GPU each on a node of two: each sees its own GPU id (CUDA_VISIBLE_DEVICES,
     what Ray assigned to its placement group), disjoint, although one template forked both."""
+    from ray.util.placement_group import placement_group_table
+
+    async def visible() -> list[str]:
+        seen = [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()]
+        return sorted(env.get("CUDA_VISIBLE_DEVICES", "") for env in seen)
+
     with trio.fail_after(120):
         async with (
             dspex_trio.RayLauncher(address=cluster.address, num_gpus=1) as launcher,
-            dspex_trio.open_pool(workers=2, launcher=launcher) as pool,
+            dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool,
         ):
             assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
-            seen = [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()]
-            assert sorted(env.get("CUDA_VISIBLE_DEVICES", "") for env in seen) == ["0", "1"], seen
+            assert await visible() == ["0", "1"]
+            # a crashed worker's replacement goes to the GPU node (the only one that could host it),
+            # in its predecessor's reservation (no new placement group): the same GPU, free again
+            groups = len(placement_group_table())
+            first = pool.workers()[0]
+            victim = first.pid
+            with pytest.raises(dspex_trio.WorkerCrashed):
+                await first.call("crash", {"exit_code": 3})
+
+            def replaced() -> bool:
+                now = workers(pool)
+                return (
+                    len(now) == 2
+                    and victim not in {w.pid for w in now}
+                    and all(w.state is WorkerState.READY for w in now)
+                )
+
+            await wait_until(replaced, 60, lambda: f"not replaced: {workers(pool)}")
+            assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
+            assert await visible() == ["0", "1"]
+            assert len(placement_group_table()) == groups, placement_group_table()
         await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
 
 
