@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from bridge_child import _jobs, _programs, _propose, wire
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError, invalid_params
-from bridge_child._zygote import ACCELERATOR_ENV
+from bridge_child.tcp import ACCELERATOR_ENV
 
 if TYPE_CHECKING:
     from bridge_child._server import Worker

@@ -62,6 +62,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final, NoReturn
 
+from bridge_child.tcp import ACCELERATOR_ENV, MAX_ACCELERATOR_ENV_CHARS
+
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest control message either way."""
 SPAWN_FDS: Final = 3
@@ -70,25 +72,6 @@ TCP_SPAWN_FDS: Final = 2
 """File descriptors that come with a ``spawn`` request of a TCP worker: stdin (read), stderr (write)."""
 MAX_TCP_FIELD_CHARS: Final = 512
 """Longest ``connect``, ``token`` or ``node`` of a TCP spawn."""
-ACCELERATOR_ENV: Final = frozenset(
-    {
-        "CUDA_VISIBLE_DEVICES",  # NVIDIA and MetaX GPUs
-        "HIP_VISIBLE_DEVICES",  # AMD GPUs
-        "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR",  # Intel GPUs
-        "NEURON_RT_VISIBLE_CORES",  # AWS Neuron cores
-        "TPU_VISIBLE_CHIPS",  # TPUs
-        "HABANA_VISIBLE_MODULES",  # Intel Gaudi HPUs
-        "ASCEND_RT_VISIBLE_DEVICES",  # Huawei Ascend NPUs
-        "RBLN_DEVICES",  # Rebellions NPUs
-        "FURIOSA_DEVICES",  # FuriosaAI NPUs
-        "QBRUNTIME_VISIBLE_DEVICES",  # Mobilint NPUs
-        "TT_VISIBLE_DEVICES",  # Tenstorrent NPUs
-    }
-)  # fmt: skip
-"""The variables Ray (2.60) sets to give a task or actor its accelerators: the only ones a TCP spawn's
-``env`` may set."""
-MAX_ACCELERATOR_ENV_CHARS: Final = 1024
-"""Longest value of one of them (a list of device ids)."""
 REAP_INTERVAL_S: Final = 1.0
 """The loop reaps children at least this often, even if a SIGCHLD wake-up was lost."""
 EXIT_TEMPLATE_ERROR: Final = 70

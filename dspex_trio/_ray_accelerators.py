@@ -5,10 +5,11 @@ its node's agent (``dspex_trio._ray_agent``), which holds no GPU: so Ray sets no
 for it. When the bundle holds accelerators Ray assigns ids for (``GPU``, ``TPU``, ``neuron_cores``,
 ...), the launcher runs :func:`visible_accelerators` once as a Ray task in that bundle, with the
 bundle's accelerators: Ray gives the task the bundle's devices and sets their variables in its
-process, which the task reports (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``). The agent passes them with the
-spawn, and the forked worker sets them in its environment before it runs anything
-(``bridge_child._zygote``: only ``ACCELERATOR_ENV`` names). The bundle keeps its devices as long as the
-placement group lives, and nothing else runs in it, so the worker has them alone.
+process, which the task reports (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``). The agent passes them with
+the spawn, and the forked worker sets them in its environment before it runs anything
+(``bridge_child._zygote``: only ``bridge_child.tcp.ACCELERATOR_ENV`` names). The bundle keeps its
+devices as long as the placement group lives, and nothing else runs in it, so the worker has them
+alone.
 
 Importing this module imports neither Ray nor Trio.
 """
@@ -19,7 +20,7 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-from bridge_child._zygote import ACCELERATOR_ENV
+from bridge_child.tcp import ACCELERATOR_ENV
 
 KNOWN_ACCELERATOR_VARIABLES: Final[Mapping[str, str]] = {"GPU": "CUDA_VISIBLE_DEVICES"}
 """What is assumed when Ray's (private) accelerator registry cannot be read."""

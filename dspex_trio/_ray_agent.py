@@ -184,7 +184,7 @@ class NodeAgent:
         env: Mapping[str, str] | None = None,
     ) -> int:
         """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``env``: the accelerators of
-        its reservation (``bridge_child._zygote.ACCELERATOR_ENV`` names), set in its environment.
+        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment.
         ``RuntimeError`` if the template cannot."""
         if self._dead is not None:
             raise RuntimeError(f"the agent's template is gone: {self._dead}")

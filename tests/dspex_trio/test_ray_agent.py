@@ -23,7 +23,8 @@ import pytest
 import trio
 
 import dspex_trio
-from bridge_child._zygote import MAX_ACCELERATOR_ENV_CHARS, MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
+from bridge_child._zygote import MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
+from bridge_child.tcp import MAX_ACCELERATOR_ENV_CHARS
 from dspex_trio._launcher import WorkerSpec, worker_environment
 from dspex_trio._ray_agent import STDERR_BYTES_PER_S, NodeAgent
 from dspex_trio._ray_launcher import RayControl, _Agent, await_ref
