@@ -393,7 +393,7 @@ class RayLauncher:
     listener: WorkerListener | None = None
     """The worker listener, while open."""
     _agent_class: Any = None
-    _probe: Any = None
+    _probe: Any = attrs.field(default=None, init=False)
     _context: Any = None
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _agents: dict[tuple[str, tuple[str, ...]], _Agent] = attrs.field(factory=dict, init=False)
