@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from bridge_child import _gepa, _jobs, _programs, _propose, wire
 from bridge_child._cache import program_cache
 from bridge_child._context import CallContext, Method, MethodError, invalid_params
+from bridge_child.tcp import ACCELERATOR_ENV
 
 if TYPE_CHECKING:
     from bridge_child._server import Worker
@@ -55,6 +56,7 @@ def stats(worker: Worker, ctx: CallContext) -> Any:
         "threads": threading.active_count(),
         "uptime": time.monotonic() - worker.started_at,
         "rss_bytes": rss_bytes(),
+        "accelerators": {name: os.environ[name] for name in sorted(ACCELERATOR_ENV) if name in os.environ},
         "cached_programs": program_cache(worker).snapshot(),
         "leases": leases,
         **counters,

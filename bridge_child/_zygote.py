@@ -13,7 +13,9 @@ parent -> template
     ``{"op": "spawn", "id": I, "argv": [...], "tcp": {"connect": "HOST:PORT", "token": T, "node": N}}``
     with exactly two fds: the worker's stdin (read end: the pool's secret, then its lifeline) and its
     stderr (write end). The worker dials the host and serves its frames over TCP (``bridge_child.tcp``):
-    how a Ray node's agent (``dspex_trio._ray_agent``) forks its workers.
+    how a Ray node's agent (``dspex_trio._ray_agent``) forks its workers. ``tcp`` may hold ``"env"``:
+    the accelerators Ray assigned to the worker's reservation (names of ``ACCELERATOR_ENV`` only, e.g.
+    ``{"CUDA_VISIBLE_DEVICES": "1"}``), set in the forked worker's environment before it runs anything.
 template -> parent
     ``{"op": "ready", "pid": P, "versions": {...}, "preload_s": S, "programs": [...]}`` once, when it can
     fork (it imported dspy and the operator's program modules);
@@ -59,6 +61,8 @@ import traceback
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Final, NoReturn
+
+from bridge_child.tcp import ACCELERATOR_ENV, MAX_ACCELERATOR_ENV_CHARS
 
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 """Largest control message either way."""
@@ -157,7 +161,13 @@ class Template:
             return
         tcp = message.get("tcp")
         if tcp is not None and not _valid_tcp(tcp):
-            self.send({"op": "error", "id": request_id, "message": "tcp needs string connect, token, node"})
+            self.send(
+                {
+                    "op": "error",
+                    "id": request_id,
+                    "message": "tcp needs string connect, token, node (and env: accelerator variables only)",
+                }
+            )
             return
         expected = SPAWN_FDS if tcp is None else TCP_SPAWN_FDS
         if flags & socket.MSG_CTRUNC or len(fds) != expected:
@@ -194,7 +204,7 @@ class Template:
         os._exit(0)
 
     # -- forking ----------------------------------------------------------------------------------------
-    def fork_worker(self, argv: list[str], fds: list[int], tcp: dict[str, str] | None = None) -> int:
+    def fork_worker(self, argv: list[str], fds: list[int], tcp: dict[str, Any] | None = None) -> int:
         threads = threading.active_count()
         if threads != 1:  # a fork with other threads alive may copy a held lock: refuse instead
             raise OSError(errno.EDEADLK, f"the template has {threads} threads; forking is unsafe")
@@ -255,7 +265,7 @@ class Template:
                 os._exit(code)
 
     def become_tcp_worker(
-        self, argv: list[str], tcp: dict[str, str], stdin_fd: int, stderr_fd: int
+        self, argv: list[str], tcp: dict[str, Any], stdin_fd: int, stderr_fd: int
     ) -> NoReturn:
         """A worker that serves its frames over TCP (``bridge_child.tcp.serve``): stdin on 0 (its secret,
         then its lifeline), stderr on 1 and 2, nothing else inherited."""
@@ -271,6 +281,7 @@ class Template:
             os.dup2(stderr_fd, 1)
             os.dup2(stderr_fd, 2)
             os.closerange(3, _max_fd())
+            os.environ.update(tcp.get("env") or {})  # its accelerators (checked by _valid_tcp)
             _reseed()
             from bridge_child import tcp as tcp_worker
 
@@ -289,9 +300,18 @@ class Template:
 
 
 def _valid_tcp(tcp: object) -> bool:
-    return isinstance(tcp, dict) and all(
+    if not isinstance(tcp, dict) or not all(
         isinstance(tcp.get(key), str) and len(tcp[key]) <= MAX_TCP_FIELD_CHARS
         for key in ("connect", "token", "node")
+    ):
+        return False
+    env = tcp.get("env", {})
+    return isinstance(env, dict) and all(
+        name in ACCELERATOR_ENV
+        and isinstance(value, str)
+        and len(value) <= MAX_ACCELERATOR_ENV_CHARS
+        and "\0" not in value
+        for name, value in env.items()
     )
 
 

@@ -54,6 +54,27 @@ EXIT_NO_SECRET: Final = 6
 """Exit code when stdin did not carry a usable secret."""
 
 
+ACCELERATOR_ENV: Final = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",  # NVIDIA and MetaX GPUs
+        "HIP_VISIBLE_DEVICES",  # AMD GPUs
+        "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR",  # Intel GPUs
+        "NEURON_RT_VISIBLE_CORES",  # AWS Neuron cores
+        "TPU_VISIBLE_CHIPS",  # TPUs
+        "HABANA_VISIBLE_MODULES",  # Intel Gaudi HPUs
+        "ASCEND_RT_VISIBLE_DEVICES",  # Huawei Ascend NPUs
+        "RBLN_DEVICES",  # Rebellions NPUs
+        "FURIOSA_DEVICES",  # FuriosaAI NPUs
+        "QBRUNTIME_VISIBLE_DEVICES",  # Mobilint NPUs
+        "TT_VISIBLE_DEVICES",  # Tenstorrent NPUs
+    }
+)  # fmt: skip
+"""The variables Ray (2.60) sets to give a task or actor its accelerators: the only ones a TCP spawn's
+``env`` may set (``bridge_child._zygote``)."""
+MAX_ACCELERATOR_ENV_CHARS: Final = 1024
+"""Longest value of one of them (a list of device ids)."""
+
+
 class AuthError(ValueError):
     """A handshake message is malformed, too large, or not authenticated by the pool's secret."""
 

@@ -108,7 +108,7 @@ def _read_proc(path: str) -> bytes | None:
         os.close(fd)
 
 
-def _uptime_seconds() -> float | None:
+def uptime_seconds() -> float | None:
     text = _read_proc("/proc/uptime")
     try:
         return float(text.split()[0]) if text else None
@@ -134,6 +134,13 @@ def process_rss_bytes(pid: int) -> int | None:
         return int(statm.split()[1]) * PAGE_SIZE if statm else None
     except (ValueError, IndexError):
         return None
+
+
+def _remote_usage(worker: Any) -> Any:
+    """The ``ProcessUsage`` of a worker running elsewhere, if its process handle reports one
+    (``TcpWorker.usage``: a Ray worker's agent reads its node's ``/proc``), else None."""
+    usage = getattr(getattr(worker, "process", None), "usage", None)
+    return usage() if callable(usage) else None
 
 
 class RuntimeCollector:
@@ -254,22 +261,32 @@ class RuntimeCollector:
         in_flight = gauge("worker_in_flight", "Calls in flight per worker.", labels=per_worker)
         rss = gauge(
             "worker_resident_memory_bytes",
-            "Resident memory of each worker process (/proc; workers on this machine).",
+            "Resident memory of each worker process (/proc of its machine; a Ray worker's as its agent "
+            "last read it).",
             labels=per_worker,
         )
         age = gauge(
             "worker_age_seconds",
-            "Seconds since each worker process started (/proc; workers on this machine).",
+            "Seconds since each worker process started (/proc of its machine; a Ray worker's as its agent "
+            "last read it).",
             labels=per_worker,
         )
-        uptime = _uptime_seconds()
+        uptime = uptime_seconds()
         started = {}
+        live = getattr(self.backend, "workers", None)
+        handles = {w.worker_id: w for w in live()} if callable(live) else {}
         for worker in getattr(stats, "workers", ()):
             wid = worker.worker_id
             node = node_label(getattr(worker, "node", ""))
             in_flight.add_metric([wid, node], worker.in_flight)
             if getattr(worker, "launcher", "") in REMOTE_LAUNCHERS:
-                continue  # its pid is another machine's: this /proc knows nothing of it
+                # its pid is another machine's: this /proc knows nothing of it; its agent may
+                remote = _remote_usage(handles.get(wid))
+                if remote is not None and remote.rss_bytes is not None:
+                    rss.add_metric([wid, node], remote.rss_bytes)
+                if remote is not None and remote.age_s is not None:
+                    age.add_metric([wid, node], remote.age_s)
+                continue
             resident = process_rss_bytes(worker.pid)
             if resident is None:
                 continue  # gone (or no /proc)

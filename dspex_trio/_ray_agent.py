@@ -9,8 +9,9 @@ keeps the write end open as the worker's *lifeline*, and its stderr, which the a
 worker dials the host's listener and serves its frames over TCP, as a cold ``bridge_child.tcp`` does.
 
 What the host learns, it learns by :meth:`NodeAgent.poll` (one long poll at a time per agent, from the
-launcher): the exit status of each worker (the template reaps them and reports it), and what each
-wrote to stderr, bounded: at most ``STDERR_BUFFER_BYTES`` held per worker between two polls and
+launcher): the exit status of each worker (the template reaps them and reports it), its resident
+memory and age (this node's ``/proc``, at most every ``USAGE_INTERVAL_S``), and what each wrote to
+stderr, bounded: at most ``STDERR_BUFFER_BYTES`` held per worker between two polls and
 ``STDERR_BYTES_PER_S`` relayed per worker per second; the excess is dropped and said so in the stream
 (``[dspex: N bytes of stderr dropped]``).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import math
 import os
 import select
 import signal
@@ -39,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from dspex_trio._launcher import worker_environment
+from dspex_trio._metrics import process_rss_bytes, process_start_seconds, uptime_seconds
 
 TEMPLATE_START_TIMEOUT_S: Final = 60.0
 """From starting the template to its ``ready`` (it imports dspy and the program modules)."""
@@ -56,6 +59,8 @@ TEMPLATE_EXIT_WAIT_S: Final = 5.0
 """After the template closed its control socket: how long to wait for its exit status."""
 MAX_POLL_S: Final = 10.0
 """Longest wait of one :meth:`NodeAgent.poll`."""
+USAGE_INTERVAL_S: Final = 1.0
+"""A poll reads its workers' resident memory and age (this node's ``/proc``) at most this often."""
 AGENT_CONCURRENCY: Final = 16
 """Threads of an agent actor: one poll, concurrent spawns, signals."""
 
@@ -112,6 +117,7 @@ class NodeAgent:
         self._exits: dict[int, int | None] = {}
         """Exits reported by the template and not yet polled: pid -> return code (negative: signal)."""
         self._dead: str | None = None
+        self._usage_at = -math.inf
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         programs_args = ["--programs", ",".join(programs)] if programs else []
         try:
@@ -168,15 +174,26 @@ class NodeAgent:
         """Where the agent runs and how long its template's preload took (it is ready once this returns)."""
         return self.info
 
-    def spawn(self, connect_to: str, token: str, secret_hex: str, node: str, argv: list[str]) -> int:
-        """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``RuntimeError`` if the
-        template cannot."""
+    def spawn(
+        self,
+        connect_to: str,
+        token: str,
+        secret_hex: str,
+        node: str,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``env``: the accelerators of
+        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment.
+        ``RuntimeError`` if the template cannot."""
         if self._dead is not None:
             raise RuntimeError(f"the agent's template is gone: {self._dead}")
         request_id = next(self._ids)
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        tcp = {"connect": connect_to, "token": token, "node": node}
+        tcp: dict[str, Any] = {"connect": connect_to, "token": token, "node": node}
+        if env:
+            tcp["env"] = dict(env)
         payload = json.dumps({"op": "spawn", "id": request_id, "argv": argv, "tcp": tcp}).encode()
         with self._lock:
             self._replies[request_id] = None
@@ -230,7 +247,9 @@ class NodeAgent:
     def poll(self, timeout: float) -> dict[str, Any]:
         """What happened since the last poll, once something did or after ``timeout`` s (at most
         ``MAX_POLL_S``): ``exits`` (pid -> return code, negative for a signal), ``stderr`` (pid -> bytes),
-        ``eof`` (pids whose stderr ended), ``dead`` (why the template is gone, or None)."""
+        ``eof`` (pids whose stderr ended), ``dead`` (why the template is gone, or None), ``usage`` (pid ->
+        [resident bytes, age in seconds] of the workers running, read from ``/proc`` at most every
+        ``USAGE_INTERVAL_S``; either may be None, the pid gone)."""
         with self._news:
             self._news.wait_for(self._has_news, min(max(timeout, 0.0), MAX_POLL_S))
             exits, self._exits = self._exits, {}
@@ -251,7 +270,19 @@ class NodeAgent:
                     eof.append(worker.pid)
                 if worker.exited and worker.eof_reported:  # both seen: forget it
                     del self._workers[worker.pid]
-            return {"exits": exits, "stderr": stderr, "eof": eof, "dead": self._dead}
+            now = time.monotonic()
+            running = [w.pid for w in self._workers.values() if not w.exited]
+            if now - self._usage_at < USAGE_INTERVAL_S:
+                running = []
+            else:
+                self._usage_at = now
+        return {
+            "exits": exits,
+            "stderr": stderr,
+            "eof": eof,
+            "dead": self._dead,
+            "usage": _usage(running),
+        }
 
     def _has_news(self) -> bool:
         return bool(
@@ -335,3 +366,16 @@ class NodeAgent:
                 except (ProcessLookupError, PermissionError):
                     pass
             self._news.notify_all()
+
+
+def _usage(pids: Sequence[int]) -> dict[int, list[float | None]]:
+    """Resident bytes and age in seconds of each of ``pids`` on this node (``/proc``)."""
+    if not pids:
+        return {}
+    uptime = uptime_seconds()
+    usage: dict[int, list[float | None]] = {}
+    for pid in pids:
+        start = process_start_seconds(pid)
+        age = max(0.0, uptime - start) if start is not None and uptime is not None else None
+        usage[pid] = [process_rss_bytes(pid), age]
+    return usage

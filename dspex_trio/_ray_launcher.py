@@ -10,8 +10,11 @@ re-dispatch, supervision, restart budget and circuit behave as locally.
 Placement: each worker reserves its resources (``num_cpus``, ``num_gpus``, custom ``resources``, a
 node ``label_selector``) as a one-bundle Ray placement group, which Ray's scheduler and autoscaler
 see; its node is the bundle's. With ``spread`` (the default) each new worker's bundle is aimed at the
-alive node with the fewest of this launcher's workers. A worker's bundle is kept ``PLACEMENT_LINGER_S``
-after it exits, for its replacement on the same node, then removed.
+alive node with the fewest of this launcher's workers among those that could host it
+(``could_host``). A worker's bundle is kept ``PLACEMENT_LINGER_S`` after it exits, for its replacement
+on the same node, then removed.
+When the bundle holds GPUs (or other accelerators), the worker gets the ids Ray assigned to it
+(``CUDA_VISIBLE_DEVICES``...: ``dspex_trio._ray_accelerators``), not its node's.
 
 What the host learns of a worker's process comes from its agent, one long poll per agent
 (:meth:`NodeAgent.poll`): its exit status, and its stderr (bounded by the agent: per worker at most
@@ -49,9 +52,11 @@ import trio
 
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, check_env_names
+from dspex_trio._ray_accelerators import accelerator_resources, visible_accelerators
 from dspex_trio._ray_agent import AGENT_CONCURRENCY, NodeAgent
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
+    ProcessUsage,
     TcpWorker,
     WorkerListener,
     open_worker_listener,
@@ -132,6 +137,8 @@ class RayControl:
     _closed: bool = False
     stderr_dropped: int = 0
     """Stderr chunks dropped on the host (the worker handle did not keep up)."""
+    _usage: tuple[int | None, float | None, float] | None = None
+    """Its resident bytes and age as its agent last read them, and when (Trio's clock)."""
     _stderr_send: trio.MemorySendChannel[bytes] = attrs.field(init=False)
     _stderr: _ChunkStream = attrs.field(init=False)
 
@@ -156,6 +163,21 @@ class RayControl:
 
     def exit_status(self) -> ExitStatus | None:
         return self._status
+
+    def set_usage(self, rss_bytes: int | None, age_s: float | None) -> None:
+        """Its agent read its resident memory and age on its node (``NodeAgent.poll``)."""
+        self._usage = (rss_bytes, age_s, trio.current_time())
+
+    def usage(self) -> ProcessUsage | None:
+        """Its resident memory and age, as its agent last reported them (the age brought up to now);
+        None before the first report or once it exited."""
+        if self._usage is None or self._status is not None:
+            return None
+        rss_bytes, age_s, at = self._usage
+        return ProcessUsage(
+            rss_bytes=rss_bytes,
+            age_s=None if age_s is None else age_s + max(0.0, trio.current_time() - at),
+        )
 
     def stderr_data(self, data: bytes) -> None:
         try:
@@ -287,6 +309,10 @@ class _Agent:
                     self._news(pid, "eof", None)
                 for pid, code in news["exits"].items():
                     self._news(pid, "exit", code)
+                for pid, (rss_bytes, age_s) in news.get("usage", {}).items():
+                    control = self.controls.get(pid)
+                    if control is not None:
+                        control.set_usage(rss_bytes, age_s)
                 if news["dead"]:
                     reason = f"its template is gone: {news['dead']}"
                     break
@@ -320,6 +346,9 @@ class _Placement:
     group: Any
     node_id: str
     released_at: float | None = None
+    env: dict[str, str] = attrs.Factory(dict)
+    """The variables of the accelerators Ray assigned to the bundle (``dspex_trio._ray_accelerators``),
+    set in the worker's environment."""
 
 
 @attrs.define(eq=False)
@@ -344,14 +373,15 @@ class RayLauncher:
     num_cpus: float = 1.0
     """Ray CPUs reserved per worker."""
     num_gpus: float = 0.0
-    """Ray GPUs reserved per worker (reserved, not pinned: the worker sees its node's GPUs)."""
+    """Ray GPUs reserved per worker; the worker sees only its own (``CUDA_VISIBLE_DEVICES``: the ids
+    Ray assigned to its reservation)."""
     resources: Mapping[str, float] = attrs.field(factory=dict)
     """Custom Ray resources reserved per worker."""
     label_selector: Mapping[str, str] = attrs.field(factory=dict)
     """Node labels a worker's node must have (Ray's ``label_selector``)."""
     spread: bool = True
-    """Aim each new worker at the alive node with the fewest of this launcher's workers (else Ray places
-    its bundle where it likes)."""
+    """Aim each new worker at the alive node with the fewest of this launcher's workers among those that
+    could host it (``could_host``; else Ray places its bundle where it likes)."""
     env: Mapping[str, str] | None = None
     worker_env: Sequence[str] = attrs.field(default=(), converter=check_env_names)
     """Variables of each node's environment its workers get besides the allow-list."""
@@ -363,6 +393,7 @@ class RayLauncher:
     listener: WorkerListener | None = None
     """The worker listener, while open."""
     _agent_class: Any = None
+    _probe: Any = attrs.field(default=None, init=False)
     _context: Any = None
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _agents: dict[tuple[str, tuple[str, ...]], _Agent] = attrs.field(factory=dict, init=False)
@@ -409,6 +440,7 @@ class RayLauncher:
             kwargs = {"log_to_driver": False, "include_dashboard": False, **self.ray_init}
             await trio.to_thread.run_sync(lambda: ray.init(address=self.address, **kwargs))
         self._agent_class = ray.remote(NodeAgent)
+        self._probe = ray.remote(visible_accelerators)
         async with (
             open_worker_listener(self.listen_host, self.listen_port) as listener,
             open_service_nursery() as nursery,
@@ -441,17 +473,21 @@ class RayLauncher:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-        alive = [n["NodeID"] for n in await trio.to_thread.run_sync(ray.nodes) if n["Alive"]]
+        nodes = [n for n in await trio.to_thread.run_sync(ray.nodes) if n["Alive"]]
+        alive = [n["NodeID"] for n in nodes]
         if not alive:
             raise OSError("no Ray node is alive")
-        target = min(alive, key=lambda node: self._live[node]) if self.spread else None
+        bundle = self._bundle()
+        # aim at a node that could host the bundle at all (its GPUs, its labels): else the target is
+        # a node Ray must refuse, and a lingering reservation on the right node is never reused
+        able = [n["NodeID"] for n in nodes if could_host(n, bundle, self.label_selector)] or alive
+        target = min(able, key=lambda node: self._live[node]) if self.spread else None
         for placement in self._free:  # a lingering reservation on the node wanted
             if placement.node_id in alive and (target is None or placement.node_id == target):
                 self._free.remove(placement)
                 placement.released_at = None
                 self._live[placement.node_id] += 1
                 return placement
-        bundle = self._bundle()
         if not bundle:  # nothing to reserve: the node is ours to choose
             self._live[target or alive[0]] += 1
             return _Placement(None, target or alive[0])
@@ -481,7 +517,33 @@ class RayLauncher:
             remove_placement_group(group)
             raise OSError(f"Ray could not place a worker's bundle {bundle} within {timeout} s")
         self._live[node] += 1
-        return _Placement(group, node)
+        placement = _Placement(group, node)
+        try:
+            placement.env = await self._accelerators(group, bundle)
+        except BaseException:
+            self._uncount(node)
+            remove_placement_group(group)
+            raise
+        return placement
+
+    async def _accelerators(self, group: Any, bundle: Mapping[str, float]) -> dict[str, str]:
+        """The accelerator variables Ray sets for the devices of ``group``'s bundle (``{}`` if it holds
+        none): reported by a task run in the bundle with them (``dspex_trio._ray_accelerators``)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        wanted = accelerator_resources(bundle)
+        if not wanted:
+            return {}
+        gpus = wanted.pop("GPU", 0.0)
+        probe = self._probe.options(
+            num_cpus=0,
+            num_gpus=gpus,
+            resources=wanted,
+            max_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+        )
+        env: dict[str, str] = await await_ref(probe.remote())
+        return env
 
     def _uncount(self, node_id: str) -> None:
         self._live[node_id] -= 1
@@ -560,7 +622,12 @@ class RayLauncher:
                 placement = await self._place()
             agent = await self._agent(placement.node_id, spec.programs)
             spawn = agent.actor.spawn.remote(
-                listener.connect_to, token, listener.secret.hex(), placement.node_id, spec.argv()
+                listener.connect_to,
+                token,
+                listener.secret.hex(),
+                placement.node_id,
+                spec.argv(),
+                placement.env,
             )
             try:
                 with trio.fail_after(self.start_timeout):
@@ -591,6 +658,29 @@ class RayLauncher:
                 "worker %s: claims pid %s, its agent forked %s", spec.worker_id, claims["pid"], pid
             )
         return TcpWorker(stream, control, node=str(claims["node"]))
+
+
+def could_host(
+    node: Mapping[str, Any], bundle: Mapping[str, float], label_selector: Mapping[str, str]
+) -> bool:
+    """Whether a node (an entry of ``ray.nodes()``) could host ``bundle`` when free: it has that much of
+    every resource in all, and the labels ``label_selector`` asks for (Ray's syntax: ``value``,
+    ``!value``, ``in(a, b)``, ``!in(a, b)``)."""
+    resources = node.get("Resources") or {}
+    if any(resources.get(name, 0.0) < amount for name, amount in bundle.items()):
+        return False
+    labels = node.get("Labels") or {}
+    return all(_label_matches(labels.get(key), wanted) for key, wanted in label_selector.items())
+
+
+def _label_matches(value: str | None, wanted: str) -> bool:
+    negated = wanted.startswith("!")
+    wanted = wanted[1:] if negated else wanted
+    if wanted.startswith("in(") and wanted.endswith(")"):
+        matches = value in {v.strip() for v in wanted[3:-1].split(",")}
+    else:
+        matches = value == wanted
+    return matches != negated
 
 
 def _kill(actor: Any) -> None:

@@ -78,6 +78,16 @@ class ProcessControl(Protocol):
     async def aclose(self) -> None: ...
 
 
+@attrs.frozen
+class ProcessUsage:
+    """A worker process's figures as read where it runs (a Ray node's agent reads its ``/proc``)."""
+
+    rss_bytes: int | None
+    """Resident memory, in bytes (None: unknown)."""
+    age_s: float | None
+    """Seconds since it started (None: unknown)."""
+
+
 @attrs.define(eq=False)
 class TcpWorker:
     """A connected worker (implements ``WorkerProcess``): frames over ``stream``, the rest by
@@ -105,6 +115,12 @@ class TcpWorker:
 
     def exit_status(self) -> ExitStatus | None:
         return self.control.exit_status()
+
+    def usage(self) -> ProcessUsage | None:
+        """Its resident memory and age where it runs, if its control knows them (a Ray worker's agent
+        reports them); else None."""
+        usage = getattr(self.control, "usage", None)
+        return usage() if callable(usage) else None
 
     async def wait(self) -> ExitStatus:
         return await self.control.wait()

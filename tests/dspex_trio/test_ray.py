@@ -31,6 +31,7 @@ import pytest
 import trio
 
 import dspex_trio
+from dspex_trio._metrics import RuntimeCollector
 from dspex_trio._states import WorkerState
 from tests.helpers import pid_alive, wait_until
 
@@ -42,7 +43,11 @@ NETNS_RUN_TIMEOUT_S = 420
 """The whole file inside the namespace: a 3-node cluster starts in ~15 s here, the tests take ~1 min."""
 NODES = 3
 NODE_CPUS = 2
-CLUSTER_TESTS = 7
+GPU_NODE_GPUS = 2
+"""Fake GPUs of one worker node (Ray assigns ids for them whether or not they exist)."""
+GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
+"""That node's label (the others have none)."""
+CLUSTER_TESTS = 9
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -85,7 +90,8 @@ def cluster() -> Iterator[Any]:
         initialize_head=True,
         head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False},
     )
-    for _ in range(NODES - 1):
+    c.add_node(num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL)
+    for _ in range(NODES - 2):
         c.add_node(num_cpus=NODE_CPUS)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False, include_dashboard=False)
@@ -104,6 +110,24 @@ def alive_nodes() -> set[str]:
 
 def workers(pool: dspex_trio.Pool) -> list[Any]:
     return list(pool.statistics().workers)
+
+
+def unreserved() -> str | None:
+    """None once the cluster's CPUs and GPUs are all free again (Ray removes placement groups
+    asynchronously: a test that filled a node waits for it, so the next one can spread), else what
+    is still held."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    held = {r: (free.get(r, 0), total[r]) for r in ("CPU", "GPU") if free.get(r, 0) < total.get(r, 0)}
+    return f"held (free, total): {held}" if held else None
+
+
+def gpu_node() -> str:
+    import ray
+
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+    return str(node)
 
 
 @inside
@@ -126,6 +150,20 @@ async def test_calls_and_dspy_executions_spread_over_all_nodes(
                     nursery.start_soon(pool.call, "echo", {"value": i})
             served = [w.calls_served for w in workers(pool)]
             assert sum(served) >= 60 and all(n > 0 for n in served), served
+            # each worker's resident memory and age, read by its agent on its node, in the metrics
+            collector = RuntimeCollector(pool)
+
+            def figures() -> dict[str, dict[str, float]]:
+                return {
+                    name: metric_samples(collector, name) for name in ("resident_memory_bytes", "age_seconds")
+                }
+
+            await wait_until(
+                lambda: all(set(f) == {w.worker_id for w in stats} for f in figures().values()),
+                30,
+                lambda: f"{figures()}",
+            )
+            assert all(v > 1_000_000 for v in figures()["resident_memory_bytes"].values()), figures()
             # one agent per node, whose template forked that node's worker
             agents = launcher.agents
             assert set(agents) == alive_nodes(), agents
@@ -270,6 +308,17 @@ async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path:
             await host.wait()
 
 
+def metric_samples(collector: Any, name: str) -> dict[str, float]:
+    """The ``dspex_worker_<name>`` samples by worker id."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dspex_trio._metrics import render_metrics
+
+    body, _ = render_metrics(collector)
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    return {s.labels["worker_id"]: s.value for s in families[f"dspex_worker_{name}"].samples}
+
+
 def _ppid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -340,6 +389,60 @@ async def test_a_worker_no_node_can_host_fails_to_start_within_its_bound(cluster
 
 
 @inside
+async def test_gpu_workers_see_only_the_gpus_of_their_reservation(cluster: Any) -> None:
+    """Two workers of one GPU each on a node of two: each sees its own GPU id (CUDA_VISIBLE_DEVICES,
+    what Ray assigned to its placement group), disjoint, although one template forked both."""
+    from ray.util.placement_group import placement_group_table
+
+    async def visible() -> list[str]:
+        seen = [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()]
+        return sorted(env.get("CUDA_VISIBLE_DEVICES", "") for env in seen)
+
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, num_gpus=1) as launcher,
+            dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool,
+        ):
+            assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
+            assert await visible() == ["0", "1"]
+            # a crashed worker's replacement goes to the GPU node (the only one that could host it),
+            # in its predecessor's reservation (no new placement group): the same GPU, free again
+            groups = len(placement_group_table())
+            first = pool.workers()[0]
+            victim = first.pid
+            with pytest.raises(dspex_trio.WorkerCrashed):
+                await first.call("crash", {"exit_code": 3})
+
+            def replaced() -> bool:
+                now = workers(pool)
+                return (
+                    len(now) == 2
+                    and victim not in {w.pid for w in now}
+                    and all(w.state is WorkerState.READY for w in now)
+                )
+
+            await wait_until(replaced, 60, lambda: f"not replaced: {workers(pool)}")
+            assert {w.node for w in workers(pool)} == {gpu_node()}, workers(pool)
+            assert await visible() == ["0", "1"]
+            assert len(placement_group_table()) == groups, placement_group_table()
+        await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+
+
+@inside
+async def test_a_label_selector_places_workers_on_the_labelled_node_only(cluster: Any) -> None:
+    """``label_selector`` (sent as the bundle's ``bundle_label_selector``): both workers go to the one
+    labelled node, although spreading would put them on two nodes."""
+    with trio.fail_after(120):
+        async with (
+            dspex_trio.RayLauncher(address=cluster.address, label_selector=GPU_NODE_LABEL) as launcher,
+            dspex_trio.open_pool(workers=2, launcher=launcher) as pool,
+        ):
+            assert [w.node for w in workers(pool)] == [gpu_node()] * 2, workers(pool)
+            assert await pool.call("ping") is not None
+        await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+
+
+@inside
 async def test_a_node_removed_under_load(cluster: Any) -> None:
     """Last: it removes a node. No call hangs, none is misdelivered, idempotent calls all succeed, the
     lost workers are replaced on the surviving nodes and nothing of them is left."""
@@ -366,6 +469,8 @@ async def test_a_node_removed_under_load(cluster: Any) -> None:
             results["ok"] += 1
             n += 1
 
+    # every node must have room for its worker (a test before may have filled one, freed asynchronously)
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
     with trio.fail_after(180):
         async with (
             dspex_trio.RayLauncher(address=cluster.address, num_cpus=1) as launcher,

@@ -24,6 +24,7 @@ import trio
 
 import dspex_trio
 from bridge_child._zygote import MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
+from bridge_child.tcp import MAX_ACCELERATOR_ENV_CHARS
 from dspex_trio._launcher import WorkerSpec, worker_environment
 from dspex_trio._ray_agent import STDERR_BYTES_PER_S, NodeAgent
 from dspex_trio._ray_launcher import RayControl, _Agent, await_ref
@@ -59,12 +60,19 @@ class AgentLauncher:
 
     def __init__(self, handle: _Agent, listener: WorkerListener) -> None:
         self.handle, self.listener = handle, listener
+        self.env: list[dict[str, str]] = []
+        """The accelerator variables of the next workers, one each (as a launcher's placements give)."""
 
     async def launch(self, spec: WorkerSpec) -> TcpWorker:
         token = f"{spec.worker_id}-{secrets.token_hex(4)}"
         receive = self.listener.expect(token)
         spawn = self.handle.actor.spawn.remote(
-            self.listener.connect_to, token, self.listener.secret.hex(), "node-test", spec.argv()
+            self.listener.connect_to,
+            token,
+            self.listener.secret.hex(),
+            "node-test",
+            spec.argv(),
+            self.env.pop(0) if self.env else None,
         )
         pid = await await_ref(spawn)
         control = RayControl(self.handle, pid)
@@ -100,6 +108,15 @@ async def test_forked_tcp_workers_serve_and_their_stderr_reaches_the_host_log(
             stats = pool.statistics().workers
             assert {w.node for w in stats} == {"node-test"}, stats
             assert all(_parent(w.pid) == node_agent._template.pid for w in stats)  # forked by the template
+            # the agent reads each worker's resident memory and age (its node's /proc) in its poll
+            controls = launcher.handle.controls
+
+            def usages() -> list[Any]:
+                return [c.usage() for c in controls.values()]
+
+            await wait_until(lambda: len(usages()) == 2 and None not in usages(), 30, lambda: f"{usages()}")
+            for usage in usages():
+                assert usage.rss_bytes > 1_000_000 and 0 <= usage.age_s < 600, usages()
             async with trio.open_nursery() as nursery:
                 for i in range(20):
                     nursery.start_soon(pool.call, "echo", {"value": i})
@@ -159,6 +176,30 @@ async def test_an_exit_status_is_reported_and_a_lost_lifeline_ends_the_worker(
             assert await pool.call("echo", {"value": 5}) == 5
 
 
+async def test_a_forked_worker_gets_the_accelerators_of_its_reservation(
+    agent: tuple[NodeAgent, AgentLauncher],
+) -> None:
+    """The variables the launcher's probe found for a worker's bundle ride with its spawn and are in the
+    forked worker's environment; a worker spawned without them has none (the template's environment
+    has none: not on the allow-list)."""
+    _, launcher = agent
+    launcher.env = [
+        {"CUDA_VISIBLE_DEVICES": "1"},
+        {"CUDA_VISIBLE_DEVICES": "0", "NEURON_RT_VISIBLE_CORES": "3"},
+    ]
+    with trio.fail_after(120):
+        async with dspex_trio.open_pool(workers=3, launcher=launcher) as pool:
+            seen = sorted(
+                [(await worker.call("stats", timeout=30))["accelerators"] for worker in pool.workers()],
+                key=lambda env: sorted(env.items()),
+            )
+    assert seen == [
+        {},
+        {"CUDA_VISIBLE_DEVICES": "0", "NEURON_RT_VISIBLE_CORES": "3"},
+        {"CUDA_VISIBLE_DEVICES": "1"},
+    ], seen
+
+
 def _wait(process: subprocess.Popen[bytes], timeout: float) -> int | None:
     try:
         return process.wait(timeout)
@@ -199,6 +240,10 @@ def test_the_template_refuses_malformed_tcp_spawns() -> None:
             ({**good, "connect": 1}, [r, w]),  # not a string
             ({**good, "token": "x" * (MAX_TCP_FIELD_CHARS + 1)}, [r, w]),  # too long
             ({"connect": "127.0.0.1:1", "token": "t"}, [r, w]),  # no node
+            ({**good, "env": {"LD_PRELOAD": "x.so"}}, [r, w]),  # not an accelerator variable
+            ({**good, "env": {"CUDA_VISIBLE_DEVICES": 1}}, [r, w]),  # not a string
+            ({**good, "env": {"CUDA_VISIBLE_DEVICES": "0" * (MAX_ACCELERATOR_ENV_CHARS + 1)}}, [r, w]),
+            ({**good, "env": ["CUDA_VISIBLE_DEVICES"]}, [r, w]),  # not an object
         ]
         for i, (tcp, fds) in enumerate(requests, 1):
             message = {"op": "spawn", "id": i, "argv": [], "tcp": tcp}
