@@ -243,7 +243,7 @@ class Worker:
 
         Every exception becomes an error, ``BaseException`` included: a ``SystemExit`` raised by a
         program must fail its call, not end the thread (and leave the call without an outcome)."""
-        if ctx.cancelled.is_set():
+        if ctx.cancelled.is_set() or ctx.finished:  # cancelled before it started
             return None
         with self.lock:
             self.executing.add(ctx.id)
@@ -317,6 +317,10 @@ class Worker:
         ctx = self.contexts.get(cancel.id)
         if ctx is None:
             return  # already finished: its terminal frame is on its way
+        # Its one terminal frame first, then the cancel that wakes its thread: a method woken by it
+        # (``sleep`` returning, an LM read failing on its closed connection) must not answer first,
+        # with a result or an error, for a call its caller cancelled (what it sends is discarded).
+        self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
         ctx.cancelled.set()
         if self.aio is not None and self.aio.holds(ctx.id):
             # An asynchronous execution: its loop closes its connections and cancels its task, with
@@ -326,7 +330,6 @@ class Worker:
             _inflight.abort(ctx.id)
         if self.leases is not None:
             self.leases.on_cancel(ctx.id)
-        self.terminal(ctx, wire.Error(ctx.id, wire.ErrorCode.CANCELLED, "Cancelled", "cancelled"), batch=True)
 
     def _on_shutdown(self, grace: float) -> None:
         if self.draining:

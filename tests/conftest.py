@@ -30,6 +30,7 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/bridge_child/testnetaddr.py": frozenset(),
     "tests/bridge_child/test_lmrules.py": frozenset(),
     "tests/bridge_child/test_tcp_auth.py": frozenset(),
+    "tests/bridge_child/test_cancel_order.py": frozenset(),
     "tests/dspex_trio/test_egress.py": frozenset(),
     "tests/bridge_child/test_programs.py": frozenset(
         {
