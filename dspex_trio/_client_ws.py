@@ -100,6 +100,8 @@ class ClientWebsocket:
         self._unsent = b""
         """The rest of a frame the socket took only part of at once (written first by the next flush)."""
         self._reads_in_a_row = 0
+        self._drained = False
+        """The last read did not fill the buffer: the next one waits for readiness first."""
         self._parts: list[bytes | bytearray | memoryview] = []
         self._closed: WebsocketClosed | None = None
         self._close_received = trio.Event()
@@ -228,24 +230,30 @@ class ClientWebsocket:
     async def _read_socket(self) -> bytes:
         """What the socket has (at most ``RECEIVE_BUFFER_BYTES``), waiting until it has something; b""
         once the connection ended, broke, or its stream was closed. One ``wait_readable`` per wait,
-        instead of ``receive_some``'s checkpoints and retried read around it. The descriptor is read
-        from ``_fd`` after every wait: it is None once the stream is being closed (the number may be
-        another socket's by then)."""
+        instead of ``receive_some``'s checkpoints and retried read around it; after a read that did not
+        fill the buffer (the socket was drained) it waits first, instead of a read that would find
+        nothing (readiness is level-triggered: what came meanwhile is reported at once). The descriptor
+        is read from ``_fd`` after every wait: it is None once the stream is being closed (the number
+        may be another socket's by then)."""
         while True:
+            if self._drained and self._fd is not None:
+                self._drained = False
+                self._reads_in_a_row = 0
+                try:
+                    await trio.lowlevel.wait_readable(self._fd)
+                except trio.ClosedResourceError:  # the stream was closed (the block of the connection ended)
+                    return b""
             fd = self._fd
             if fd is None:
                 return b""
             try:
                 data = os.read(fd, RECEIVE_BUFFER_BYTES)
             except BlockingIOError:
-                self._reads_in_a_row = 0
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                except trio.ClosedResourceError:  # the stream was closed (the block of the connection ended)
-                    return b""
+                self._drained = True
                 continue
             except OSError:  # reset by the peer, ...: the connection ended without a closing handshake
                 return b""
+            self._drained = len(data) < RECEIVE_BUFFER_BYTES
             self._reads_in_a_row += 1
             if self._reads_in_a_row >= MAX_READS_WITHOUT_YIELD:
                 self._reads_in_a_row = 0
