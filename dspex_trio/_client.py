@@ -346,15 +346,22 @@ class _Link:
         """Write one message; False if the connection was already closed (nothing was sent).
 
         Shielded (a message is never cut short) and bounded by ``write_timeout``: past it the connection
-        counts as lost. Raises ``ConnectionLost`` if it broke during the write.
+        counts as lost. Raises ``ConnectionLost`` if it broke during the write. A frame the socket takes
+        whole at once is written without a checkpoint (the callers then wait for their answer, which is
+        one); only a write that has to wait gets the shielded, bounded scope.
         """
         if not self.open or self.ws.closed is not None:
             await trio.lowlevel.checkpoint()
             return False
+        try:
+            if self.ws.send_text_nowait(text):
+                return True  # written whole at once: nothing to shield, and the caller's wait checkpoints
+        except WebsocketClosed as exc:
+            raise self.client._lost(exc) from None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.client.options.write_timeout
             try:
-                await self.ws.send_text(text)
+                await self.ws.flush()
             except WebsocketClosed as exc:
                 raise self.client._lost(exc) from None
         if scope.cancelled_caught:

@@ -7,6 +7,13 @@ pings and the closing handshake, and delivers each message to the caller waiting
 that the reply and the events of an execution that arrive in one read cost one wake-up. Callers write
 their own requests (:meth:`ClientWebsocket.send_text`), one whole frame at a time under one lock.
 
+On a plain TCP connection (POSIX) the hot path skips Trio's per-operation machinery, as the worker
+handle does for its pipe: a request whose frame the socket takes whole at once is written there and then
+(``os.write`` on the non-blocking socket: no lock, no cancel scope, no scheduler pass;
+:meth:`ClientWebsocket.send_text_nowait`), and frames queued while a write is in progress leave with it,
+in one write; the reader waits with ``trio.lowlevel.wait_readable`` and reads with ``os.read``. TLS
+streams go through the stream as before.
+
 :func:`open_client_websocket` makes the opening handshake (``Host``, the subprotocol, the caller's
 headers) with wsproto, then frames the messages with the ``websockets`` library's sans-IO protocol
 (``websockets.protocol.Protocol``: its frame parser and its C masking cost the client about a third of
@@ -20,6 +27,7 @@ frame: the API is text only, a message over ``max_message_size``); ``OSError`` /
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import ssl
 import urllib.parse
@@ -47,6 +55,9 @@ ABNORMAL_CLOSURE: Final = 1006
 """The close code of a connection that ended without a closing handshake (RFC 6455)."""
 MAX_UTF8_BYTES_PER_CHARACTER: Final = 4
 """A message of ``max_message_size`` characters is at most this many times as long in bytes (UTF-8)."""
+MAX_READS_WITHOUT_YIELD: Final = 16
+"""Reads that found data at once, in a row, before the reader yields to the scheduler anyway (a server
+that keeps the socket full never starves the client's other tasks)."""
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 """The end of an HTTP response head (the handshake's answer); the websocket frames follow it."""
 
@@ -82,6 +93,15 @@ class ClientWebsocket:
         )
         self._max_message_size = max_message_size
         self._write_lock = trio.StrictFIFOLock()
+        self._fd = _plain_socket_fd(stream)
+        """The TCP socket's descriptor (non-blocking) when the stream is a plain trio socket on POSIX: writes
+        that fit and reads go to it directly, without Trio's per-operation machinery; None (TLS, another
+        platform): every byte goes through the stream."""
+        self._unsent = b""
+        """The rest of a frame the socket took only part of at once (written first by the next flush)."""
+        self._reads_in_a_row = 0
+        self._drained = False
+        """The last read did not fill the buffer: the next one waits for readiness first."""
         self._parts: list[bytes | bytearray | memoryview] = []
         self._closed: WebsocketClosed | None = None
         self._close_received = trio.Event()
@@ -105,7 +125,8 @@ class ClientWebsocket:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            data = b"".join(self._ws.data_to_send())
+            data = self._unsent + b"".join(self._ws.data_to_send())
+            self._unsent = b""
             if data:
                 await self._stream.send_all(data)
             else:
@@ -125,8 +146,31 @@ class ClientWebsocket:
     async def send_text(self, text: str) -> None:
         """Send one text message (``WebsocketClosed`` if the connection is closed or breaks). A
         cancellation in the middle would leave a partial frame: shield the call (the client bounds it)."""
+        if not self.send_text_nowait(text):
+            await self._flush()
+
+    def send_text_nowait(self, text: str) -> bool:
+        """Queue one text message, and write it at once when the socket takes the whole frame without
+        waiting (a plain TCP connection, no other write in progress): True, and no checkpoint was made.
+        False: the frame (or its rest) is queued; :meth:`flush` writes it, shielded as ``send_text``.
+        Frames leave in the order they were queued either way. Raises ``WebsocketClosed``."""
         self._check_open()
-        self._ws.send_text(text.encode())  # queued in the protocol; the flush writes it in that order
+        self._ws.send_text(text.encode())  # queued in the protocol; a flush writes it in that order
+        fd = self._fd
+        if fd is None or self._unsent or self._write_lock.locked():
+            return False  # the write in progress takes this frame with its own (one write for both)
+        data = b"".join(self._ws.data_to_send())
+        try:
+            written = os.write(fd, data)
+        except OSError:  # full (BlockingIOError) or broken: the flush's stream write says which
+            written = 0
+        if written == len(data):
+            return True
+        self._unsent = data[written:]
+        return False
+
+    async def flush(self) -> None:
+        """Write what is queued (``send_text_nowait`` returned False); shield it as ``send_text``."""
         await self._flush()
 
     async def ping(self) -> None:
@@ -156,6 +200,8 @@ class ClientWebsocket:
             raise self._closed
         if self._early:
             data, self._early = self._early, b""
+        elif self._fd is not None:
+            data = await self._read_socket()
         else:
             try:
                 data = bytes(await self._stream.receive_some(RECEIVE_BUFFER_BYTES))
@@ -180,6 +226,39 @@ class ClientWebsocket:
                 assert self._closed is not None
                 raise self._closed
         return messages
+
+    async def _read_socket(self) -> bytes:
+        """What the socket has (at most ``RECEIVE_BUFFER_BYTES``), waiting until it has something; b""
+        once the connection ended, broke, or its stream was closed. One ``wait_readable`` per wait,
+        instead of ``receive_some``'s checkpoints and retried read around it; after a read that did not
+        fill the buffer (the socket was drained) it waits first, instead of a read that would find
+        nothing (readiness is level-triggered: what came meanwhile is reported at once). The descriptor
+        is read from ``_fd`` after every wait: it is None once the stream is being closed (the number
+        may be another socket's by then)."""
+        while True:
+            if self._drained and self._fd is not None:
+                self._drained = False
+                self._reads_in_a_row = 0
+                try:
+                    await trio.lowlevel.wait_readable(self._fd)
+                except trio.ClosedResourceError:  # the stream was closed (the block of the connection ended)
+                    return b""
+            fd = self._fd
+            if fd is None:
+                return b""
+            try:
+                data = os.read(fd, RECEIVE_BUFFER_BYTES)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            except OSError:  # reset by the peer, ...: the connection ended without a closing handshake
+                return b""
+            self._drained = len(data) < RECEIVE_BUFFER_BYTES
+            self._reads_in_a_row += 1
+            if self._reads_in_a_row >= MAX_READS_WITHOUT_YIELD:
+                self._reads_in_a_row = 0
+                await trio.lowlevel.checkpoint()
+            return data
 
     async def _take(self, frames: list[Frame]) -> list[str]:
         messages: list[str] = []
@@ -269,6 +348,15 @@ class ClientWebsocket:
         frame); the stream is closed when the block of :func:`open_client_websocket` ends."""
         self._closed = self._closed or WebsocketClosed(ABNORMAL_CLOSURE, "aborted")
         self._close_received.set()
+
+
+def _plain_socket_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of a plain TCP stream's socket (trio's sockets are non-blocking), on POSIX only
+    (``os.read`` / ``os.write`` on a socket); None for TLS and elsewhere."""
+    if os.name != "posix" or not isinstance(stream, trio.SocketStream):
+        return None
+    fd = stream.socket.fileno()
+    return fd if fd >= 0 else None
 
 
 def _target(url: str) -> tuple[str, int, str, str, bool]:
@@ -362,7 +450,11 @@ async def open_client_websocket(
                     raise HandshakeRefused(refused.status_code, body.decode("utf-8", "replace").strip())
                 raise RemoteProtocolError(f"{url} closed the connection during the handshake")
         assert accepted is not None
-        yield ClientWebsocket(stream, accepted.subprotocol, max_message_size=max_message_size, early=rest)
+        ws = ClientWebsocket(stream, accepted.subprotocol, max_message_size=max_message_size, early=rest)
+        try:
+            yield ws
+        finally:
+            ws._fd = None  # from now on through the stream only (closed below: its errors are the answers)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(close_timeout) as bound:
             bound.shield = True

@@ -35,6 +35,7 @@ import trio
 
 from bridge_child import wire
 from dspex_trio import _log_context as log_context
+from dspex_trio._deadline import current_effective_deadline
 from dspex_trio._errors import (
     CallTimeout,
     DspexError,
@@ -813,7 +814,7 @@ def _wire_timeout(timeout: float | None, now: float) -> float | None:
     when the caller's effective Trio deadline (a ``move_on_after`` around the call) comes first; None when
     there is neither. Only ``timeout`` is the handle's own to enforce (``CallTimeout``): the caller's
     deadline cancels the caller, and with it the call in the worker."""
-    left = trio.current_effective_deadline() - now
+    left = current_effective_deadline() - now  # Trio's, read in one loop (_deadline)
     if timeout is not None and timeout <= left:
         return timeout
     return None if left == math.inf else max(0.0, left)

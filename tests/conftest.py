@@ -101,6 +101,8 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_lm_cache.py": frozenset(),
     "tests/dspex_trio/test_ws_lm_cache.py": frozenset(),
     "tests/dspex_trio/test_gepa_options.py": frozenset(),  # GEPA's options and budget, no worker
+    "tests/dspex_trio/test_deadline.py": frozenset(),  # issue 20: the caller's deadline on the hot path
+    "tests/dspex_trio/test_client_ws_direct.py": frozenset(),  # issue 20: the client's direct socket I/O
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}
