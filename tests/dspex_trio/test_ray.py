@@ -47,7 +47,9 @@ GPU_NODE_GPUS = 2
 """Fake GPUs of one worker node (Ray assigns ids for them whether or not they exist)."""
 GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
 """That node's label (the others have none)."""
-CLUSTER_TESTS = 9
+RAY_CLIENT_PORT = 10001
+"""The head's Ray Client server (``ray://127.0.0.1:10001``; Ray's default port, free in the namespace)."""
+CLUSTER_TESTS = 10
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -88,7 +90,11 @@ def cluster() -> Iterator[Any]:
 
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": NODE_CPUS,
+            "include_dashboard": False,
+            "ray_client_server_port": RAY_CLIENT_PORT,
+        },
     )
     c.add_node(num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL)
     for _ in range(NODES - 2):
@@ -440,6 +446,76 @@ async def test_a_label_selector_places_workers_on_the_labelled_node_only(cluster
             assert [w.node for w in workers(pool)] == [gpu_node()] * 2, workers(pool)
             assert await pool.call("ping") is not None
         await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+
+
+@inside
+async def test_a_ray_client_address_runs_the_pool_and_its_exit_leaves_no_actor(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """``RayLauncher(address="ray://...")``: the host is a Ray Client (another process: this one is a
+    driver already), whose actors and placement groups the head's client server makes for it; its
+    workers dial back to the host's listener as usual. Calls spread over two nodes; leaving the pool
+    and the launcher leaves no actor of the client's job, no reservation and no process."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    script = tmp_path / "client_host.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, sys, trio, dspex_trio, ray, ray.util.client
+
+            def say(what):
+                print(json.dumps(what), flush=True)
+
+            async def main():
+                launcher = dspex_trio.RayLauncher(address="ray://127.0.0.1:{RAY_CLIENT_PORT}", num_cpus=1)
+                async with launcher:
+                    job = ray.get_runtime_context().get_job_id()
+                    async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+                        async with trio.open_nursery() as nursery:
+                            for i in range(40):
+                                nursery.start_soon(pool.call, "echo", {{"value": i}})
+                        stats = pool.statistics().workers
+                        agents = launcher.agents
+                        say({{
+                            "client": ray.util.client.ray.is_connected(),
+                            "job": job,
+                            "pids": [w.pid for w in stats],
+                            "nodes": [w.node for w in stats],
+                            "served": [w.calls_served for w in stats],
+                            "agents": [[a["pid"], a["template_pid"]] for a in agents.values()],
+                            "echo": await pool.call("echo", {{"value": "via ray://"}}),
+                        }})
+                say("exited")
+
+            trio.run(main)
+            """
+        )
+    )
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [sys.executable, str(script)], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0 and lines[-1:] == ['"exited"'], (lines, result.stderr.decode()[-4000:])
+    seen = json.loads(lines[-2])
+    assert seen["client"] is True and seen["echo"] == "via ray://", seen
+    assert len(set(seen["nodes"])) == 2 and set(seen["nodes"]) <= alive_nodes(), seen  # spread
+    assert sum(seen["served"]) >= 40 and all(n > 0 for n in seen["served"]), seen
+    processes = {*seen["pids"], *(pid for pair in seen["agents"] for pid in pair)}
+    assert len(processes) == 6, seen  # 2 workers, 2 agents, 2 templates
+    job = ray.JobID.from_hex(seen["job"])
+
+    def alive_actors() -> list[Any]:
+        return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
+
+    def reserved() -> list[Any]:  # placement groups not removed (the tests before removed theirs)
+        return [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+
+    await wait_until(lambda: not any(pid_alive(pid) for pid in processes), 10, lambda: f"{seen}")
+    await wait_until(lambda: not alive_actors(), 10, lambda: f"alive: {alive_actors()}")
+    await wait_until(lambda: not reserved(), 10, lambda: f"reserved: {reserved()}")
 
 
 @inside
