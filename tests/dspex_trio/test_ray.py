@@ -459,6 +459,8 @@ async def test_a_ray_client_address_runs_the_pool_and_its_exit_leaves_no_actor(
     import ray
     from ray.util.placement_group import placement_group_table
 
+    # room on every node, so the two workers spread (a test before may have filled one, freed asynchronously)
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
     script = tmp_path / "client_host.py"
     script.write_text(
         textwrap.dedent(
@@ -513,9 +515,9 @@ async def test_a_ray_client_address_runs_the_pool_and_its_exit_leaves_no_actor(
     def reserved() -> list[Any]:  # placement groups not removed (the tests before removed theirs)
         return [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
 
-    await wait_until(lambda: not any(pid_alive(pid) for pid in processes), 10, lambda: f"{seen}")
-    await wait_until(lambda: not alive_actors(), 10, lambda: f"alive: {alive_actors()}")
-    await wait_until(lambda: not reserved(), 10, lambda: f"reserved: {reserved()}")
+    await wait_until(lambda: not any(pid_alive(pid) for pid in processes), 30, lambda: f"{seen}")
+    await wait_until(lambda: not alive_actors(), 30, lambda: f"alive: {alive_actors()}")
+    await wait_until(lambda: not reserved(), 30, lambda: f"reserved: {reserved()}")
 
 
 @inside
