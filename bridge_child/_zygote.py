@@ -59,7 +59,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 from bridge_child.tcp import ACCELERATOR_ENV, MAX_ACCELERATOR_ENV_CHARS
@@ -223,20 +223,24 @@ class Template:
             pass
         return pid
 
+    def _leave_template(self, stdin_fd: int, stderr_fd: int) -> None:
+        """In a forked child: its own process group and signals, none of the template's objects, stdin on
+        0 and stderr on 1 and 2 (the caller closes the other inherited fds)."""
+        os.setpgid(0, 0)  # own process group (the template did it too: whichever runs first wins)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Close the template's own objects through their owners (so no finalizer closes a reused fd
+        # number later), then every other inherited fd but the pipes the caller keeps.
+        self.control.close()
+        _close(self.wake_r)
+        _close(self.wake_w)
+        os.dup2(stdin_fd, 0)
+        os.dup2(stderr_fd, 1)
+        os.dup2(stderr_fd, 2)
+
     def become_worker(self, argv: list[str], stdin_fd: int, frames_fd: int, stderr_fd: int) -> NoReturn:
-        code = EXIT_TEMPLATE_ERROR
-        try:
-            os.setpgid(0, 0)  # own process group (the template did it too: whichever runs first wins)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            # Close the template's own objects through their owners (so no finalizer closes a reused fd
-            # number later), then every other inherited fd but the three pipes.
-            self.control.close()
-            _close(self.wake_r)
-            _close(self.wake_w)
-            os.dup2(stdin_fd, 0)
-            os.dup2(stderr_fd, 1)
-            os.dup2(stderr_fd, 2)
+        def run() -> int:
+            self._leave_template(stdin_fd, stderr_fd)
             os.set_inheritable(frames_fd, False)  # the worker's grandchildren must not hold it
             os.closerange(3, frames_fd)
             os.closerange(frames_fd + 1, _max_fd())
@@ -246,57 +250,52 @@ class Template:
             args = parse_args(argv)
             prepare_process()
             sys.argv = ["bridge_child", *argv]
-            code = run_worker(args, read_fd=0, write_fd=frames_fd)
-        except SystemExit as exc:
-            if exc.code is None:
-                code = 0
-            elif isinstance(exc.code, int):
-                code = exc.code
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            return run_worker(args, read_fd=0, write_fd=frames_fd)
+
+        _run_then_exit(run)
 
     def become_tcp_worker(
         self, argv: list[str], tcp: dict[str, Any], stdin_fd: int, stderr_fd: int
     ) -> NoReturn:
         """A worker that serves its frames over TCP (``bridge_child.tcp.serve``): stdin on 0 (its secret,
         then its lifeline), stderr on 1 and 2, nothing else inherited."""
-        code = EXIT_TEMPLATE_ERROR
-        try:
-            os.setpgid(0, 0)
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            self.control.close()
-            _close(self.wake_r)
-            _close(self.wake_w)
-            os.dup2(stdin_fd, 0)
-            os.dup2(stderr_fd, 1)
-            os.dup2(stderr_fd, 2)
+
+        def run() -> int:
+            self._leave_template(stdin_fd, stderr_fd)
             os.closerange(3, _max_fd())
             os.environ.update(tcp.get("env") or {})  # its accelerators (checked by _valid_tcp)
             _reseed()
             from bridge_child import tcp as tcp_worker
 
             sys.argv = ["bridge_child.tcp", *argv]
-            code = tcp_worker.serve(tcp["connect"], tcp["token"], tcp["node"], argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
+            return tcp_worker.serve(tcp["connect"], tcp["token"], tcp["node"], argv)
+
+        _run_then_exit(run)
+
+
+def _run_then_exit(run: Callable[[], int]) -> NoReturn:
+    """Run a forked worker's body and leave the process with its exit code, whatever it raises (a
+    ``SystemExit``'s code, its message on stderr and 1 for a text; a traceback and
+    ``EXIT_TEMPLATE_ERROR`` for anything else): never return into the template's loop."""
+    code = EXIT_TEMPLATE_ERROR
+    try:
+        code = run()
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+            os._exit(code)
 
 
 def _valid_tcp(tcp: object) -> bool:
