@@ -46,6 +46,7 @@ import trio
 
 from dspex_trio._util import open_service_nursery
 from dspex_trio._validators import at_least, finite_non_negative, fraction, http_error_status
+from dspex_trio.testing import _close_watch
 from dspex_trio.testing._fake_answers import (
     MALFORMED_REPLY,
     BadRequest,
@@ -208,6 +209,8 @@ class FakeLM:
         self._fail_budget = config.fail_count
         self._rng = random.Random(config.seed)
         self._cancel_scope: trio.CancelScope | None = None
+        self._close_watcher: _close_watch.CloseWatcher | None = None
+        """Watches the connections of the completions waiting for their answer (Linux; else None)."""
         self.arrival_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
         """``time.monotonic()`` at each completion's arrival (its head read), oldest first."""
         self.disconnect_times: deque[float] = deque(maxlen=MAX_RECORDED_TIMES)
@@ -345,6 +348,10 @@ async def serve_fake_lm(
         limiter = trio.CapacityLimiter(limit)
         async with trio.open_nursery() as nursery:
             fake._cancel_scope = nursery.cancel_scope
+            if _close_watch.available():
+                watcher = _close_watch.CloseWatcher(partial(_client_gone, fake))
+                await nursery.start(watcher.serve)
+                fake._close_watcher = watcher
             task_status.started(fake)
             logger.debug("fake LM listening on %s", fake.url)
             while True:
@@ -535,17 +542,27 @@ async def _wait_unless_client_leaves(fake: FakeLM, http: HttpConnection, seconds
     stamped as soon as it is seen) if the client closed it first.
 
     The client sends nothing while it waits for its answer (no pipelining), so whatever it sends now is
-    dropped; only its end of stream matters."""
-    with trio.move_on_after(seconds):
-        try:
-            await http.wait_for_client_close()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        # One task and one cancel scope per request, no nursery: a thousand disconnects at once are
-        # each stamped within microseconds of the loop seeing them.
-        _client_gone(fake)
-        return False
-    return True
+    dropped; only its end of stream matters. The close is seen by the server's one close watcher
+    (``_close_watch``: a thousand disconnects at once are stamped in one pass, before any of their
+    tasks unwinds), or where there is none, by this task."""
+    watcher = fake._close_watcher
+    if watcher is None or not isinstance(http.stream, trio.SocketStream):
+        with trio.move_on_after(seconds):
+            try:
+                await http.wait_for_client_close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            _client_gone(fake)
+            return False
+        return True
+    watch = watcher.watch(http.stream, http)
+    try:
+        with trio.move_on_after(seconds):
+            await watch.gone.wait()  # counted and stamped by the watcher
+            return False
+        return True
+    finally:
+        watcher.unwatch(watch)
 
 
 async def _answer_completion(fake: FakeLM, http: HttpConnection, body: bytes) -> bool:
