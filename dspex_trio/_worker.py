@@ -81,6 +81,9 @@ SEND_NOW_TIMEOUT_S: Final = 1.0
 """Longest wait to write the shutdown frame during the teardown ladder, in seconds."""
 SHUTDOWN_SLACK_S: Final = 0.5
 """Added to the shutdown grace for the worker's own exit after its drain, in seconds."""
+_CANCELS_QUEUED: trio.lowlevel.RunVar[set[Worker]] = trio.lowlevel.RunVar("dspex_trio_cancels_queued")
+"""The workers whose outbox holds ``cancel`` frames queued by abort hooks and not yet written: the
+first cancelled task to unwind writes them all, every worker's, not only its own worker's."""
 
 _worker_ids = itertools.count(1)
 
@@ -406,6 +409,7 @@ class Worker(metaclass=NoPublicConstructor):
         call.cancel_queued = True
         self._outbox.append(frame)  # not the writer's wake-up: it would hold the send lock through a
         # checkpoint, after every cancelled task, and the frames would wait for all of them
+        _cancels_queued().add(self)
 
     def _write_outbox_nowait(self) -> None:
         """Write what the outbox holds now, if the writer task is not writing (the pipe is
@@ -451,7 +455,9 @@ class Worker(metaclass=NoPublicConstructor):
         """The caller gave up (or ``error`` ends the call here): cancel it in the worker; its late frames
         are dropped."""
         if call.cancel_queued:  # by ``_park``'s abort hook, with those of every call cancelled with it
-            self._write_outbox_nowait()
+            queued = _cancels_queued()
+            while queued:  # every worker's, not only this one's
+                queued.pop()._write_outbox_nowait()
         if self._calls.pop(call.id, None) is None:
             return
         self._unacked.pop(call.id, None)
@@ -807,6 +813,15 @@ def _spans_taken(message: wire.Error, trace: str) -> wire.Error:
     details = dict(message.details)
     ingest_worker_spans(details.pop("trace_spans"), trace)
     return wire.Error(message.id, message.code, message.type, message.message, details or None)
+
+
+def _cancels_queued() -> set[Worker]:
+    try:
+        return _CANCELS_QUEUED.get()
+    except LookupError:
+        queued: set[Worker] = set()
+        _CANCELS_QUEUED.set(queued)
+        return queued
 
 
 def _wire_timeout(timeout: float | None, now: float) -> float | None:

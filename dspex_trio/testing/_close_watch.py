@@ -7,8 +7,9 @@ together one after the other, each after the previous one's whole wake-up (readi
 unwinding, closing): measured ~60-70 ms of ``fake-lm``'s CPU for 1,000, on 2 cores shared with the
 clients being measured, so the instrument itself put tens of milliseconds on the last stamp. Here one
 ``epoll`` set holds the waiting connections; the watcher task wakes once for what is ready, stamps each
-closed connection as it sees it (a few microseconds apart), then wakes the requests' tasks, which unwind
-afterwards. The stamp is still ``fake-lm``'s own observation of the close.
+closed connection as it sees it (a few microseconds apart), then wakes the requests' tasks a batch at a
+time, looking at the set again between batches, so that their unwinding does not delay the next
+closes' stamps. The stamp is still ``fake-lm``'s own observation of the close.
 
 Linux only (``select.epoll``); elsewhere ``fake-lm`` waits with a task per request as before.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import select
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -26,6 +28,11 @@ from dspex_trio.testing._http import RECEIVE_CHUNK_BYTES, HttpConnection
 
 MAX_EVENTS_PER_POLL: Final = 1024
 """Ready connections taken from the ``epoll`` set in one call, a count (more are taken at once after)."""
+WAKE_BATCH: Final = 32
+"""Requests' tasks woken at a time after their client closed, a count: between two such batches the
+watcher looks at the set again, so closes that come while earlier ones unwind (a second worker's
+burst while the first's 500 tasks close their sockets) are stamped within one batch's time, not after
+all of them."""
 
 _CLOSED: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
 
@@ -38,13 +45,15 @@ def available() -> bool:
 class Watch:
     """One waiting request's connection, watched until the request stops waiting or its client closes."""
 
-    __slots__ = ("fd", "gone", "http")
+    __slots__ = ("closed", "fd", "gone", "http")
 
     def __init__(self, fd: int, http: HttpConnection) -> None:
         self.fd = fd
         self.http = http
+        self.closed = False
+        """The watcher saw the client close the connection (and counted and stamped it)."""
         self.gone = trio.Event()
-        """Set by the watcher when the client closed the connection (already counted and stamped)."""
+        """Set by the watcher after ``closed``, when it wakes the request's task."""
 
 
 class CloseWatcher:
@@ -54,6 +63,8 @@ class CloseWatcher:
         self._on_close = on_close
         self._epoll: select.epoll | None = None
         self._watches: dict[int, Watch] = {}
+        self._to_wake: deque[Watch] = deque()
+        """Watches whose close was counted and stamped, whose tasks are not woken yet."""
 
     def watch(self, stream: trio.SocketStream, http: HttpConnection) -> Watch:
         """Watch ``stream`` (``http``'s connection) from now on (a client that closed it already is
@@ -85,20 +96,27 @@ class CloseWatcher:
         try:
             task_status.started()
             while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
+                if not self._to_wake:
+                    await trio.lowlevel.wait_readable(epoll.fileno())
                 while events := epoll.poll(0, MAX_EVENTS_PER_POLL):
                     self._seen(events)
+                for _ in range(min(WAKE_BATCH, len(self._to_wake))):
+                    self._to_wake.popleft().gone.set()
+                if self._to_wake:
+                    await trio.lowlevel.checkpoint()  # the woken tasks run, then the set is looked at
         finally:
             self._epoll = None
             self._watches.clear()
+            for watch in self._to_wake:
+                watch.gone.set()
+            self._to_wake.clear()
             epoll.close()
 
     def _seen(self, events: list[tuple[int, int]]) -> None:
-        """Stamp every connection of ``events`` that its client closed, first, then wake their tasks.
-        What a client sends while it waits is read and dropped (one read per event: a client that
-        keeps sending cannot hold the watcher)."""
+        """Count and stamp every connection of ``events`` that its client closed, and queue its task
+        to be woken. What a client sends while it waits is read and dropped (one read per event: a
+        client that keeps sending cannot hold the watcher)."""
         assert self._epoll is not None
-        closed: list[Watch] = []
         for fd, flags in events:
             watch = self._watches.get(fd)
             if watch is None:  # pragma: no cover - unregistered in the same call
@@ -115,7 +133,6 @@ class CloseWatcher:
                     continue
             del self._watches[fd]
             self._epoll.unregister(fd)
+            watch.closed = True
             self._on_close()
-            closed.append(watch)
-        for watch in closed:
-            watch.gone.set()
+            self._to_wake.append(watch)

@@ -558,9 +558,8 @@ async def _wait_unless_client_leaves(fake: FakeLM, http: HttpConnection, seconds
     watch = watcher.watch(http.stream, http)
     try:
         with trio.move_on_after(seconds):
-            await watch.gone.wait()  # counted and stamped by the watcher
-            return False
-        return True
+            await watch.gone.wait()
+        return not watch.closed  # a close is counted and stamped by the watcher
     finally:
         watcher.unwatch(watch)
 
