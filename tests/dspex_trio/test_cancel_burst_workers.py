@@ -1,7 +1,7 @@
 """Calls on several workers cancelled together (issue 17, 12c): the first cancelled task to unwind
 writes every worker's queued ``cancel`` frames, not only its own worker's, so no worker's frames wait
 until one of its own callers' tasks comes up in Trio's batch (with 1,000 calls cancelled at once, that
-was up to 20-30 ms after the first write). In-process fake workers on Trio's virtual clock."""
+was up to 20 ms after the first write). In-process fake workers on Trio's virtual clock."""
 
 from __future__ import annotations
 
