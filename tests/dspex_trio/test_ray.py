@@ -49,7 +49,7 @@ GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
 """That node's label (the others have none)."""
 RAY_CLIENT_PORT = 10001
 """The head's Ray Client server (``ray://127.0.0.1:10001``; Ray's default port, free in the namespace)."""
-CLUSTER_TESTS = 10
+CLUSTER_TESTS = 11
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -518,6 +518,88 @@ async def test_a_ray_client_address_runs_the_pool_and_its_exit_leaves_no_actor(
     await wait_until(lambda: not any(pid_alive(pid) for pid in processes), 30, lambda: f"{seen}")
     await wait_until(lambda: not alive_actors(), 30, lambda: f"alive: {alive_actors()}")
     await wait_until(lambda: not reserved(), 30, lambda: f"reserved: {reserved()}")
+
+
+@inside
+async def test_a_ray_client_host_sigkilled_leaves_no_actor_nor_process_after_5_s(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """A host connected through Ray Client (whose server keeps a lost client's session, and so its
+    actors, for the reconnect grace period: 30 s) is SIGKILLed with workers ready on two nodes: each
+    agent's lifeline (its TCP connection to the host) reaches EOF, and it kills its template and
+    workers and ends its actor. Within 5 s: no actor of the host's job alive (Ray's view), no agent,
+    template or worker process left. Its reservations go when Ray Client's grace period ends."""
+    import ray
+
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+    script = tmp_path / "client_host_killed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, trio, dspex_trio, ray
+
+            async def main():
+                launcher = dspex_trio.RayLauncher(address="ray://127.0.0.1:{RAY_CLIENT_PORT}", num_cpus=1)
+                async with launcher:
+                    job = ray.get_runtime_context().get_job_id()
+                    async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+                        await pool.call("echo", {{"value": 1}})
+                        stats = pool.statistics().workers
+                        print(json.dumps({{
+                            "job": job,
+                            "pids": [w.pid for w in stats],
+                            "nodes": [w.node for w in stats],
+                            "agents": [[a["pid"], a["template_pid"]] for a in launcher.agents.values()],
+                        }}), flush=True)
+                        await trio.sleep_forever()
+
+            trio.run(main)
+            """
+        )
+    )
+    host = await trio.lowlevel.open_process(
+        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert host.stdout is not None
+        line = b""
+        with trio.fail_after(120):
+            while not line.endswith(b"\n"):
+                chunk = await host.stdout.receive_some(4096)
+                assert chunk, f"the host exited before its pool was ready: {line!r}"
+                line += chunk
+        seen = json.loads(line)
+        assert len(set(seen["nodes"])) == 2, seen  # workers ready on two nodes, each with its agent
+        processes = {*seen["pids"], *(pid for pair in seen["agents"] for pid in pair)}
+        assert len(processes) == 6 and all(pid_alive(pid) for pid in processes), seen
+        job = ray.JobID.from_hex(seen["job"])
+
+        def alive_actors() -> list[Any]:
+            return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
+
+        assert len(alive_actors()) == 2, alive_actors()
+        host.send_signal(signal.SIGKILL)
+        await host.wait()
+        killed_at = time.monotonic()
+        await wait_until(
+            lambda: not any(pid_alive(pid) for pid in processes),
+            5,
+            lambda: f"alive: {[pid for pid in processes if pid_alive(pid)]} of {seen}",
+        )
+        processes_gone = time.monotonic() - killed_at
+        await wait_until(lambda: not alive_actors(), 5, lambda: f"alive: {alive_actors()}")
+        print(
+            f"through Ray Client: processes gone {processes_gone:.2f} s, actors dead "
+            f"{time.monotonic() - killed_at:.2f} s after the host's SIGKILL"
+        )
+        # its reservations are Ray Client's to release (at the end of its grace period): the next
+        # tests need the room
+        await wait_until(lambda: unreserved() is None, 60, lambda: str(unreserved()))
+        print(f"reservations released {time.monotonic() - killed_at:.2f} s after the host's SIGKILL")
+    finally:
+        if host.returncode is None:
+            host.kill()
+            await host.wait()
 
 
 @inside
