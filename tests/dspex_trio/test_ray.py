@@ -47,6 +47,8 @@ GPU_NODE_GPUS = 2
 """Fake GPUs of one worker node (Ray assigns ids for them whether or not they exist)."""
 GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
 """That node's label (the others have none)."""
+GPU_NODE_RESOURCE = "dspex_test_gpu_node"
+"""A custom resource only that node has (2 of it)."""
 RAY_CLIENT_PORT = 10001
 """The head's Ray Client server (``ray://127.0.0.1:10001``; Ray's default port, free in the namespace)."""
 CLUSTER_TESTS = 11
@@ -96,7 +98,9 @@ def cluster() -> Iterator[Any]:
             "ray_client_server_port": RAY_CLIENT_PORT,
         },
     )
-    c.add_node(num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL)
+    c.add_node(
+        num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL, resources={GPU_NODE_RESOURCE: 2}
+    )
     for _ in range(NODES - 2):
         c.add_node(num_cpus=NODE_CPUS)
     c.wait_for_nodes()
@@ -343,10 +347,20 @@ def _status_over_websocket(url: str) -> dict[str, Any]:
         return result
 
 
+def held_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0))
+
+
 @inside
 async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> None:
+    """``serve --ray`` with a worker's resources from its flags: half a CPU and one of a custom resource
+    only one node has, so both workers go to that node, holding one CPU in all."""
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+    placement = ["--ray-num-cpus", "0.5", "--ray-resource", f"{GPU_NODE_RESOURCE}=1"]
     process = await trio.lowlevel.open_process(
-        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0"],
+        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0", *placement],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -363,6 +377,9 @@ async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> No
         assert status["health"]["launcher"] == "ray", status
         pids = [w["pid"] for w in status["health"]["workers"]]
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+        nodes = [w.get("node") for w in status["health"]["workers"]]
+        assert nodes == [gpu_node()] * 2, status["health"]["workers"]
+        await wait_until(lambda: held_cpus() == 1.0, 30, lambda: f"CPUs held: {held_cpus()}")
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await process.wait() == 0
