@@ -574,8 +574,13 @@ async def test_a_ray_client_host_sigkilled_leaves_no_actor_nor_process_after_5_s
             """
         )
     )
+    grace = {"RAY_CLIENT_RECONNECT_GRACE_PERIOD": "30"}  # Ray's default, whatever the environment says
     host = await trio.lowlevel.open_process(
-        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, **grace},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert host.stdout is not None
