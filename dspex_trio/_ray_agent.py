@@ -345,15 +345,15 @@ class NodeAgent:
     def _watch_host(self) -> None:
         """Wait for the end of the host's lifeline, then end everything of this agent (module doc)."""
         assert self._lifeline is not None
-        reason = "its connection reached EOF"
+        reason = "EOF (the launcher dropped this agent or left, or the host is gone)"
         try:
             while self._lifeline.recv(LIFELINE_READ_BYTES):
                 pass
         except OSError as exc:
-            reason = f"its connection failed ({exc})"
+            reason = f"an error ({exc}: the host is unreachable)"
         finally:
             self._lifeline.close()
-        self._host_gone(f"the host is gone: {reason}")
+        self._host_gone(f"its lifeline to the host ended: {reason}")
 
     def _host_gone(self, reason: str) -> None:
         """Kill the workers and the template, then end the actor."""
