@@ -20,7 +20,8 @@ it dials before it starts its template and authenticates like a worker (the pool
 its own: ``bridge_child.tcp.connect``). Nothing is sent on it; the agent waits for its end. When it
 ends (EOF: the launcher closed it, or the host's process died and its kernel closed it; or an error:
 a reset, or TCP keepalive finding the host's machine gone, ``LIFELINE_KEEPALIVE_*``, minutes), the
-agent kills its workers and its template and ends its actor (``ray.kill`` of itself, then
+agent kills its workers and its template, removes their placement groups (the ``placement_group`` of
+each ``spawn``) and ends its actor (``ray.kill`` of itself, then
 ``os._exit`` if that did not end it within ``SELF_EXIT_FALLBACK_S``). So a lost host leaves nothing
 behind even when Ray itself keeps its actors (a Ray Client host: the client server keeps its session
 for the reconnect grace period). A host that is only slow (stalled, loaded) keeps its connection and
@@ -155,6 +156,8 @@ class NodeAgent:
         """Exits reported by the template and not yet polled: pid -> return code (negative: signal)."""
         self._dead: str | None = None
         self._usage_at = -math.inf
+        self._groups: dict[int, str] = {}
+        """The placement group (hex id) of each worker that has one, while the agent knows the worker."""
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         programs_args = ["--programs", ",".join(programs)] if programs else []
         try:
@@ -230,10 +233,12 @@ class NodeAgent:
         node: str,
         argv: list[str],
         env: Mapping[str, str] | None = None,
+        placement_group: str | None = None,
     ) -> int:
         """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``env``: the accelerators of
-        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment.
-        ``RuntimeError`` if the template cannot."""
+        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment;
+        ``placement_group``: the hex id of that reservation (removed by the agent if its host's lifeline
+        ends). ``RuntimeError`` if the template cannot."""
         if self._dead is not None:
             raise RuntimeError(f"the agent's template is gone: {self._dead}")
         request_id = next(self._ids)
@@ -266,6 +271,9 @@ class NodeAgent:
             why = reply.get("message") if reply else (self._dead or f"no reply within {SPAWN_TIMEOUT_S} s")
             raise RuntimeError(f"the node's template could not fork a worker: {why}")
         pid = int(reply["pid"])
+        if placement_group:
+            with self._lock:
+                self._groups[pid] = placement_group
         try:
             os.write(lifeline_w, secret_hex.encode() + b"\n")  # a pipe's buffer takes it whole
         except OSError:  # it died already: its exit is reported as usual
@@ -318,6 +326,7 @@ class NodeAgent:
                     eof.append(worker.pid)
                 if worker.exited and worker.eof_reported:  # both seen: forget it
                     del self._workers[worker.pid]
+                    self._groups.pop(worker.pid, None)
             now = time.monotonic()
             running = [w.pid for w in self._workers.values() if not w.exited]
             if now - self._usage_at < USAGE_INTERVAL_S:
@@ -372,7 +381,24 @@ class NodeAgent:
             self._template.wait(timeout=TEMPLATE_KILL_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
+        self._remove_groups()
         self._exit_actor()
+
+    def _remove_groups(self) -> None:
+        """Remove the placement groups of its workers (a Ray Client host's would otherwise be kept for
+        Ray Client's reconnect grace period). Not in Ray (tests): nothing."""
+        with self._lock:
+            groups = set(self._groups.values())
+        ray = sys.modules.get("ray")
+        if not groups or ray is None or not ray.is_initialized():
+            return
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for group in groups:
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+            except Exception as exc:  # already removed, or Ray is unreachable
+                print(f"dspex-trio agent: placement group {group} not removed: {exc!r}", file=sys.stderr)
 
     def _exit_actor(self) -> None:
         """End this actor: Ray kills it (and marks it dead) at once; should that not happen (Ray's GCS

@@ -28,8 +28,9 @@ How things end:
   (status unknown), and the next start on that node makes a new agent;
 - the host is lost: every agent's *lifeline* (a TCP connection it dialed to this host's worker
   listener, authenticated with the pool's secret, on which nothing is sent) reaches EOF, and the agent
-  kills its template and workers and ends its actor: nothing is left on any node, even through Ray
-  Client (whose server keeps a lost client's actors for its reconnect grace period). A driver host's
+  kills its template and workers, removes their placement groups and ends its actor: nothing is left
+  on any node, even through Ray Client (whose server keeps a lost client's actors and placement groups
+  for its reconnect grace period). A driver host's
   agents are also killed by Ray (it kills the actors a driver owned). The launcher holds each agent's
   lifeline as long as the agent serves it, and closes it when it drops the agent or leaves.
 
@@ -664,6 +665,7 @@ class RayLauncher:
                 placement.node_id,
                 spec.argv(),
                 placement.env,
+                None if placement.group is None else placement.group.id.hex(),
             )
             try:
                 with trio.fail_after(self.start_timeout):
