@@ -85,7 +85,11 @@ LIFELINE_KEEPALIVE_PROBES: Final = 6
 """Unanswered probes before the connection counts as broken (the host's machine gone without a FIN:
 about 2 minutes in all)."""
 LIFELINE_READ_BYTES: Final = 64
-"""Most bytes read from the lifeline at a time (the host sends nothing; anything read is ignored)."""
+"""Most bytes read from the lifeline at a time."""
+LIFELINE_DROP: Final = b"\x00"
+"""The one byte a launcher sends on a lifeline before it closes it on purpose to drop a live agent (its
+template died, its poll failed): the agent then leaves its workers' placement groups to the launcher,
+which may reuse them. Anything else read is ignored."""
 TEMPLATE_KILL_WAIT_S: Final = 5.0
 """After SIGKILL to the template (the host is gone): how long to wait for it to be reaped."""
 SELF_EXIT_FALLBACK_S: Final = 5.0
@@ -142,6 +146,8 @@ class NodeAgent:
         anything else (``RuntimeError`` if it cannot be); None: no lifeline (tests drive the agent)."""
         self.host_lost: str | None = None
         """Why the host's lifeline ended (None while it holds, or without one)."""
+        self.dropped = False
+        """The launcher said it drops this agent (``LIFELINE_DROP``) before it closed the lifeline."""
         self._lifeline = _dial_host(*lifeline) if lifeline is not None else None
         self._lock = threading.Lock()
         self._news = threading.Condition(self._lock)
@@ -356,8 +362,9 @@ class NodeAgent:
         assert self._lifeline is not None
         reason = "EOF (the launcher dropped this agent or left, or the host is gone)"
         try:
-            while self._lifeline.recv(LIFELINE_READ_BYTES):
-                pass
+            while data := self._lifeline.recv(LIFELINE_READ_BYTES):
+                if LIFELINE_DROP in data:
+                    self.dropped = True
         except OSError as exc:
             reason = f"an error ({exc}: the host is unreachable)"
         finally:
@@ -381,7 +388,8 @@ class NodeAgent:
             self._template.wait(timeout=TEMPLATE_KILL_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
-        self._remove_groups()
+        if not self.dropped:  # else the launcher's to reuse or remove
+            self._remove_groups()
         self._exit_actor()
 
     def _remove_groups(self) -> None:

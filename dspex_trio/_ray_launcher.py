@@ -58,7 +58,7 @@ import trio
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, check_env_names
 from dspex_trio._ray_accelerators import accelerator_resources, visible_accelerators
-from dspex_trio._ray_agent import AGENT_CONCURRENCY, NodeAgent
+from dspex_trio._ray_agent import AGENT_CONCURRENCY, LIFELINE_DROP, NodeAgent
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
     ProcessUsage,
@@ -83,6 +83,8 @@ PLACEMENT_LINGER_S: Final = 5.0
 """How long an exited worker's placement group is kept for a replacement on its node."""
 LIFELINE_READ_BYTES: Final = 64
 """Most bytes read at a time from an agent's lifeline (an agent sends nothing on it)."""
+LIFELINE_DROP_TIMEOUT_S: Final = 1.0
+"""Longest wait to send ``LIFELINE_DROP`` to an agent dropped (then its lifeline is closed anyway)."""
 STDERR_CHUNKS: Final = 64
 """Stderr chunks (each at most the agent's ``STDERR_BUFFER_BYTES``) queued per worker on the host;
 more are dropped (and counted in ``RayControl.stderr_dropped``)."""
@@ -631,18 +633,28 @@ class RayLauncher:
         return agent
 
     async def _hold_lifeline(self, agent: _Agent, stream: trio.SocketStream) -> None:
-        """Keep ``agent``'s lifeline open until the agent is dropped (``_Agent.gone``) or the launcher
-        leaves (then closing it tells the agent to end); its end from the agent's side means the agent
-        is gone."""
-        with agent.lifeline:
-            async with stream:
+        """Keep ``agent``'s lifeline open until the agent is dropped (``_Agent.gone``: ``LIFELINE_DROP``
+        is sent first, so the agent leaves its workers' placement groups to this launcher) or the
+        launcher leaves; closing it tells the agent to end. Its end from the agent's side means the
+        agent is gone."""
+        try:
+            with agent.lifeline:
                 try:
                     while await stream.receive_some(LIFELINE_READ_BYTES):
                         pass  # an agent sends nothing; anything is ignored
                     reason = "its lifeline reached EOF"
                 except trio.BrokenResourceError as exc:
                     reason = f"its lifeline failed ({exc!r})"
-            agent.gone(f"the agent is gone: {reason}")
+                agent.gone(f"the agent is gone: {reason}")
+                return
+            with trio.move_on_after(LIFELINE_DROP_TIMEOUT_S):  # dropped: say so, if it still listens
+                try:
+                    await stream.send_all(LIFELINE_DROP)
+                except trio.BrokenResourceError:
+                    pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def launch(self, spec: WorkerSpec) -> WorkerProcess:
         import ray

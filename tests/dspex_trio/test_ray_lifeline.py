@@ -104,6 +104,7 @@ async def test_the_hosts_end_closing_ends_the_agents_workers_and_template(hosted
             )
             await wait_until(lambda: agent.exit_asked, 30, "the agent did not ask to end its actor")
             assert agent.host_lost is not None and "EOF" in agent.host_lost, agent.host_lost
+            assert not agent.dropped  # so it removes its workers' placement groups (in Ray)
 
 
 async def test_a_stalled_host_is_not_taken_for_dead(hosted: Hosted) -> None:
@@ -135,6 +136,8 @@ async def test_the_agents_end_closing_drops_the_agent_on_the_host() -> None:
 
 
 async def test_dropping_an_agent_closes_its_lifeline_which_ends_it(hosted: Hosted) -> None:
+    """The launcher says it drops the agent before it closes the lifeline: the agent ends, leaving its
+    workers' placement groups to the launcher (which may reuse them for replacements)."""
     launcher = RayLauncher()
     handle = hosted.handle
     with trio.fail_after(60):
@@ -143,6 +146,7 @@ async def test_dropping_an_agent_closes_its_lifeline_which_ends_it(hosted: Hoste
             await trio.lowlevel.checkpoint()
             handle.gone("dropped by the test")
             await wait_until(lambda: hosted.agent.exit_asked, 30, "the agent outlived its lifeline")
+    assert hosted.agent.dropped, hosted.agent.host_lost
     assert not pid_alive(hosted.agent.ready()["template_pid"])
 
 
