@@ -36,7 +36,7 @@ import dspex_trio
 from dspex_trio._cli_client import client_token, status
 from dspex_trio._cli_jobs import add_job_commands
 from dspex_trio._cli_monitoring import Monitoring, add_monitoring_arguments, monitoring_from, serve_tracing
-from dspex_trio._cli_ray import open_pool_launcher
+from dspex_trio._cli_ray import add_ray_placement_arguments, open_pool_launcher
 from dspex_trio._cli_run import RunRequest, parse_inputs, run_local, run_remote
 from dspex_trio._cli_settings import (
     DRAIN_GRACE_S,
@@ -214,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="where the Ray nodes reach this server's workers listener (default 127.0.0.1:0)",
     )
+    add_ray_placement_arguments(serve)
     serve.add_argument(
         "--lm-api-key-file",
         default=None,

@@ -94,6 +94,14 @@ class ServeSettings:
     """Run the workers on this Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"): docs/scale-out.md."""
     ray_listen: str | None = None
     """``HOST:PORT`` the Ray nodes reach this server's worker listener on (default 127.0.0.1:0)."""
+    ray_num_cpus: float | None = None
+    """Ray CPUs reserved per worker (None: ``RayLauncher``'s default, 1)."""
+    ray_num_gpus: float | None = None
+    """Ray GPUs reserved per worker (None: 0)."""
+    ray_resources: tuple[str, ...] = ()
+    """Custom Ray resources reserved per worker, each ``NAME=QUANTITY`` (``dspex_trio._cli_ray``)."""
+    ray_labels: tuple[str, ...] = ()
+    """Node labels a worker's node must have, each ``KEY=VALUE`` (Ray's label selector syntax)."""
     http_port: int | None = None
     """Also serve ``/metrics``, ``/healthz``, ``/readyz`` and the dashboard on this port (0: a free one)."""
     metrics_token_file: str | None = None
@@ -122,7 +130,7 @@ def _parse_env_value(name: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise ValueError(f"expected a whole number, not {raw!r}") from None
-    if field_type is float:
+    if field_type is float or field_type == float | None:
         try:
             return float(raw)
         except ValueError:

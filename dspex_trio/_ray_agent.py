@@ -15,10 +15,23 @@ stderr, bounded: at most ``STDERR_BUFFER_BYTES`` held per worker between two pol
 ``STDERR_BYTES_PER_S`` relayed per worker per second; the excess is dropped and said so in the stream
 (``[dspex: N bytes of stderr dropped]``).
 
+The agent's own *lifeline* is a TCP connection to the host's worker listener (the launcher's), which
+it dials before it starts its template and authenticates like a worker (the pool's secret, a token of
+its own: ``bridge_child.tcp.connect``). Nothing is sent on it; the agent waits for its end. When it
+ends (EOF: the launcher closed it, or the host's process died and its kernel closed it; or an error:
+a reset, or TCP keepalive finding the host's machine gone, ``LIFELINE_KEEPALIVE_*``, minutes), the
+agent kills its workers and its template, removes their placement groups (the ``placement_group`` of
+each ``spawn``) and ends its actor (``ray.kill`` of itself, then
+``os._exit`` if that did not end it within ``SELF_EXIT_FALLBACK_S``). So a lost host leaves nothing
+behind even when Ray itself keeps its actors (a Ray Client host: the client server keeps its session
+for the reconnect grace period). A host that is only slow (stalled, loaded) keeps its connection and
+its kernel answers keepalives: it is never taken for dead.
+
 How things end: the agent is killed (its node lost, the host gone: Ray kills the actors a driver owned,
 or ``ray.kill``): the template sees its control socket close and exits; every worker sees its lifeline
-hang up and exits with its process group. The template dies alone: the agent kills its workers and
-says so in its next poll (``dead``), and the launcher replaces the agent on the next start.
+hang up and exits with its process group. The host's lifeline ends: as above. The template dies
+alone: the agent kills its workers and says so in its next poll (``dead``), and the launcher replaces
+the agent on the next start.
 
 Importing this module imports neither Ray nor Trio.
 """
@@ -63,6 +76,24 @@ USAGE_INTERVAL_S: Final = 1.0
 """A poll reads its workers' resident memory and age (this node's ``/proc``) at most this often."""
 AGENT_CONCURRENCY: Final = 16
 """Threads of an agent actor: one poll, concurrent spawns, signals."""
+LIFELINE_KEEPALIVE_IDLE_S: Final = 60
+"""The host's lifeline: seconds without traffic before TCP keepalive probes start (the kernel's, so a
+stalled host process still answers them)."""
+LIFELINE_KEEPALIVE_INTERVAL_S: Final = 10
+"""Seconds between two keepalive probes."""
+LIFELINE_KEEPALIVE_PROBES: Final = 6
+"""Unanswered probes before the connection counts as broken (the host's machine gone without a FIN:
+about 2 minutes in all)."""
+LIFELINE_READ_BYTES: Final = 64
+"""Most bytes read from the lifeline at a time."""
+LIFELINE_DROP: Final = b"\x00"
+"""The one byte a launcher sends on a lifeline before it closes it on purpose to drop a live agent (its
+template died, its poll failed): the agent then leaves its workers' placement groups to the launcher,
+which may reuse them. Anything else read is ignored."""
+TEMPLATE_KILL_WAIT_S: Final = 5.0
+"""After SIGKILL to the template (the host is gone): how long to wait for it to be reaped."""
+SELF_EXIT_FALLBACK_S: Final = 5.0
+"""After asking Ray to end this actor (the host is gone): how long until the process exits by itself."""
 
 
 class _Worker:
@@ -104,7 +135,20 @@ class NodeAgent:
     """The agent of one node (see the module doc). Made by ``ray.remote(NodeAgent)`` in the launcher,
     pinned to its node; every method is called from Ray's actor threads."""
 
-    def __init__(self, env: Mapping[str, str], worker_env: Sequence[str], programs: Sequence[str]) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        worker_env: Sequence[str],
+        programs: Sequence[str],
+        lifeline: Sequence[str] | None = None,
+    ) -> None:
+        """``lifeline``: ``(connect_to, token, secret_hex, node)`` of the host's listener, dialed before
+        anything else (``RuntimeError`` if it cannot be); None: no lifeline (tests drive the agent)."""
+        self.host_lost: str | None = None
+        """Why the host's lifeline ended (None while it holds, or without one)."""
+        self.dropped = False
+        """The launcher said it drops this agent (``LIFELINE_DROP``) before it closed the lifeline."""
+        self._lifeline = _dial_host(*lifeline) if lifeline is not None else None
         self._lock = threading.Lock()
         self._news = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
@@ -118,6 +162,8 @@ class NodeAgent:
         """Exits reported by the template and not yet polled: pid -> return code (negative: signal)."""
         self._dead: str | None = None
         self._usage_at = -math.inf
+        self._groups: dict[int, str] = {}
+        """The placement group (hex id) of each worker that has one, while the agent knows the worker."""
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         programs_args = ["--programs", ",".join(programs)] if programs else []
         try:
@@ -136,11 +182,22 @@ class NodeAgent:
                 start_new_session=True,
                 env=worker_environment(os.environ, worker_env, env),
             )
+        except BaseException:
+            if self._lifeline is not None:
+                self._lifeline.close()
+            raise
         finally:
             child.close()
         self._control = control
-        self.info = self._wait_ready()
+        try:
+            self.info = self._wait_ready()
+        except BaseException:
+            if self._lifeline is not None:
+                self._lifeline.close()
+            raise
         threading.Thread(target=self._read_loop, name="dspex-agent-reader", daemon=True).start()
+        if self._lifeline is not None:
+            threading.Thread(target=self._watch_host, name="dspex-agent-lifeline", daemon=True).start()
 
     def _wait_ready(self) -> dict[str, Any]:
         self._control.settimeout(TEMPLATE_START_TIMEOUT_S)
@@ -182,10 +239,12 @@ class NodeAgent:
         node: str,
         argv: list[str],
         env: Mapping[str, str] | None = None,
+        placement_group: str | None = None,
     ) -> int:
         """Fork a worker that dials ``connect_to`` with ``token``; its pid. ``env``: the accelerators of
-        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment.
-        ``RuntimeError`` if the template cannot."""
+        its reservation (``bridge_child.tcp.ACCELERATOR_ENV`` names), set in its environment;
+        ``placement_group``: the hex id of that reservation (removed by the agent if its host's lifeline
+        ends). ``RuntimeError`` if the template cannot."""
         if self._dead is not None:
             raise RuntimeError(f"the agent's template is gone: {self._dead}")
         request_id = next(self._ids)
@@ -218,6 +277,9 @@ class NodeAgent:
             why = reply.get("message") if reply else (self._dead or f"no reply within {SPAWN_TIMEOUT_S} s")
             raise RuntimeError(f"the node's template could not fork a worker: {why}")
         pid = int(reply["pid"])
+        if placement_group:
+            with self._lock:
+                self._groups[pid] = placement_group
         try:
             os.write(lifeline_w, secret_hex.encode() + b"\n")  # a pipe's buffer takes it whole
         except OSError:  # it died already: its exit is reported as usual
@@ -270,6 +332,7 @@ class NodeAgent:
                     eof.append(worker.pid)
                 if worker.exited and worker.eof_reported:  # both seen: forget it
                     del self._workers[worker.pid]
+                    self._groups.pop(worker.pid, None)
             now = time.monotonic()
             running = [w.pid for w in self._workers.values() if not w.exited]
             if now - self._usage_at < USAGE_INTERVAL_S:
@@ -292,6 +355,72 @@ class NodeAgent:
                 w.buffer or w.dropped or (w.stderr < 0 and not w.eof_reported) for w in self._workers.values()
             )
         )
+
+    # -- the host's lifeline ---------------------------------------------------------------------------
+    def _watch_host(self) -> None:
+        """Wait for the end of the host's lifeline, then end everything of this agent (module doc)."""
+        assert self._lifeline is not None
+        reason = "EOF (the launcher dropped this agent or left, or the host is gone)"
+        try:
+            while data := self._lifeline.recv(LIFELINE_READ_BYTES):
+                if LIFELINE_DROP in data:
+                    self.dropped = True
+        except OSError as exc:
+            reason = f"an error ({exc}: the host is unreachable)"
+        finally:
+            self._lifeline.close()
+        self._host_gone(f"its lifeline to the host ended: {reason}")
+
+    def _host_gone(self, reason: str) -> None:
+        """Kill the workers and the template, then end the actor."""
+        self.host_lost = reason
+        print(f"dspex-trio agent: {reason}; killing the template and its workers", file=sys.stderr)
+        try:
+            self._control.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._template_gone(reason)  # kills the workers' process groups
+        try:
+            os.killpg(self._template.pid, signal.SIGKILL)  # its own session, so its own group
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self._template.wait(timeout=TEMPLATE_KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if not self.dropped:  # else the launcher's to reuse or remove
+            self._remove_groups()
+        self._exit_actor()
+
+    def _remove_groups(self) -> None:
+        """Remove the placement groups of its workers (a Ray Client host's would otherwise be kept for
+        Ray Client's reconnect grace period). Not in Ray (tests): nothing."""
+        with self._lock:
+            groups = set(self._groups.values())
+        ray = sys.modules.get("ray")
+        if not groups or ray is None or not ray.is_initialized():
+            return
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        for group in groups:
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+            except Exception as exc:  # already removed, or Ray is unreachable
+                print(f"dspex-trio agent: placement group {group} not removed: {exc!r}", file=sys.stderr)
+
+    def _exit_actor(self) -> None:
+        """End this actor: Ray kills it (and marks it dead) at once; should that not happen (Ray's GCS
+        unreachable), the process exits anyway after ``SELF_EXIT_FALLBACK_S``; its remaining fds (the
+        workers' lifeline pipes) close with it. Not in Ray (tests): nothing."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return  # not an actor (tests drive the agent in their own process)
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception as exc:  # not an actor, or Ray is gone: the fallback below
+            print(f"dspex-trio agent: ray.kill of itself failed: {exc!r}", file=sys.stderr)
+        time.sleep(SELF_EXIT_FALLBACK_S)
+        os._exit(1)
 
     # -- the reader thread -----------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -359,13 +488,39 @@ class NodeAgent:
     def _template_gone(self, reason: str) -> None:
         """No more forks and no more exit reports: kill the workers (their exits are unknown) and say so."""
         with self._news:
-            self._dead = reason
+            if self._dead is None:  # the first reason (a template killed by the agent exits next)
+                self._dead = reason
             for worker in self._workers.values():
                 try:
                     os.killpg(worker.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
             self._news.notify_all()
+
+
+def _dial_host(connect_to: str, token: str, secret_hex: str, node: str) -> socket.socket:
+    """The agent's lifeline: a connection to the host's listener, authenticated as a worker's is, with
+    TCP keepalive (``LIFELINE_KEEPALIVE_*``). ``RuntimeError`` if it cannot be made."""
+    from bridge_child import tcp
+
+    try:
+        host, _, port = connect_to.rpartition(":")
+        sock = tcp.connect(
+            (host.strip("[]"), int(port)),
+            bytes.fromhex(secret_hex),
+            {"token": token, "pid": os.getpid(), "node": node},
+        )
+    except (OSError, ValueError) as exc:  # tcp.AuthError is a ValueError
+        raise RuntimeError(f"the agent cannot reach its host at {connect_to}: {exc}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", LIFELINE_KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", LIFELINE_KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", LIFELINE_KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):  # Linux; elsewhere the system's keepalive defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    return sock
 
 
 def _usage(pids: Sequence[int]) -> dict[int, list[float | None]]:

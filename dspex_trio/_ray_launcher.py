@@ -26,8 +26,13 @@ How things end:
 - an agent is killed, or its node is lost: its workers see their lifeline (a pipe from the agent) hang
   up and exit with their process groups; the host's poll fails, so each of them counts as exited
   (status unknown), and the next start on that node makes a new agent;
-- the host is lost: Ray kills the actors its driver owned, so every agent, then every template and
-  worker, exits: nothing is left on any node.
+- the host is lost: every agent's *lifeline* (a TCP connection it dialed to this host's worker
+  listener, authenticated with the pool's secret, on which nothing is sent) reaches EOF, and the agent
+  kills its template and workers, removes their placement groups and ends its actor: nothing is left
+  on any node, even through Ray Client (whose server keeps a lost client's actors and placement groups
+  for its reconnect grace period). A driver host's
+  agents are also killed by Ray (it kills the actors a driver owned). The launcher holds each agent's
+  lifeline as long as the agent serves it, and closes it when it drops the agent or leaves.
 
 Agents live as long as the launcher (so a restarted or added worker starts warm); leaving the launcher
 kills them. Ray is imported only when a :class:`RayLauncher` is opened: without the extra this module
@@ -53,7 +58,7 @@ import trio
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, check_env_names
 from dspex_trio._ray_accelerators import accelerator_resources, visible_accelerators
-from dspex_trio._ray_agent import AGENT_CONCURRENCY, NodeAgent
+from dspex_trio._ray_agent import AGENT_CONCURRENCY, LIFELINE_DROP, NodeAgent
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
     ProcessUsage,
@@ -76,6 +81,10 @@ POLL_S: Final = 5.0
 """Longest wait of one poll of an agent (a poll returns as soon as there is news)."""
 PLACEMENT_LINGER_S: Final = 5.0
 """How long an exited worker's placement group is kept for a replacement on its node."""
+LIFELINE_READ_BYTES: Final = 64
+"""Most bytes read at a time from an agent's lifeline (an agent sends nothing on it)."""
+LIFELINE_DROP_TIMEOUT_S: Final = 1.0
+"""Longest wait to send ``LIFELINE_DROP`` to an agent dropped (then its lifeline is closed anyway)."""
 STDERR_CHUNKS: Final = 64
 """Stderr chunks (each at most the agent's ``STDERR_BUFFER_BYTES``) queued per worker on the host;
 more are dropped (and counted in ``RayControl.stderr_dropped``)."""
@@ -267,6 +276,8 @@ class _Agent:
     """News for a pid spawned but not registered yet (the spawn's answer and a poll raced)."""
     lost: str | None = None
     """Why the agent is gone (None while it serves)."""
+    lifeline: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    """Holds the agent's lifeline open (``RayLauncher._hold_lifeline``); cancelled, it closes it."""
 
     def register(self, control: RayControl) -> None:
         self.controls[control.pid] = control
@@ -324,6 +335,7 @@ class _Agent:
         runs: a template that died alone leaves its agent up)."""
         if self.lost is None:
             self.lost = reason
+            self.lifeline.cancel()
             _kill(self.actor)
             if self.controls:
                 logger.warning(
@@ -578,16 +590,23 @@ class RayLauncher:
         key = (node_id, programs)
         agent = self._agents.get(key)
         if agent is None or agent.lost is not None or agent.failure is not None:
+            listener = self.listener
+            assert listener is not None
+            token = f"agent-{secrets.token_hex(8)}"
+            receive = listener.expect(token)
+            lifeline = (listener.connect_to, token, listener.secret.hex(), node_id)
             actor = self._agent_class.options(
                 num_cpus=0,
                 max_concurrency=AGENT_CONCURRENCY,
                 max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.env or {}, self.worker_env, programs)
+            ).remote(self.env or {}, self.worker_env, programs, lifeline)
             agent = self._agents[key] = _Agent(actor, node_id, programs)
             try:
                 with trio.fail_after(self.start_timeout):
                     agent.info = await await_ref(actor.ready.remote())
+                    # it dialed before it answered: its connection is queued for the token already
+                    stream, _ = await listener.accept_worker(token, receive, timeout=self.connect_timeout)
             except BaseException as exc:
                 agent.failure = repr(exc)
                 if self._agents.get(key) is agent:
@@ -597,8 +616,14 @@ class RayLauncher:
                 if isinstance(exc, Exception):
                     raise OSError(f"the agent of node {node_id} could not start: {exc!r}") from exc
                 raise
+            finally:
+                listener.forget(token)
+                with trio.CancelScope(shield=True):  # a connection queued but not taken: closed
+                    while (queued := _take_queued(receive)) is not None:
+                        await trio.aclose_forcefully(queued)
             agent.ready.set()
             assert self._nursery is not None
+            self._nursery.start_soon(self._hold_lifeline, agent, stream)
             self._nursery.start_soon(agent.pump)
             logger.info("agent on node %s ready: %s", node_id, agent.info)
         else:
@@ -606,6 +631,30 @@ class RayLauncher:
             if agent.failure is not None:
                 raise OSError(f"the agent of node {node_id} could not start: {agent.failure}")
         return agent
+
+    async def _hold_lifeline(self, agent: _Agent, stream: trio.SocketStream) -> None:
+        """Keep ``agent``'s lifeline open until the agent is dropped (``_Agent.gone``: ``LIFELINE_DROP``
+        is sent first, so the agent leaves its workers' placement groups to this launcher) or the
+        launcher leaves; closing it tells the agent to end. Its end from the agent's side means the
+        agent is gone."""
+        try:
+            with agent.lifeline:
+                try:
+                    while await stream.receive_some(LIFELINE_READ_BYTES):
+                        pass  # an agent sends nothing; anything is ignored
+                    reason = "its lifeline reached EOF"
+                except trio.BrokenResourceError as exc:
+                    reason = f"its lifeline failed ({exc!r})"
+                agent.gone(f"the agent is gone: {reason}")
+                return
+            with trio.move_on_after(LIFELINE_DROP_TIMEOUT_S):  # dropped: say so, if it still listens
+                try:
+                    await stream.send_all(LIFELINE_DROP)
+                except trio.BrokenResourceError:
+                    pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def launch(self, spec: WorkerSpec) -> WorkerProcess:
         import ray
@@ -628,6 +677,7 @@ class RayLauncher:
                 placement.node_id,
                 spec.argv(),
                 placement.env,
+                None if placement.group is None else placement.group.id.hex(),
             )
             try:
                 with trio.fail_after(self.start_timeout):
@@ -681,6 +731,15 @@ def _label_matches(value: str | None, wanted: str) -> bool:
     else:
         matches = value == wanted
     return matches != negated
+
+
+def _take_queued(
+    receive: trio.MemoryReceiveChannel[tuple[trio.SocketStream, Any]],
+) -> trio.SocketStream | None:
+    try:
+        return receive.receive_nowait()[0]
+    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+        return None
 
 
 def _kill(actor: Any) -> None:

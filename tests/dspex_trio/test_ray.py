@@ -47,9 +47,11 @@ GPU_NODE_GPUS = 2
 """Fake GPUs of one worker node (Ray assigns ids for them whether or not they exist)."""
 GPU_NODE_LABEL = {"dspex-test-pool": "gpu"}
 """That node's label (the others have none)."""
+GPU_NODE_RESOURCE = "dspex_test_gpu_node"
+"""A custom resource only that node has (2 of it)."""
 RAY_CLIENT_PORT = 10001
 """The head's Ray Client server (``ray://127.0.0.1:10001``; Ray's default port, free in the namespace)."""
-CLUSTER_TESTS = 10
+CLUSTER_TESTS = 11
 SERVE = [sys.executable, "-m", "dspex_trio", "serve", "--port", "0", "--workers", "2"]
 """The tests below, which must all pass inside the namespace."""
 
@@ -96,7 +98,9 @@ def cluster() -> Iterator[Any]:
             "ray_client_server_port": RAY_CLIENT_PORT,
         },
     )
-    c.add_node(num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL)
+    c.add_node(
+        num_cpus=NODE_CPUS, num_gpus=GPU_NODE_GPUS, labels=GPU_NODE_LABEL, resources={GPU_NODE_RESOURCE: 2}
+    )
     for _ in range(NODES - 2):
         c.add_node(num_cpus=NODE_CPUS)
     c.wait_for_nodes()
@@ -343,10 +347,20 @@ def _status_over_websocket(url: str) -> dict[str, Any]:
         return result
 
 
+def held_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0))
+
+
 @inside
 async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> None:
+    """``serve --ray`` with a worker's resources from its flags: half a CPU and one of a custom resource
+    only one node has, so both workers go to that node, holding one CPU in all."""
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+    placement = ["--ray-num-cpus", "0.5", "--ray-resource", f"{GPU_NODE_RESOURCE}=1"]
     process = await trio.lowlevel.open_process(
-        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0"],
+        [*SERVE, "--ray", cluster.address, "--ray-listen", "127.0.0.1:0", *placement],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -363,6 +377,9 @@ async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> No
         assert status["health"]["launcher"] == "ray", status
         pids = [w["pid"] for w in status["health"]["workers"]]
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+        nodes = [w.get("node") for w in status["health"]["workers"]]
+        assert nodes == [gpu_node()] * 2, status["health"]["workers"]
+        await wait_until(lambda: held_cpus() == 1.0, 30, lambda: f"CPUs held: {held_cpus()}")
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await process.wait() == 0
@@ -518,6 +535,94 @@ async def test_a_ray_client_address_runs_the_pool_and_its_exit_leaves_no_actor(
     await wait_until(lambda: not any(pid_alive(pid) for pid in processes), 30, lambda: f"{seen}")
     await wait_until(lambda: not alive_actors(), 30, lambda: f"alive: {alive_actors()}")
     await wait_until(lambda: not reserved(), 30, lambda: f"reserved: {reserved()}")
+
+
+@inside
+async def test_a_ray_client_host_sigkilled_leaves_no_actor_nor_process_after_5_s(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """A host connected through Ray Client (whose server keeps a lost client's session, and so its
+    actors, for the reconnect grace period: 30 s) is SIGKILLed with workers ready on two nodes: each
+    agent's lifeline (its TCP connection to the host) reaches EOF, and it kills its template and
+    workers, removes their placement groups and ends its actor. Within 5 s: no actor of the host's job
+    alive (Ray's view), no agent, template or worker process left; the reservations are free soon after
+    (well before the grace period ends)."""
+    import ray
+
+    await wait_until(lambda: unreserved() is None, 30, lambda: str(unreserved()))
+    script = tmp_path / "client_host_killed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, trio, dspex_trio, ray
+
+            async def main():
+                launcher = dspex_trio.RayLauncher(address="ray://127.0.0.1:{RAY_CLIENT_PORT}", num_cpus=1)
+                async with launcher:
+                    job = ray.get_runtime_context().get_job_id()
+                    async with dspex_trio.open_pool(workers=2, diagnostics=True, launcher=launcher) as pool:
+                        await pool.call("echo", {{"value": 1}})
+                        stats = pool.statistics().workers
+                        print(json.dumps({{
+                            "job": job,
+                            "pids": [w.pid for w in stats],
+                            "nodes": [w.node for w in stats],
+                            "agents": [[a["pid"], a["template_pid"]] for a in launcher.agents.values()],
+                        }}), flush=True)
+                        await trio.sleep_forever()
+
+            trio.run(main)
+            """
+        )
+    )
+    grace = {"RAY_CLIENT_RECONNECT_GRACE_PERIOD": "30"}  # Ray's default, whatever the environment says
+    host = await trio.lowlevel.open_process(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, **grace},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert host.stdout is not None
+        line = b""
+        with trio.fail_after(120):
+            while not line.endswith(b"\n"):
+                chunk = await host.stdout.receive_some(4096)
+                assert chunk, f"the host exited before its pool was ready: {line!r}"
+                line += chunk
+        seen = json.loads(line)
+        assert len(set(seen["nodes"])) == 2, seen  # workers ready on two nodes, each with its agent
+        processes = {*seen["pids"], *(pid for pair in seen["agents"] for pid in pair)}
+        assert len(processes) == 6 and all(pid_alive(pid) for pid in processes), seen
+        job = ray.JobID.from_hex(seen["job"])
+
+        def alive_actors() -> list[Any]:
+            return [a for a in ray._private.state.actors(job_id=job).values() if a["State"] != "DEAD"]
+
+        assert len(alive_actors()) == 2, alive_actors()
+        host.send_signal(signal.SIGKILL)
+        await host.wait()
+        killed_at = time.monotonic()
+        await wait_until(
+            lambda: not any(pid_alive(pid) for pid in processes),
+            5,
+            lambda: f"alive: {[pid for pid in processes if pid_alive(pid)]} of {seen}",
+        )
+        processes_gone = time.monotonic() - killed_at
+        await wait_until(lambda: not alive_actors(), 5, lambda: f"alive: {alive_actors()}")
+        print(
+            f"through Ray Client: processes gone {processes_gone:.2f} s, actors dead "
+            f"{time.monotonic() - killed_at:.2f} s after the host's SIGKILL"
+        )
+        # its workers' reservations: removed by the agents too (Ray Client would keep them for its grace
+        # period, 30 s)
+        await wait_until(lambda: unreserved() is None, 10, lambda: str(unreserved()))
+        print(f"reservations released {time.monotonic() - killed_at:.2f} s after the host's SIGKILL")
+    finally:
+        if host.returncode is None:
+            host.kill()
+            await host.wait()
 
 
 @inside
