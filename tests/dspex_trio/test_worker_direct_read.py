@@ -152,6 +152,8 @@ async def test_a_reply_already_in_the_pipe_is_delivered_by_the_lone_caller() -> 
             assert await worker.call("echo", {"value": 2}) == "already there"
             assert worker.state is WorkerState.READY
             assert worker.statistics().calls_served == 2
+            await trio.testing.wait_all_tasks_blocked()  # the child has read call 2 (unanswered)
+            assert len(process.calls) == 2
             process.answering = True
             assert await worker.call("echo", {"value": 3}) == 3  # and the reader still delivers
             assert [c.id for c in process.calls] == [1, 2, 3]
@@ -209,6 +211,8 @@ async def test_a_cancelled_caller_whose_reply_is_there_gets_cancelled_and_nothin
             assert scope.cancelled_caught
             assert worker.in_flight == 0
             assert worker.state is WorkerState.READY
+            await trio.testing.wait_all_tasks_blocked()  # the child has read call 1 (unanswered)
+            assert len(process.calls) == 1
             process.answering = True
             assert await worker.call("echo", {"value": 2}) == 2
             assert process.cancels == 0  # it had finished: nothing to cancel in the worker
