@@ -194,7 +194,7 @@ class Worker:
 
     def _emit(self, ctx: CallContext, data: Any) -> None:
         with self.lock:
-            if ctx.finished or ctx.cancelled.is_set():
+            if ctx.finished or ctx.is_cancelled():
                 return
             try:
                 frame = self.conn.send(wire.Event(ctx.id, ctx.seq, data))
@@ -243,7 +243,7 @@ class Worker:
 
         Every exception becomes an error, ``BaseException`` included: a ``SystemExit`` raised by a
         program must fail its call, not end the thread (and leave the call without an outcome)."""
-        if ctx.cancelled.is_set() or ctx.finished:  # cancelled before it started
+        if ctx.finished or ctx.is_cancelled():  # cancelled before it started
             return None
         with self.lock:
             self.executing.add(ctx.id)

@@ -156,6 +156,9 @@ class Worker(metaclass=NoPublicConstructor):
     _idle: trio.Event = attrs.Factory(trio.Event)
     _stdin_fd: int | None = None
     """The raw, non-blocking fd behind ``process.stdin`` when it has one (direct writes)."""
+    _frames_fd: trio.lowlevel.FdStream | None = None
+    """``process.frames`` when it is a pipe (``FdStream``): a lone call's caller reads its reply from
+    it directly (``_read_nowait``); None for other streams (sockets), which only the reader reads."""
     _hello_event: trio.Event = attrs.Factory(trio.Event)
     """Wakes the handshake: set by the hello, the process's exit, or a detector."""
     _reader_done: trio.Event = attrs.Factory(trio.Event)
@@ -180,6 +183,8 @@ class Worker(metaclass=NoPublicConstructor):
     def __attrs_post_init__(self) -> None:
         fileno = getattr(self.process.stdin, "fileno", None)
         self._stdin_fd = fileno() if callable(fileno) else None
+        frames = getattr(self.process, "frames", None)
+        self._frames_fd = frames if isinstance(frames, trio.lowlevel.FdStream) else None
         self._conn = wire.Connection(wire.Role.PARENT, max_frame_bytes=self.options.max_frame_bytes)
         self._stderr = StderrRelay(self.worker_id, logger, extra={"worker_id": self.worker_id})
         self._idle.set()
@@ -363,19 +368,52 @@ class Worker(metaclass=NoPublicConstructor):
         """Wait for the call's outcome. The ack timeout is watched by ``_ack_watchdog`` for all calls at
         once, so a call without a deadline needs no cancel scope of its own."""
         try:
-            if not call.done.is_set():
-                if call.timeout is None:
+            if len(self._calls) == 1 and not call.done.is_set():
+                self._read_nowait()  # a lone call: its reply may be there already
+            if call.done.is_set():
+                await trio.lowlevel.checkpoint()  # a checkpoint, as a wait would be
+            elif call.timeout is None:
+                await self._park(call)
+            else:
+                with trio.move_on_at(call.sent_at + call.timeout):
                     await self._park(call)
-                else:
-                    with trio.move_on_at(call.sent_at + call.timeout):
-                        await self._park(call)
-                    if not call.done.is_set():
-                        raise self._timed_out(call)
+                if not call.done.is_set():
+                    raise self._timed_out(call)
             assert call.result is not None
             return call.result.unwrap()
         finally:
             if not call.done.is_set():
                 self._abandon(call)
+
+    def _read_nowait(self) -> None:
+        """Read and deliver what the worker has already written to the frame pipe, without waiting.
+
+        A lone call's caller does this right after its frame went out: when the worker answered while
+        this task ran (one CPU, or a fast answer), the reply is delivered here and the caller goes on
+        after one checkpoint, instead of the reader task waking, reading and rescheduling the caller
+        (a task hop and an extra read). Nothing there, or a pipe that is not ours to read now (closed,
+        at EOF, failing): nothing happens, and the reader task meets the same bytes or condition as
+        always. Only frames the pipe held are consumed; their order is the pipe's, as for the reader.
+        """
+        stream = self._frames_fd
+        if stream is None:
+            return
+        fd = stream.fileno()  # -1 once the stream is closed
+        if fd < 0:
+            return
+        try:
+            data = os.read(fd, READ_CHUNK_BYTES)
+        except OSError:  # nothing yet (BlockingIOError), or the pipe broke: the reader handles it
+            return
+        if not data:
+            return  # EOF: it stays, and the reader ends the stream when it meets it
+        self._last_seen = trio.current_time()
+        try:
+            self._conn.receive_data(data)
+            while (message := self._conn.next_event()) is not wire.NEED_DATA:
+                self._deliver(message)  # type: ignore[arg-type]
+        except wire.RemoteProtocolError as exc:
+            self._lose(ProtocolError, f"protocol error: {exc}")
 
     async def _park(self, call: _Call) -> None:
         """Wait until ``call`` is done. If the wait is cancelled, the call's ``cancel`` frame is queued

@@ -76,7 +76,7 @@ def test_the_cancel_answers_before_the_woken_method(child: Worker, answer: Any) 
     ctx = child.contexts[7]
     woken = WokenAnswers(child, answer(7))
     woken.ctx = ctx
-    ctx.cancelled = woken
+    ctx._cancelled = woken  # made on first use: the test puts its own in first
     deliver(child, parent, wire.Cancel(7))
     assert woken.sent == [False]  # the method's answer came second: discarded
     counters = child.counters

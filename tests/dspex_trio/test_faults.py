@@ -838,10 +838,12 @@ async def test_fault_16_no_leaks_after_success_failure_and_shutdown(launcher: st
     async def cycle() -> None:
         async with fast_pool(launcher=launcher, heartbeat_interval=0.1) as pool:
             assert await pool.call("echo", {"value": 1}) == 1
-            os.kill(pool.workers()[0].pid, signal.SIGKILL)  # death
+            killed = pool.workers()[0].pid
+            os.kill(killed, signal.SIGKILL)  # death
             with pytest.raises(WorkerCrashed):
                 await pool.workers()[1].call("crash", {"exit_code": 2})  # crash
-            await wait_until(lambda: len(ready_pids(pool)) == 2, 10)
+            # both replaced (the killed one may still look ready until its death is noticed)
+            await wait_until(lambda: len(ready_pids(pool)) == 2 and killed not in ready_pids(pool), 10)
             with pytest.raises(ProtocolError):
                 await pool.workers()[0].call("garbage", {"bytes": 16})  # protocol error
             await wait_until(lambda: len(ready_pids(pool)) == 2, 10)

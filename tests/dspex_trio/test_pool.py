@@ -197,7 +197,8 @@ async def test_session_isolation_and_program_caching() -> None:
                 await pool.call("program_info", {"program": program.id})  # nor the default session
 
             async def both() -> list[dict[str, Any]]:
-                """Two concurrent calls: least-loaded routing puts one on each worker."""
+                """Two concurrent calls: least-loaded routing puts one on each worker, unless the first
+                ended before the second was placed (a lone call can finish within its caller's step)."""
                 infos: list[dict[str, Any]] = []
 
                 async def one() -> None:
@@ -208,14 +209,23 @@ async def test_session_isolation_and_program_caching() -> None:
                     nursery.start_soon(one)
                 return infos
 
-            first = await both()
-            assert {i["pid"] for i in first} == worker_pids(pool)  # one per worker
+            async def each_worker() -> list[dict[str, Any]]:
+                """The answers of pairs of concurrent calls, until every worker answered one."""
+                infos: list[dict[str, Any]] = []
+                for _ in range(50):
+                    infos += await both()
+                    if {i["pid"] for i in infos} == worker_pids(pool):
+                        return infos
+                raise AssertionError(f"pairs of calls never reached every worker: {infos}")
+
+            first = await each_worker()
             for info in first:
                 assert info["id"] == program.id and info["spec"] == spec
-                assert info["from_call"] is True  # the spec came with the call
-            second = await both()
-            assert {i["pid"] for i in second} == worker_pids(pool)
-            assert [i["from_call"] for i in second] == [False, False]  # cached by each worker
+            # the spec came with the first call to each worker (a second call to the same worker, if
+            # the first was over before it was placed, found it cached)
+            assert {i["pid"] for i in first if i["from_call"]} == worker_pids(pool), first
+            second = await each_worker()
+            assert [i["from_call"] for i in second] == [False] * len(second)  # cached by each worker
             for _ in range(5):  # sequential calls keep hitting a cache
                 info = await pool.call("program_info", {"program": program.id}, session="A")
                 assert info["from_call"] is False and info["spec"] == spec
