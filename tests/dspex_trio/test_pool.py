@@ -8,6 +8,7 @@ overall ``fail_after``. Tests use ``open_pool``'s default launcher, whichever it
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -196,27 +197,29 @@ async def test_session_isolation_and_program_caching() -> None:
             with pytest.raises(ProgramNotFound):
                 await pool.call("program_info", {"program": program.id})  # nor the default session
 
-            async def both() -> list[dict[str, Any]]:
-                """Two concurrent calls: least-loaded routing puts one on each worker, unless the first
-                ended before the second was placed (a lone call can finish within its caller's step)."""
-                infos: list[dict[str, Any]] = []
+            async def ask() -> dict[str, Any]:
+                result: dict[str, Any] = await pool.call("program_info", {"program": program.id}, session="A")
+                return result
 
-                async def one() -> None:
-                    infos.append(await pool.call("program_info", {"program": program.id}, session="A"))
-
+            async def beside_a_busy_worker() -> dict[str, Any]:
+                """``program_info`` while a ``sleep`` keeps one worker busy: least-loaded routing puts it
+                on another worker. (Two calls merely started together may both land on one worker: a lone
+                call can be over within its caller's step, before the second is placed.)"""
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(one)
-                    nursery.start_soon(one)
-                return infos
+                    nursery.start_soon(functools.partial(pool.call, "sleep", {"seconds": 30}))
+                    await wait_until(lambda: pool.statistics().in_flight == 1, 30, "the sleep never started")
+                    result = await ask()
+                    nursery.cancel_scope.cancel()  # the sleep's work is done
+                return result
 
             async def each_worker() -> list[dict[str, Any]]:
-                """The answers of pairs of concurrent calls, until every worker answered one."""
+                """Answers of a lone call and of a call beside a busy worker, until every worker answered."""
                 infos: list[dict[str, Any]] = []
-                for _ in range(50):
-                    infos += await both()
+                for _ in range(20):
+                    infos += [await ask(), await beside_a_busy_worker()]
                     if {i["pid"] for i in infos} == worker_pids(pool):
                         return infos
-                raise AssertionError(f"pairs of calls never reached every worker: {infos}")
+                raise AssertionError(f"the calls never reached every worker: {infos}")
 
             first = await each_worker()
             for info in first:
