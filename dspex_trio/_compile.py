@@ -83,8 +83,17 @@ MAX_CANDIDATES: Final = 256
 MAX_ROUNDS: Final = 16
 """Most rounds per example (``max_rounds``)."""
 CANDIDATES_AT_ONCE: Final = 4
+"""Candidate demo sets of ``mipro_v2`` bootstrapped at once (``dspex_trio._compile_mipro``)."""
+SEARCH_CANDIDATES_AT_ONCE: Final = 16
 """Candidates of a random search bootstrapped and evaluated at once (their outcomes are then taken in
-DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them)."""
+DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them). All of
+DSPy's 4 + 3 by default: every candidate's bootstrap starts at once, so the search's critical path
+(bootstrap, then evaluation, of the last candidate) does not wait for earlier candidates."""
+SEARCH_EVALUATION_CALLS_PER_WORKER: Final = 2
+"""A random search's evaluation calls in flight at once, per worker of the pool. Its bootstrap calls
+are not limited: each worker's CPU lane runs calls in arrival order, so a bootstrap call (on the
+search's critical path: its replay waits for it) queues behind at most this many evaluation calls per
+worker, while these keep every worker busy between bootstrap calls."""
 
 _OPTIONS: Final = {
     "bootstrap_few_shot": {
@@ -340,13 +349,14 @@ class CompileJob(Job):
         self._report = False  # candidates overlap: only trials and the best score are published
         outcomes: dict[int, tuple[str, float] | BaseException] = {}
         arrived = trio.Event()
-        limiter = trio.Semaphore(CANDIDATES_AT_ONCE)
+        limiter = trio.Semaphore(SEARCH_CANDIDATES_AT_ONCE)
+        gate = trio.CapacityLimiter(SEARCH_EVALUATION_CALLS_PER_WORKER * max(1, self.backend._job_workers()))
 
         async def candidate(seed: int) -> None:
             nonlocal arrived
             async with limiter:
                 try:
-                    outcomes[seed] = await self._candidate(seed, valset)
+                    outcomes[seed] = await self._candidate(seed, valset, gate)
                 except DspexError as exc:  # the replay raises it in DSPy's order
                     outcomes[seed] = exc
             arrived.set()
@@ -376,8 +386,11 @@ class CompileJob(Job):
         state = await self.backend.get_state(best[1], session=self.session)
         return CompileResult(best[1], state, best[0], tuple(candidates))
 
-    async def _candidate(self, seed: int, valset: list[dict[str, Any]]) -> tuple[str, float]:
-        """One candidate of the random search (DSPy's ``seed``): its program and its score."""
+    async def _candidate(
+        self, seed: int, valset: list[dict[str, Any]], gate: trio.CapacityLimiter | None = None
+    ) -> tuple[str, float]:
+        """One candidate of the random search (DSPy's ``seed``): its program and its score (its
+        evaluation calls each held by ``gate``, when given)."""
         o = self.options
         trainset = list(self.trainset)
         if seed == -3:
@@ -391,9 +404,11 @@ class CompileJob(Job):
             size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
             demos = await self._bootstrap_few_shot(trainset, size)
         program = await self._create(self._with_demos(demos))
-        return program, await self._evaluate(program, valset)
+        return program, await self._evaluate(program, valset, gate)
 
-    async def _evaluate(self, program: str, valset: list[dict[str, Any]]) -> float:
+    async def _evaluate(
+        self, program: str, valset: list[dict[str, Any]], gate: trio.CapacityLimiter | None = None
+    ) -> float:
         job = EvaluationJob(
             self.backend,
             program,
@@ -403,6 +418,7 @@ class CompileJob(Job):
             max_errors=self.max_errors,
             concurrency=self.concurrency,
             timeout=None,
+            gate=gate,
         )
         async with trio.open_nursery() as nursery:
 

@@ -312,6 +312,7 @@ class EvaluationJob(Job):
         max_errors: int,
         concurrency: int,
         timeout: float | None,
+        gate: trio.CapacityLimiter | None = None,
     ) -> None:
         super().__init__(len(devset))
         self.backend = backend
@@ -326,6 +327,9 @@ class EvaluationJob(Job):
         self._next = 0
         self.batch = min(batch_size(backend._lm_params(session), len(devset)), concurrency)
         """Examples per worker call (never more than ``concurrency``)."""
+        self.gate = gate
+        """Held around each ``score_examples`` call when given (a compile job's: its evaluation calls in
+        flight, so they do not queue deep in the workers ahead of its bootstrap calls)."""
         self.attempts = 0
         """Calls of ``score_examples`` the job made, in all (a call sent again after its worker died
         counts again; the dispatch's own re-sends inside one call do not)."""
@@ -383,9 +387,15 @@ class EvaluationJob(Job):
         while True:
             self.attempts += 1
             try:
-                value = await self.backend._job_call(
-                    "score_examples", params, session=self.session, timeout=self.timeout
-                )
+                if self.gate is None:
+                    value = await self.backend._job_call(
+                        "score_examples", params, session=self.session, timeout=self.timeout
+                    )
+                else:
+                    async with self.gate:
+                        value = await self.backend._job_call(
+                            "score_examples", params, session=self.session, timeout=self.timeout
+                        )
             except (WorkerCrashed, WorkerClosed, CallTimeout, ProgramError) as exc:
                 sent += exc.attempts
                 retry = isinstance(exc, WorkerCrashed | WorkerClosed) and sent < MAX_EXAMPLE_ATTEMPTS
