@@ -89,6 +89,11 @@ SEARCH_CANDIDATES_AT_ONCE: Final = 16
 DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them). All of
 DSPy's 4 + 3 by default: every candidate's bootstrap starts at once, so the search's critical path
 (bootstrap, then evaluation, of the last candidate) does not wait for earlier candidates."""
+SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO: Final = 1
+"""A random search's bootstrap calls sent ahead of its replay, per candidate: this many per demo it
+still needs (a lone ``bootstrap_few_shot`` sends ``2 * needed + 2``). With every candidate
+bootstrapping at once (and evaluation calls filling the workers between them), more would only be
+executions past the last demo needed, thrown away: CPU the other candidates wait for."""
 SEARCH_EVALUATION_CALLS_PER_WORKER: Final = 2
 """A random search's evaluation calls in flight at once, per worker of the pool. Its bootstrap calls
 are not limited: each worker's CPU lane runs calls in arrival order, so a bootstrap call (on the
@@ -398,11 +403,13 @@ class CompileJob(Job):
         elif seed == -2:
             demos = _labeled(trainset, self.names, o["max_labeled_demos"], o["labeled_sample"])
         elif seed == -1:
-            demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"])
+            demos = await self._bootstrap_few_shot(
+                trainset, o["max_bootstrapped_demos"], per_demo=SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO
+            )
         else:
             random.Random(seed).shuffle(trainset)
             size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
-            demos = await self._bootstrap_few_shot(trainset, size)
+            demos = await self._bootstrap_few_shot(trainset, size, per_demo=SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO)
         program = await self._create(self._with_demos(demos))
         return program, await self._evaluate(program, valset, gate)
 
@@ -432,10 +439,12 @@ class CompileJob(Job):
 
     # -- BootstrapFewShot -----------------------------------------------------------------------------
     async def _bootstrap_few_shot(
-        self, trainset: list[dict[str, Any]], max_bootstraps: int
+        self, trainset: list[dict[str, Any]], max_bootstraps: int, *, per_demo: int | None = None
     ) -> dict[str, list[Any]]:
         """``dspy.BootstrapFewShot(max_bootstrapped_demos=max_bootstraps, ...).compile(student,
-        trainset=trainset)``'s demos per predictor (each optimizer counts its own errors)."""
+        trainset=trainset)``'s demos per predictor (each optimizer counts its own errors). Examples
+        are sent ahead of the replay: ``2 * needed + 2`` of them, or ``per_demo * needed`` (at least
+        one) when given."""
         o = self.options
         errors = [0]
         self._detail(stage="bootstrap", bootstrapped=0, done=0, total=len(trainset))
@@ -454,11 +463,8 @@ class CompileJob(Job):
         def wanted() -> bool:
             ahead = state["next"] - state["replayed"]
             needed = max_bootstraps - state["bootstrapped"]
-            return (
-                not state["done"]
-                and state["next"] < len(trainset)
-                and ahead < min(self.concurrency, 2 * needed + 2)
-            )
+            most = 2 * needed + 2 if per_demo is None else max(1, per_demo * needed)
+            return not state["done"] and state["next"] < len(trainset) and ahead < min(self.concurrency, most)
 
         async def runner() -> None:
             nonlocal arrived
