@@ -508,8 +508,9 @@ class CompileJob(Job):
             state["done"] = True
             arrived.set()
 
+        most_ahead = 2 * max_bootstraps + 2 if per_demo is None else max(1, per_demo * max_bootstraps)
         async with trio.open_nursery() as nursery:
-            for _ in range(min(self.concurrency, len(trainset))):
+            for _ in range(min(self.concurrency, len(trainset), most_ahead)):  # no more can be ahead
                 nursery.start_soon(runner)
             await replay()
             nursery.cancel_scope.cancel()
