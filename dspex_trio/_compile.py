@@ -58,6 +58,7 @@ from dspex_trio._jobs import (
     check_examples,
     check_job_limits,
     check_metric,
+    cpu_bound,
     error_info,
 )
 from dspex_trio._programs_host import check_state_size
@@ -98,7 +99,9 @@ SEARCH_EVALUATION_CALLS_PER_WORKER: Final = 2
 """A random search's evaluation calls in flight at once, per worker of the pool. Its bootstrap calls
 are not limited: each worker's CPU lane runs calls in arrival order, so a bootstrap call (on the
 search's critical path: its replay waits for it) queues behind at most this many evaluation calls per
-worker, while these keep every worker busy between bootstrap calls."""
+worker, while these keep every worker busy between bootstrap calls. Only for CPU-bound executions (the
+offline LM, as ``SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO``): with an LM over the network a worker runs many
+calls at once, each waiting on the LM, and the job's ``concurrency`` is the limit."""
 
 _OPTIONS: Final = {
     "bootstrap_few_shot": {
@@ -355,13 +358,16 @@ class CompileJob(Job):
         outcomes: dict[int, tuple[str, float] | BaseException] = {}
         arrived = trio.Event()
         limiter = trio.Semaphore(SEARCH_CANDIDATES_AT_ONCE)
+        # Both only for CPU-bound executions (FIFO lanes); over the network many wait on the LM at once.
+        cpu = cpu_bound(self.backend._lm_params(self.session))
         gate = trio.CapacityLimiter(SEARCH_EVALUATION_CALLS_PER_WORKER * max(1, self.backend._job_workers()))
+        per_demo = SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO if cpu else None
 
         async def candidate(seed: int) -> None:
             nonlocal arrived
             async with limiter:
                 try:
-                    outcomes[seed] = await self._candidate(seed, valset, gate)
+                    outcomes[seed] = await self._candidate(seed, valset, gate if cpu else None, per_demo)
                 except DspexError as exc:  # the replay raises it in DSPy's order
                     outcomes[seed] = exc
             arrived.set()
@@ -392,10 +398,14 @@ class CompileJob(Job):
         return CompileResult(best[1], state, best[0], tuple(candidates))
 
     async def _candidate(
-        self, seed: int, valset: list[dict[str, Any]], gate: trio.CapacityLimiter | None = None
+        self,
+        seed: int,
+        valset: list[dict[str, Any]],
+        gate: trio.CapacityLimiter | None = None,
+        per_demo: int | None = None,
     ) -> tuple[str, float]:
         """One candidate of the random search (DSPy's ``seed``): its program and its score (its
-        evaluation calls each held by ``gate``, when given)."""
+        evaluation calls each held by ``gate``, its bootstrap sent ``per_demo`` ahead, when given)."""
         o = self.options
         trainset = list(self.trainset)
         if seed == -3:
@@ -403,13 +413,11 @@ class CompileJob(Job):
         elif seed == -2:
             demos = _labeled(trainset, self.names, o["max_labeled_demos"], o["labeled_sample"])
         elif seed == -1:
-            demos = await self._bootstrap_few_shot(
-                trainset, o["max_bootstrapped_demos"], per_demo=SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO
-            )
+            demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"], per_demo=per_demo)
         else:
             random.Random(seed).shuffle(trainset)
             size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
-            demos = await self._bootstrap_few_shot(trainset, size, per_demo=SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO)
+            demos = await self._bootstrap_few_shot(trainset, size, per_demo=per_demo)
         program = await self._create(self._with_demos(demos))
         return program, await self._evaluate(program, valset, gate)
 

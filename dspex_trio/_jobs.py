@@ -127,13 +127,19 @@ class EvaluationResult:
         }
 
 
+def cpu_bound(lm_params: dict[str, Any]) -> bool:
+    """Whether a job's executions are CPU-bound: the offline LM (they run one at a time on each worker's
+    CPU lane, in arrival order), not an LM over the network (they wait on it, many at once)."""
+    lm = lm_params.get("lm")
+    model = lm if isinstance(lm, str) or lm is None else lm.get("model")
+    return model in (None, "offline")
+
+
 def batch_size(lm_params: dict[str, Any], examples: int) -> int:
     """Examples per worker call: up to ``CPU_BATCH`` with the offline LM (while that leaves
     ``CPU_BATCH_MIN_CALLS`` calls to spread), else one (an LM over the network: each example waits on
     its own)."""
-    lm = lm_params.get("lm")
-    model = lm if isinstance(lm, str) or lm is None else lm.get("model")
-    if model not in (None, "offline"):
+    if not cpu_bound(lm_params):
         return 1
     return max(1, min(CPU_BATCH, examples // CPU_BATCH_MIN_CALLS))
 

@@ -34,8 +34,9 @@ class FakeBackend:
     """Answers job calls after ``CALL_S``: a bootstrap succeeds for every ``every``-th example (by its
     number), an example scores 1 when its number is even. Records what was in flight at each send."""
 
-    def __init__(self, every: int = 3) -> None:
+    def __init__(self, every: int = 3, lm: dict[str, Any] | None = None) -> None:
         self.every = every
+        self.lm = lm
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.by_program: collections.Counter[str] = collections.Counter()
         self.sends: list[tuple[str, str, dict[str, int]]] = []
@@ -47,7 +48,7 @@ class FakeBackend:
         return WORKERS
 
     def _lm_params(self, session: str | None) -> dict[str, Any]:
-        return {}
+        return {} if self.lm is None else {"lm": self.lm}
 
     async def _job_call(self, method: str, params: Any, *, session: str | None, timeout: float | None) -> Any:
         program = params["program"]
@@ -143,3 +144,14 @@ async def test_each_candidate_sends_bootstraps_only_as_far_ahead_as_the_demos_it
             count,
             backend.most_by_program[teacher],
         )
+
+
+async def test_with_an_lm_over_the_network_evaluation_calls_are_not_held_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = FakeBackend(lm={"model": "openai/some-model"})  # examples wait on the LM, many at once
+    job = search(backend, candidates=4)
+    result = await job.run()
+    assert [c["seed"] for c in result.candidates] == list(range(-3, 4))
+    most_evaluations = max(seen.get("score_examples", 0) for _, _, seen in backend.sends)
+    assert most_evaluations > SEARCH_EVALUATION_CALLS_PER_WORKER * WORKERS, most_evaluations
