@@ -180,10 +180,16 @@ def bootstrap_example(worker: Worker, ctx: CallContext) -> Any:
     from bridge_child._lmguard import current_call
 
     teacher = program.module
-    if any(p.demos for _, p in teacher.named_predictors()):  # DSPy leaves the example out of its demos
+    kept = {
+        name: [demo for demo in predictor.demos if _store(demo) != example._store]
+        for name, predictor in teacher.named_predictors()
+    }
+    if any(len(kept[name]) != len(p.demos) for name, p in teacher.named_predictors()):
+        # DSPy leaves the example out of its demos (in place; here in a copy: the cached program is
+        # shared by the worker's calls). Only then: the copy is ~15 % of a bootstrap call's CPU.
         teacher = teacher.deepcopy()
-        for _, predictor in teacher.named_predictors():
-            predictor.demos = [demo for demo in predictor.demos if _store(demo) != example._store]
+        for name, predictor in teacher.named_predictors():
+            predictor.demos = kept[name]
     if round_idx > 0:
         lm = lm.copy(rollout_id=round_idx, temperature=1.0)
     names = {id(p): name for name, p in teacher.named_predictors()}

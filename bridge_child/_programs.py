@@ -258,9 +258,24 @@ def _load_state(module: Any, state: dict[str, Any], interface: ProgramInterface)
     """Load DSPy's JSON state into ``module``: checked against its predictors first, LM dropped."""
     clean = check_state(state, interface.predictors, flat=interface.flat)
     try:
-        module.load_state(clean)
+        _apply_state(module, clean)
     except Exception as exc:
         raise InvalidState(f"cannot load the state: {type(exc).__name__}: {exc}") from exc
+
+
+def _apply_state(module: Any, state: dict[str, Any]) -> None:
+    """``module.load_state(state)``, without the trial run DSPy's ``BaseModule.load_state`` makes on a
+    deep copy of the module first (so that a failure leaves the module untouched): the module was just
+    built for this state and is dropped if loading fails. That trial run (a deep copy, and every
+    predictor's signature rebuilt once more) was about half of materialising a program with a state,
+    which a compile job does for every teacher and candidate in every worker. Each parameter loads
+    its own state as DSPy's loop does; a module class with its own ``load_state`` keeps it."""
+    dspy = _import_dspy()
+    if type(module).load_state is not dspy.BaseModule.load_state:
+        module.load_state(state)
+        return
+    for name, param in module.named_parameters():
+        param.load_state(state[name])
 
 
 def dump_state(module: Any) -> dict[str, Any]:

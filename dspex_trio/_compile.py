@@ -58,6 +58,7 @@ from dspex_trio._jobs import (
     check_examples,
     check_job_limits,
     check_metric,
+    cpu_bound,
     error_info,
 )
 from dspex_trio._programs_host import check_state_size
@@ -83,8 +84,24 @@ MAX_CANDIDATES: Final = 256
 MAX_ROUNDS: Final = 16
 """Most rounds per example (``max_rounds``)."""
 CANDIDATES_AT_ONCE: Final = 4
+"""Candidate demo sets of ``mipro_v2`` bootstrapped at once (``dspex_trio._compile_mipro``)."""
+SEARCH_CANDIDATES_AT_ONCE: Final = 16
 """Candidates of a random search bootstrapped and evaluated at once (their outcomes are then taken in
-DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them)."""
+DSPy's order: the best, ``stop_at_score`` and a failure are decided as its loop decides them). All of
+DSPy's 4 + 3 by default: every candidate's bootstrap starts at once, so the search's critical path
+(bootstrap, then evaluation, of the last candidate) does not wait for earlier candidates."""
+SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO: Final = 1
+"""A random search's bootstrap calls sent ahead of its replay, per candidate: this many per demo it
+still needs (a lone ``bootstrap_few_shot`` sends ``2 * needed + 2``). With every candidate
+bootstrapping at once (and evaluation calls filling the workers between them), more would only be
+executions past the last demo needed, thrown away: CPU the other candidates wait for."""
+SEARCH_EVALUATION_CALLS_PER_WORKER: Final = 2
+"""A random search's evaluation calls in flight at once, per worker of the pool. Its bootstrap calls
+are not limited: each worker's CPU lane runs calls in arrival order, so a bootstrap call (on the
+search's critical path: its replay waits for it) queues behind at most this many evaluation calls per
+worker, while these keep every worker busy between bootstrap calls. Only for CPU-bound executions (the
+offline LM, as ``SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO``): with an LM over the network a worker runs many
+calls at once, each waiting on the LM, and the job's ``concurrency`` is the limit."""
 
 _OPTIONS: Final = {
     "bootstrap_few_shot": {
@@ -340,13 +357,17 @@ class CompileJob(Job):
         self._report = False  # candidates overlap: only trials and the best score are published
         outcomes: dict[int, tuple[str, float] | BaseException] = {}
         arrived = trio.Event()
-        limiter = trio.Semaphore(CANDIDATES_AT_ONCE)
+        limiter = trio.Semaphore(SEARCH_CANDIDATES_AT_ONCE)
+        # Both only for CPU-bound executions (FIFO lanes); over the network many wait on the LM at once.
+        cpu = cpu_bound(self.backend._lm_params(self.session))
+        gate = trio.CapacityLimiter(SEARCH_EVALUATION_CALLS_PER_WORKER * max(1, self.backend._job_workers()))
+        per_demo = SEARCH_BOOTSTRAPS_AHEAD_PER_DEMO if cpu else None
 
         async def candidate(seed: int) -> None:
             nonlocal arrived
             async with limiter:
                 try:
-                    outcomes[seed] = await self._candidate(seed, valset)
+                    outcomes[seed] = await self._candidate(seed, valset, gate if cpu else None, per_demo)
                 except DspexError as exc:  # the replay raises it in DSPy's order
                     outcomes[seed] = exc
             arrived.set()
@@ -376,8 +397,15 @@ class CompileJob(Job):
         state = await self.backend.get_state(best[1], session=self.session)
         return CompileResult(best[1], state, best[0], tuple(candidates))
 
-    async def _candidate(self, seed: int, valset: list[dict[str, Any]]) -> tuple[str, float]:
-        """One candidate of the random search (DSPy's ``seed``): its program and its score."""
+    async def _candidate(
+        self,
+        seed: int,
+        valset: list[dict[str, Any]],
+        gate: trio.CapacityLimiter | None = None,
+        per_demo: int | None = None,
+    ) -> tuple[str, float]:
+        """One candidate of the random search (DSPy's ``seed``): its program and its score (its
+        evaluation calls each held by ``gate``, its bootstrap sent ``per_demo`` ahead, when given)."""
         o = self.options
         trainset = list(self.trainset)
         if seed == -3:
@@ -385,15 +413,17 @@ class CompileJob(Job):
         elif seed == -2:
             demos = _labeled(trainset, self.names, o["max_labeled_demos"], o["labeled_sample"])
         elif seed == -1:
-            demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"])
+            demos = await self._bootstrap_few_shot(trainset, o["max_bootstrapped_demos"], per_demo=per_demo)
         else:
             random.Random(seed).shuffle(trainset)
             size = random.Random(seed).randint(1, o["max_bootstrapped_demos"])
-            demos = await self._bootstrap_few_shot(trainset, size)
+            demos = await self._bootstrap_few_shot(trainset, size, per_demo=per_demo)
         program = await self._create(self._with_demos(demos))
-        return program, await self._evaluate(program, valset)
+        return program, await self._evaluate(program, valset, gate)
 
-    async def _evaluate(self, program: str, valset: list[dict[str, Any]]) -> float:
+    async def _evaluate(
+        self, program: str, valset: list[dict[str, Any]], gate: trio.CapacityLimiter | None = None
+    ) -> float:
         job = EvaluationJob(
             self.backend,
             program,
@@ -403,6 +433,7 @@ class CompileJob(Job):
             max_errors=self.max_errors,
             concurrency=self.concurrency,
             timeout=None,
+            gate=gate,
         )
         async with trio.open_nursery() as nursery:
 
@@ -416,10 +447,12 @@ class CompileJob(Job):
 
     # -- BootstrapFewShot -----------------------------------------------------------------------------
     async def _bootstrap_few_shot(
-        self, trainset: list[dict[str, Any]], max_bootstraps: int
+        self, trainset: list[dict[str, Any]], max_bootstraps: int, *, per_demo: int | None = None
     ) -> dict[str, list[Any]]:
         """``dspy.BootstrapFewShot(max_bootstrapped_demos=max_bootstraps, ...).compile(student,
-        trainset=trainset)``'s demos per predictor (each optimizer counts its own errors)."""
+        trainset=trainset)``'s demos per predictor (each optimizer counts its own errors). Examples
+        are sent ahead of the replay: ``2 * needed + 2`` of them, or ``per_demo * needed`` (at least
+        one) when given."""
         o = self.options
         errors = [0]
         self._detail(stage="bootstrap", bootstrapped=0, done=0, total=len(trainset))
@@ -438,11 +471,8 @@ class CompileJob(Job):
         def wanted() -> bool:
             ahead = state["next"] - state["replayed"]
             needed = max_bootstraps - state["bootstrapped"]
-            return (
-                not state["done"]
-                and state["next"] < len(trainset)
-                and ahead < min(self.concurrency, 2 * needed + 2)
-            )
+            most = 2 * needed + 2 if per_demo is None else max(1, per_demo * needed)
+            return not state["done"] and state["next"] < len(trainset) and ahead < min(self.concurrency, most)
 
         async def runner() -> None:
             nonlocal arrived
@@ -486,8 +516,9 @@ class CompileJob(Job):
             state["done"] = True
             arrived.set()
 
+        most_ahead = 2 * max_bootstraps + 2 if per_demo is None else max(1, per_demo * max_bootstraps)
         async with trio.open_nursery() as nursery:
-            for _ in range(min(self.concurrency, len(trainset))):
+            for _ in range(min(self.concurrency, len(trainset), most_ahead)):  # no more can be ahead
                 nursery.start_soon(runner)
             await replay()
             nursery.cancel_scope.cancel()

@@ -127,13 +127,19 @@ class EvaluationResult:
         }
 
 
+def cpu_bound(lm_params: dict[str, Any]) -> bool:
+    """Whether a job's executions are CPU-bound: the offline LM (they run one at a time on each worker's
+    CPU lane, in arrival order), not an LM over the network (they wait on it, many at once)."""
+    lm = lm_params.get("lm")
+    model = lm if isinstance(lm, str) or lm is None else lm.get("model")
+    return model in (None, "offline")
+
+
 def batch_size(lm_params: dict[str, Any], examples: int) -> int:
     """Examples per worker call: up to ``CPU_BATCH`` with the offline LM (while that leaves
     ``CPU_BATCH_MIN_CALLS`` calls to spread), else one (an LM over the network: each example waits on
     its own)."""
-    lm = lm_params.get("lm")
-    model = lm if isinstance(lm, str) or lm is None else lm.get("model")
-    if model not in (None, "offline"):
+    if not cpu_bound(lm_params):
         return 1
     return max(1, min(CPU_BATCH, examples // CPU_BATCH_MIN_CALLS))
 
@@ -312,6 +318,7 @@ class EvaluationJob(Job):
         max_errors: int,
         concurrency: int,
         timeout: float | None,
+        gate: trio.CapacityLimiter | None = None,
     ) -> None:
         super().__init__(len(devset))
         self.backend = backend
@@ -326,6 +333,9 @@ class EvaluationJob(Job):
         self._next = 0
         self.batch = min(batch_size(backend._lm_params(session), len(devset)), concurrency)
         """Examples per worker call (never more than ``concurrency``)."""
+        self.gate = gate
+        """Held around each ``score_examples`` call when given (a compile job's: its evaluation calls in
+        flight, so they do not queue deep in the workers ahead of its bootstrap calls)."""
         self.attempts = 0
         """Calls of ``score_examples`` the job made, in all (a call sent again after its worker died
         counts again; the dispatch's own re-sends inside one call do not)."""
@@ -383,9 +393,15 @@ class EvaluationJob(Job):
         while True:
             self.attempts += 1
             try:
-                value = await self.backend._job_call(
-                    "score_examples", params, session=self.session, timeout=self.timeout
-                )
+                if self.gate is None:
+                    value = await self.backend._job_call(
+                        "score_examples", params, session=self.session, timeout=self.timeout
+                    )
+                else:
+                    async with self.gate:
+                        value = await self.backend._job_call(
+                            "score_examples", params, session=self.session, timeout=self.timeout
+                        )
             except (WorkerCrashed, WorkerClosed, CallTimeout, ProgramError) as exc:
                 sent += exc.attempts
                 retry = isinstance(exc, WorkerCrashed | WorkerClosed) and sent < MAX_EXAMPLE_ATTEMPTS

@@ -264,6 +264,10 @@ class Pool(ProgramHost, metaclass=NoPublicConstructor):
         """A job's examples in flight by default: the capacity of every worker."""
         return self.options.workers * self.worker_options.capacity
 
+    def _job_workers(self) -> int:
+        """Every worker of the pool runs a job's calls."""
+        return self.options.workers
+
     # -- DSPy programs --------------------------------------------------------------------------------
     async def create_program(
         self,

@@ -291,6 +291,11 @@ class ProgramHost(ProgramCatalog):
         """How many examples of a job are in flight at once by default."""
         return JOB_CONCURRENCY
 
+    def _job_workers(self) -> int:
+        """How many workers run a job's calls at once (a compile job sizes its evaluation calls in flight
+        by it)."""
+        return 1
+
     # -- the catalog's hooks --------------------------------------------------------------------------
     def _info(self, program: ProgramSpec) -> dict[str, Any]:
         description = self._descriptions.get((program.id, program.version), {})

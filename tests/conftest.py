@@ -103,6 +103,8 @@ IN_PROCESS: dict[str, frozenset[str]] = {
     "tests/dspex_trio/test_gepa_options.py": frozenset(),  # GEPA's options and budget, no worker
     "tests/dspex_trio/test_deadline.py": frozenset(),  # issue 20: the caller's deadline on the hot path
     "tests/dspex_trio/test_client_ws_direct.py": frozenset(),  # issue 20: the client's direct socket I/O
+    "tests/dspex_trio/test_compile_schedule.py": frozenset(),  # issue 16: the random search on a fake backend
+    "tests/bridge_child/test_program_state_load.py": frozenset(),  # issue 16: a state loaded in the worker
 }
 _SPAWN_EVENTS = frozenset(
     {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}
