@@ -744,7 +744,9 @@ def _take_queued(
 
 def _kill(actor: Any) -> None:
     ray = sys.modules.get("ray")
-    if ray is None:  # never imported: no actor of Ray's to kill (tests' fake actors)
+    if ray is None or not ray.is_initialized():
+        # no actor of Ray's to kill (tests' fake actors); and ``ray.kill`` would start a local Ray
+        # (its auto-init) in a process that is not connected to one
         return
     try:
         ray.kill(actor, no_restart=True)

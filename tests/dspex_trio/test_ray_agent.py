@@ -27,7 +27,7 @@ from bridge_child._zygote import MAX_MESSAGE_BYTES, MAX_TCP_FIELD_CHARS
 from bridge_child.tcp import MAX_ACCELERATOR_ENV_CHARS
 from dspex_trio._launcher import WorkerSpec, worker_environment
 from dspex_trio._ray_agent import STDERR_BYTES_PER_S, NodeAgent
-from dspex_trio._ray_launcher import RayControl, _Agent, await_ref
+from dspex_trio._ray_launcher import RayControl, _Agent, _kill, await_ref
 from dspex_trio._tcp_worker import TcpWorker, WorkerListener, open_worker_listener
 from tests.helpers import pid_alive, wait_until
 
@@ -255,3 +255,16 @@ def test_the_template_refuses_malformed_tcp_spawns() -> None:
         os.close(w)
         parent.close()  # EOF: the template exits
         assert _wait(template, 30) == 0
+
+
+def test_ending_an_agent_outside_ray_never_starts_ray() -> None:
+    """The launcher kills an agent's actor when the agent is gone; with a fake actor (these tests) in a
+    process that imported ``ray`` but is not connected, ``ray.kill`` would auto-start a local Ray (its
+    processes children of this one, on the machine's addresses): it must not be called."""
+    ray = pytest.importorskip("ray")
+    try:
+        _kill(object())
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
