@@ -49,6 +49,7 @@ from dspex_trio._plain_http import PlainHttpListener, upgrade_required
 from dspex_trio._ws_api import ApiConnection, ApiService, open_api_connection
 from dspex_trio._ws_direct import direct_socket, write_nowait
 from dspex_trio._ws_options import WebsocketOptions
+from dspex_trio._ws_reader import FastReadStream
 
 logger = logging.getLogger("dspex_trio.websocket")
 
@@ -319,8 +320,12 @@ class _Connection:
         self.last_heard = trio.current_time()
         self.queued = 0
         """Messages handed to the writer and not yet written (a direct write needs none before it)."""
-        self.socket = direct_socket(getattr(websocket, "_stream", None))
+        stream = getattr(websocket, "_stream", None)
+        self.socket = direct_socket(stream)
         """The TCP socket for direct writes (``_ws_direct.py``); None: every message goes to the writer."""
+        if stream is not None and _frames_of(websocket) is not None:  # trio-websocket as 0.12 has it
+            # trio-websocket's reader reads through it from its next read on (``_ws_reader.py``)
+            websocket._stream = FastReadStream(stream, websocket, self.options.max_message_size)
 
     # -- the outbox (what the API sends) --------------------------------------------------------------
     async def send(self, message: dict[str, Any]) -> None:
