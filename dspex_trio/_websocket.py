@@ -375,6 +375,8 @@ class _Connection:
         """Write ``text``'s frame from the sending task, without waiting (``_ws_direct.py``); only when
         nothing is queued before it. None: nothing was written (queue it); ``b""``: sent whole; else the
         rest of a frame begun, to finish with :meth:`_finish_frame` before any other await."""
+        if self.write_deadline != math.inf:  # closing: the writer flushes (or drops) what is queued
+            return None
         target = _frames_of(self.ws)
         if target is None or self.ws.closed or target[1].locked():
             return None  # closing; or a write in progress (the writer's, trio-websocket's pong or close)
