@@ -113,6 +113,11 @@ class _HeadFirstStream(trio.abc.Stream):
             pass  # the client left without reading the answer
         await self._stream.aclose()
 
+    @property
+    def transport(self) -> trio.abc.Stream:
+        """The stream this one wraps (a ``trio.SocketStream``, or a ``trio.SSLStream`` under TLS)."""
+        return self._stream
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
 

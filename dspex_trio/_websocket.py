@@ -47,7 +47,9 @@ from dspex_trio._http_routes import HttpRoutes
 from dspex_trio._options import options_from
 from dspex_trio._plain_http import PlainHttpListener, upgrade_required
 from dspex_trio._ws_api import ApiConnection, ApiService, open_api_connection
+from dspex_trio._ws_direct import direct_socket, write_nowait
 from dspex_trio._ws_options import WebsocketOptions
+from dspex_trio._ws_reader import FastReadStream
 
 logger = logging.getLogger("dspex_trio.websocket")
 
@@ -81,6 +83,11 @@ def _frames_of(ws: trio_websocket.WebSocketConnection) -> tuple[Any, Any] | None
     return stream, lock
 
 
+def _frame(text: str) -> bytes:
+    """One unmasked text frame (a server's; no extension negotiated)."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
 async def _send_texts(ws: trio_websocket.WebSocketConnection, texts: list[str]) -> None:
     """Send text messages in order, in one socket write: a reply and the ``started`` event queued with it
     cost the server one system call and the client one read instead of two.
@@ -98,7 +105,7 @@ async def _send_texts(ws: trio_websocket.WebSocketConnection, texts: list[str]) 
             await ws.send_message(text)
         return
     stream, lock = target
-    data = b"".join([Frame(Opcode.TEXT, text.encode()).serialize(mask=False) for text in texts])
+    data = b"".join([_frame(text) for text in texts])
     async with lock:
         try:
             await stream.send_all(data)
@@ -307,28 +314,118 @@ class _Connection:
         self.api: ApiConnection | None = None
         self.stopping = False
         self.write_scope: trio.CancelScope | None = None
+        self.finish_scope: trio.CancelScope | None = None
         self.write_deadline = math.inf
         self.broken = False
         self.last_heard = trio.current_time()
+        self.queued = 0
+        """Messages handed to the writer and not yet written (a direct write needs none before it)."""
+        stream = getattr(websocket, "_stream", None)
+        self.socket = direct_socket(stream)
+        """The TCP socket for direct writes (``_ws_direct.py``); None: every message goes to the writer."""
+        if stream is not None and _frames_of(websocket) is not None:  # trio-websocket as 0.12 has it
+            # trio-websocket's reader reads through it from its next read on (``_ws_reader.py``)
+            websocket._stream = FastReadStream(stream, websocket, self.options.max_message_size)
 
     # -- the outbox (what the API sends) --------------------------------------------------------------
     async def send(self, message: dict[str, Any]) -> None:
-        """Queue a message for the client; closes the connection (1008) if it stays too slow to read."""
+        """Send a message to the client: written at once when the socket takes it and nothing is queued
+        before it (``_ws_direct.py``), else queued for the writer; closes the connection (1008) if the
+        client stays too slow to read."""
         text = rpc.encode(message)
+        if not self.queued and self.socket is not None:
+            rest = self._write_now(text)
+            if rest is not None:
+                if rest:
+                    await self._finish_frame(rest)
+                return
+        self.queued += 1
         try:
             self.send_channel.send_nowait(text)
             return
         except trio.WouldBlock:
             pass
-        with trio.move_on_after(self.options.slow_consumer_grace):
-            await self.send_channel.send(text)
-            return
+        except BaseException:
+            self.queued -= 1
+            raise
+        queued = False
+        try:
+            with trio.move_on_after(self.options.slow_consumer_grace):
+                await self.send_channel.send(text)
+                queued = True
+                return
+        finally:
+            if not queued:
+                self.queued -= 1
         grace = self.options.slow_consumer_grace
         self.close(1008, f"client too slow: its outbound queue stayed full for {grace} s")
         await trio.lowlevel.checkpoint()  # raises Cancelled: the connection is closing
 
     async def send_lossy(self, message: dict[str, Any]) -> None:
-        await self.send_channel.send(rpc.encode(message))
+        self.queued += 1
+        queued = False
+        try:
+            await self.send_channel.send(rpc.encode(message))
+            queued = True
+        finally:
+            if not queued:
+                self.queued -= 1
+
+    def _write_now(self, text: str) -> bytes | None:
+        """Write ``text``'s frame from the sending task, without waiting (``_ws_direct.py``); only when
+        nothing is queued before it. None: nothing was written (queue it); ``b""``: sent whole; else the
+        rest of a frame begun, to finish with :meth:`_finish_frame` before any other await."""
+        if self.write_deadline != math.inf:  # closing: the writer flushes (or drops) what is queued
+            return None
+        target = _frames_of(self.ws)
+        if target is None or self.ws.closed or target[1].locked():
+            return None  # closing; or a write in progress (the writer's, trio-websocket's pong or close)
+        data = _frame(text)
+        try:
+            written = write_nowait(self.socket, data)
+        except OSError:  # closed or broken: the writer's own write says which
+            return None
+        if not written:
+            return None
+        return data[written:]
+
+    async def _finish_frame(self, rest: bytes) -> None:
+        """Write the rest of a frame begun by :meth:`_write_now` before anything else may write: the stream
+        lock is free and taken before the first await (a pong or a close frame waits for it), and the
+        write is shielded, as the writer's is. A client that takes none of it for ``slow_consumer_grace``
+        has the connection closed with 1008 (as a full queue does); the frame may still be finished
+        within ``close_timeout`` (the close frame follows it), else the TCP link is dropped."""
+        target = _frames_of(self.ws)
+        assert target is not None and self.socket is not None  # nothing awaited since the frame began
+        lock = target[1]
+        grace = self.options.slow_consumer_grace
+        slow_at = trio.current_time() + grace
+        with trio.CancelScope(shield=True):
+            async with lock:
+                while rest:
+                    with trio.CancelScope(deadline=min(slow_at, self.write_deadline)) as wait:
+                        self.finish_scope = wait
+                        try:
+                            await trio.lowlevel.wait_writable(self.socket)
+                        except trio.ClosedResourceError:
+                            break  # closed under us: the connection is ending
+                        finally:
+                            self.finish_scope = None
+                    if wait.cancelled_caught:
+                        if self.write_deadline == math.inf:  # not closing yet: now it is
+                            self.close(1008, f"client too slow: a message stayed unsent for {grace} s")
+                            slow_at = math.inf  # from now on, close_timeout bounds the rest
+                            continue
+                        self.broken = True  # the frame cut short: no close frame can follow
+                        break
+                    try:
+                        rest = rest[write_nowait(self.socket, rest) :]
+                    except OSError:  # broken: the connection is over
+                        await self.ws._abort_web_socket()
+                        assert self.outer is not None
+                        self.outer.cancel_scope.cancel(reason="the connection closed")
+                        break
+        await trio.lowlevel.checkpoint_if_cancelled()  # the connection is closing: raises Cancelled
 
     # -- life -----------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -383,6 +480,8 @@ class _Connection:
             self.write_deadline = trio.current_time() + self.options.close_timeout
         if self.write_scope is not None:
             self.write_scope.deadline = self.write_deadline
+        if self.finish_scope is not None:
+            self.finish_scope.deadline = min(self.finish_scope.deadline, self.write_deadline)
 
     async def _write(self, texts: list[str]) -> bool:
         """Write the writer's batch; False once the connection is closed.
@@ -416,7 +515,9 @@ class _Connection:
                     batch.append(receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            if not await self._write(batch):
+            written = await self._write(batch)
+            self.queued -= len(batch)
+            if not written:
                 return
 
     async def _reader(self) -> None:

@@ -55,6 +55,9 @@ _OWN_SPANS: Final = frozenset({"execution/run", "execution/submit"})
 SERVER_SHUTDOWN: Final = "server_shutdown"
 """The ``reason`` of the ``cancelled`` event of an execution the server's shutdown stopped."""
 CLIENT_CANCEL: Final = "cancelled by the client"
+MAX_IDLE_RUNNERS: Final = 8
+"""Tasks kept per connection, idle, to answer its next requests that wait on workers (a task is
+started when none is idle; one that finds this many idle ends)."""
 
 
 class Outbox(Protocol):
@@ -165,6 +168,10 @@ class ApiConnection:
         self.opened_sessions: set[str] = set()
         self._executions_ended = trio.Event()
         self._private_lock = trio.Lock()
+        self._idle_runners: list[trio.lowlevel.Task] = []
+        self._handed: dict[trio.lowlevel.Task, tuple[rpc.Request, _Method]] = {}
+        """The request handed to an idle runner as it is woken."""
+        """Tasks of this connection's nursery waiting for a request to answer (``_answer_in_task``)."""
         self.methods: dict[str, _Method] = {
             "session/open": _Method(rpc.NoParams, self.session_open, False),
             "session/end": _Method(rpc.SessionEndParams, self.session_end, False),
@@ -223,13 +230,32 @@ class ApiConnection:
                 await self.outbox.send(rpc.error_reply(request.id, error))
             return
         self.pending_requests += 1
-        self.nursery.start_soon(self._answer_in_task, request, method)
+        if self._idle_runners:  # a task that answered a request before: no task started per request
+            runner = self._idle_runners.pop()
+            self._handed[runner] = (request, method)
+            trio.lowlevel.reschedule(runner)
+        else:
+            self.nursery.start_soon(self._answer_in_task, request, method)
 
     async def _answer_in_task(self, request: rpc.Request, method: _Method) -> None:
-        try:
-            await self._answer(request, method)
-        finally:
-            self.pending_requests -= 1
+        """Answer a request that waits on a worker; then wait, idle, for the next one (at most
+        ``MAX_IDLE_RUNNERS`` such tasks wait per connection; leaving the connection cancels them)."""
+        task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle_runners.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            try:
+                await self._answer(request, method)
+            finally:
+                self.pending_requests -= 1
+            if len(self._idle_runners) >= MAX_IDLE_RUNNERS:
+                return
+            self._idle_runners.append(task)
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            request, method = self._handed.pop(task)
 
     async def _answer(self, request: rpc.Request, method: _Method) -> None:
         then: Callable[[], Awaitable[None]] | None = None
