@@ -20,6 +20,8 @@ from typing import Final
 
 import trio
 
+from dspex_trio._util import WrappedStream
+
 __all__ = ["MAX_HEAD_BYTES", "PlainHttpListener", "is_websocket_upgrade_untrusted", "upgrade_required"]
 
 MAX_HEAD_BYTES: Final = 16 * 1024
@@ -63,11 +65,11 @@ def upgrade_required(head: bytes, text: str) -> bytes:
     return b"\r\n".join(lines) + HEAD_END + (b"" if method == b"HEAD" else body)
 
 
-class _HeadFirstStream(trio.abc.Stream):
+class _HeadFirstStream(WrappedStream):
     """A server-side connection whose request head is inspected before trio-websocket reads it."""
 
     def __init__(self, stream: trio.abc.Stream, answer: Answer) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._answer = answer
         self._decided = False
         self._answered = False
@@ -111,20 +113,6 @@ class _HeadFirstStream(trio.abc.Stream):
             await self._stream.send_all(self._answer(self.address, head[:end]))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client left without reading the answer
-        await self._stream.aclose()
-
-    @property
-    def transport(self) -> trio.abc.Stream:
-        """The stream this one wraps (a ``trio.SocketStream``, or a ``trio.SSLStream`` under TLS)."""
-        return self._stream
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
         await self._stream.aclose()
 
 

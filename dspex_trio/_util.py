@@ -27,3 +27,25 @@ async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
         if body_error is not None and len(group.exceptions) == 1 and group.exceptions[0] is body_error:
             raise body_error from body_error.__cause__
         raise
+
+
+class WrappedStream(trio.abc.Stream):
+    """A stream over another one (``_stream``) that changes how it is read: sending, waiting to send and
+    closing go straight to the wrapped stream; ``transport`` is that stream (a ``trio.SocketStream``, or a
+    ``trio.SSLStream`` under TLS). Subclasses implement ``receive_some``."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    @property
+    def transport(self) -> trio.abc.Stream:
+        return self._stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

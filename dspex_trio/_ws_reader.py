@@ -29,6 +29,8 @@ from typing import Any, Final
 import trio
 from wsproto.connection import ConnectionState
 
+from dspex_trio._util import WrappedStream
+
 try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - websockets without its C extension
@@ -62,11 +64,11 @@ def wsproto_idle(ws: Any) -> bool:
     )
 
 
-class FastReadStream(trio.abc.Stream):
+class FastReadStream(WrappedStream):
     """The stream trio-websocket reads, parsing simple text frames itself (see the module)."""
 
     def __init__(self, stream: trio.abc.Stream, ws: Any, max_message_size: int) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._ws = ws
         self._max = max_message_size
         self._state = "waiting"
@@ -79,19 +81,6 @@ class FastReadStream(trio.abc.Stream):
 
     def __repr__(self) -> str:
         return repr(self._stream)
-
-    @property
-    def transport(self) -> trio.abc.Stream:
-        return self._stream
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
     def _give(self, size: int | None) -> bytes:
         n = len(self._out) if size is None else min(size, len(self._out))
