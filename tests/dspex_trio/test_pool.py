@@ -575,6 +575,7 @@ async def test_workers_killed_now_and_then_are_simply_replaced() -> None:
     failures: list[BaseException] = []
     ok = 0
     killed: list[int] = []
+    done = [0] * 16  # calls completed by each lane
 
     async def lane(pool: dspex_trio.Pool, stop: trio.Event, i: int) -> None:
         nonlocal ok
@@ -585,6 +586,7 @@ async def test_workers_killed_now_and_then_are_simply_replaced() -> None:
                 else:
                     assert await pool.call("echo", {"value": i}, idempotent=True) == i
                 ok += 1
+                done[i] += 1
             except BaseException as exc:
                 failures.append(exc)
                 return
@@ -596,10 +598,19 @@ async def test_workers_killed_now_and_then_are_simply_replaced() -> None:
             async with trio.open_nursery() as nursery:
                 for i in range(16):
                     nursery.start_soon(lane, pool, stop, i)
-                for _ in range(10):  # one SIGKILL every 200 ms, to the oldest live worker
-                    # (a call is retried once: killing the replacement that just took the retries of the
-                    # previous victim would make two failures hit one call, which is not "now and then")
+                for _ in range(10):  # one SIGKILL every 200 ms or more, to the oldest live worker
+                    # A call is retried once, so no call may meet two kills ("now and then"): before the
+                    # next kill every lane completes a call, so the calls in flight at the last kill
+                    # (their retries included) are over, however slow a loaded machine makes them.
+                    since = list(done)
                     await trio.sleep(0.2)
+                    await wait_until(
+                        lambda since=since: all(d > s for d, s in zip(done, since, strict=True)) or failures,
+                        30,
+                        lambda since=since: (
+                            f"lanes without a call completed since the last kill: {done}, {since}"
+                        ),
+                    )
                     await wait_until(lambda: ready_pids(pool), 10, lambda: repr(pool.statistics()))
                     for pid in sorted(ready_pids(pool)):
                         born.setdefault(pid, len(born))
