@@ -210,7 +210,7 @@ def _watch_lifelines(lifeline_fd: int, sock_fd: int) -> None:
     threading.Thread(target=watch, name="bridge-lifeline", daemon=True).start()
 
 
-def _split_address(text: str) -> tuple[str, int]:
+def split_address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--connect takes HOST:PORT, not {text!r}")
@@ -245,7 +245,7 @@ def serve(connect_to: str, token: str, node: str, worker_argv: list[str]) -> int
         return EXIT_NO_SECRET
     claims = {"token": token, "pid": os.getpid(), "node": node or socket.gethostname()}
     try:
-        sock = connect(_split_address(connect_to), secret, claims)
+        sock = connect(split_address(connect_to), secret, claims)
     except (OSError, AuthError) as exc:
         print(f"bridge_child: cannot connect to the host {connect_to}: {exc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -166,30 +166,26 @@ class NodeAgent:
         """The placement group (hex id) of each worker that has one, while the agent knows the worker."""
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         programs_args = ["--programs", ",".join(programs)] if programs else []
-        try:
-            self._template = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bridge_child._zygote",
-                    "--control-fd",
-                    str(child.fileno()),
-                    *programs_args,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=(child.fileno(),),
-                start_new_session=True,
-                env=worker_environment(os.environ, worker_env, env),
-            )
-        except BaseException:
-            if self._lifeline is not None:
-                self._lifeline.close()
-            raise
-        finally:
-            child.close()
-        self._control = control
-        try:
+        try:  # the lifeline is closed if the template does not start
+            try:
+                self._template = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bridge_child._zygote",
+                        "--control-fd",
+                        str(child.fileno()),
+                        *programs_args,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    pass_fds=(child.fileno(),),
+                    start_new_session=True,
+                    env=worker_environment(os.environ, worker_env, env),
+                )
+            finally:
+                child.close()
+            self._control = control
             self.info = self._wait_ready()
         except BaseException:
             if self._lifeline is not None:
@@ -216,8 +212,8 @@ class NodeAgent:
                 f"the node's zygote template failed to start (exit {self._template.returncode}): {detail}"
             )
         node_id = ""
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():  # else not in Ray (tests drive the agent directly)
+        ray = connected_ray()
+        if ray is not None:  # else not in Ray (tests drive the agent directly)
             node_id = ray.get_runtime_context().get_node_id()
         return {
             "node_id": node_id,
@@ -397,8 +393,8 @@ class NodeAgent:
         Ray Client's reconnect grace period). Not in Ray (tests): nothing."""
         with self._lock:
             groups = set(self._groups.values())
-        ray = sys.modules.get("ray")
-        if not groups or ray is None or not ray.is_initialized():
+        ray = connected_ray()
+        if not groups or ray is None:
             return
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -412,8 +408,8 @@ class NodeAgent:
         """End this actor: Ray kills it (and marks it dead) at once; should that not happen (Ray's GCS
         unreachable), the process exits anyway after ``SELF_EXIT_FALLBACK_S``; its remaining fds (the
         workers' lifeline pipes) close with it. Not in Ray (tests): nothing."""
-        ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        ray = connected_ray()
+        if ray is None or ray.get_runtime_context().get_actor_id() is None:
             return  # not an actor (tests drive the agent in their own process)
         try:
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
@@ -498,15 +494,21 @@ class NodeAgent:
             self._news.notify_all()
 
 
+def connected_ray() -> Any | None:
+    """The ``ray`` module when this process is connected to Ray, else None (never imported, or not
+    initialized: any other Ray call there would auto-start a local Ray, as this process's children)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
 def _dial_host(connect_to: str, token: str, secret_hex: str, node: str) -> socket.socket:
     """The agent's lifeline: a connection to the host's listener, authenticated as a worker's is, with
     TCP keepalive (``LIFELINE_KEEPALIVE_*``). ``RuntimeError`` if it cannot be made."""
     from bridge_child import tcp
 
     try:
-        host, _, port = connect_to.rpartition(":")
         sock = tcp.connect(
-            (host.strip("[]"), int(port)),
+            tcp.split_address(connect_to),
             bytes.fromhex(secret_hex),
             {"token": token, "pid": os.getpid(), "node": node},
         )

@@ -47,7 +47,6 @@ import logging
 import math
 import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -58,7 +57,7 @@ import trio
 from dspex_trio._errors import ExitStatus
 from dspex_trio._launcher import Launcher, WorkerProcess, WorkerSpec, check_env_names
 from dspex_trio._ray_accelerators import accelerator_resources, visible_accelerators
-from dspex_trio._ray_agent import AGENT_CONCURRENCY, LIFELINE_DROP, NodeAgent
+from dspex_trio._ray_agent import AGENT_CONCURRENCY, LIFELINE_DROP, NodeAgent, connected_ray
 from dspex_trio._tcp_worker import (
     CONNECT_TIMEOUT_S,
     ProcessUsage,
@@ -743,10 +742,8 @@ def _take_queued(
 
 
 def _kill(actor: Any) -> None:
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        # no actor of Ray's to kill (tests' fake actors); and ``ray.kill`` would start a local Ray
-        # (its auto-init) in a process that is not connected to one
+    ray = connected_ray()
+    if ray is None:  # no actor of Ray's to kill (tests' fake actors); ``ray.kill`` would start a Ray
         return
     try:
         ray.kill(actor, no_restart=True)

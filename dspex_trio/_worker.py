@@ -407,13 +407,18 @@ class Worker(metaclass=NoPublicConstructor):
             return
         if not data:
             return  # EOF: it stays, and the reader ends the stream when it meets it
-        self._last_seen = trio.current_time()
         try:
-            self._conn.receive_data(data)
-            while (message := self._conn.next_event()) is not wire.NEED_DATA:
-                self._deliver(message)  # type: ignore[arg-type]
+            self._take(data)
         except wire.RemoteProtocolError as exc:
             self._lose(ProtocolError, f"protocol error: {exc}")
+
+    def _take(self, data: bytes | bytearray) -> None:
+        """Deliver what ``data`` (read from the frame stream: by the reader, or a lone caller) completes;
+        ``b""`` is the end of the stream. Raises ``wire.RemoteProtocolError`` on a malformed stream."""
+        self._last_seen = trio.current_time()
+        self._conn.receive_data(data)
+        while (message := self._conn.next_event()) is not wire.NEED_DATA:
+            self._deliver(message)  # type: ignore[arg-type]
 
     async def _park(self, call: _Call) -> None:
         """Wait until ``call`` is done. If the wait is cancelled, the call's ``cancel`` frame is queued
@@ -641,10 +646,7 @@ class Worker(metaclass=NoPublicConstructor):
                     data = await self.process.frames.receive_some(READ_CHUNK_BYTES)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
-                self._last_seen = trio.current_time()
-                self._conn.receive_data(data)
-                while (message := self._conn.next_event()) is not wire.NEED_DATA:
-                    self._deliver(message)  # type: ignore[arg-type]
+                self._take(data)
                 if not data:
                     break
         except wire.RemoteProtocolError as exc:

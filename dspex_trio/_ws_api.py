@@ -169,9 +169,9 @@ class ApiConnection:
         self._executions_ended = trio.Event()
         self._private_lock = trio.Lock()
         self._idle_runners: list[trio.lowlevel.Task] = []
+        """Tasks of this connection's nursery waiting for a request to answer (``_answer_in_task``)."""
         self._handed: dict[trio.lowlevel.Task, tuple[rpc.Request, _Method]] = {}
         """The request handed to an idle runner as it is woken."""
-        """Tasks of this connection's nursery waiting for a request to answer (``_answer_in_task``)."""
         self.methods: dict[str, _Method] = {
             "session/open": _Method(rpc.NoParams, self.session_open, False),
             "session/end": _Method(rpc.SessionEndParams, self.session_end, False),

@@ -21,8 +21,7 @@ from typing import Any
 
 import trio
 
-from dspex_trio._plain_http import _HeadFirstStream
-from dspex_trio._ws_reader import FastReadStream
+from dspex_trio._util import WrappedStream
 
 __all__ = ["direct_socket", "write_nowait"]
 
@@ -33,7 +32,7 @@ def direct_socket(stream: Any) -> Any | None:
     otherwise (TLS, another stream, Windows)."""
     if sys.platform == "win32":  # pragma: no cover - os.write takes no socket there
         return None
-    while isinstance(stream, _HeadFirstStream | FastReadStream):
+    while isinstance(stream, WrappedStream):
         stream = stream.transport
     if not isinstance(stream, trio.SocketStream):
         return None
