@@ -25,8 +25,13 @@ process.
 the pool started, the server process (every thread) is pinned to its first allowed CPU (A) and the client
 processes to the others (B); the workers keep every CPU (they were started before the pinning, and each
 takes about as much CPU per execution as the server and the client together), so the clients never share
-the server's CPU, and the workers fill what either leaves. ``unpinned``: every process on every CPU, the
-scheduler decides; measured for ``in_process``, ``websocket`` and ``bare_forwarder`` (rows ``*_unpinned``).
+the server's CPU, and the workers fill what either leaves. ``isolated`` (the layout of the in-process
+targets 7b-c; 2 CPUs or more): the whole server side, the server process and its descendants (the
+template and the workers, every thread of each), is pinned to the first half of the allowed CPUs (A) and
+the client processes to the rest (B), so the clients' CPU comes out of neither the server's nor the
+workers'; the ``in_process`` anchor runs in the same layout (server and workers on A). ``unpinned``: every
+process on every CPU, the scheduler decides. ``isolated`` and ``unpinned`` measure ``in_process``,
+``websocket`` and ``bare_forwarder`` (rows ``*_isolated``, ``*_unpinned``).
 
 **The client's overhead** is measured apart, in **interleaved pairs**: one client process runs ``remote``
 and ``websockets_submit`` one after the other, ``pairs`` times, in the order A B, B A, A B... (each run
@@ -39,8 +44,8 @@ The server's CPU time per execution (``/proc/PID/stat`` of the server process ov
 process's are reported beside the rates, with the workers'.
 
 Rows: ``7_websocket`` (every implementation against ``in_process``, pinned), ``7_websocket_cost``
-(``websocket`` against ``bare_forwarder``), ``7_websocket_unpinned`` / ``7_websocket_cost_unpinned``
-(the same, unpinned), ``7_websocket_client`` (``remote`` and ``trio_submit`` against
+(``websocket`` against ``bare_forwarder``), ``7_websocket_isolated`` / ``7_websocket_cost_isolated`` and
+``7_websocket_unpinned`` / ``7_websocket_cost_unpinned`` (the same, in those layouts), ``7_websocket_client`` (``remote`` and ``trio_submit`` against
 ``websockets_submit``; the interleaved pairs' ratios), each at 1, 16 and 64 clients.
 """
 
@@ -69,7 +74,7 @@ IMPLEMENTATIONS = (
 )
 """Every implementation of the family, in the order one round measures them (rotated per round)."""
 UNPINNED = ("in_process", "websocket", "bare_forwarder")
-"""The implementations also measured in the ``unpinned`` layout."""
+"""The implementations also measured in the ``isolated`` and ``unpinned`` layouts."""
 PAIRED = ("remote", "websockets_submit")
 """Measured in interleaved pairs in one client process (the client's overhead), not in the main loop."""
 CLIENT_KIND = {
@@ -298,13 +303,37 @@ async def serve_bare_forwarder(pool: Any, *, task_status: Any) -> None:
     await trio_websocket.serve_websocket(handler, "127.0.0.1", 0, ssl_context=None, task_status=task_status)
 
 
-def _pin_all_threads(cpus: set[int]) -> None:
-    """Pin every thread of this process (``sched_setaffinity`` is per thread on Linux)."""
-    for tid in os.listdir("/proc/self/task"):
+def _pin_all_threads(cpus: set[int], pid: int | None = None) -> None:
+    """Pin every thread of process ``pid`` (this one by default; ``sched_setaffinity`` is per thread on
+    Linux)."""
+    try:
+        tids = os.listdir(f"/proc/{pid or 'self'}/task")
+    except OSError:  # a process that just ended
+        return
+    for tid in tids:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # a thread that just ended
             pass
+
+
+def _descendants(root: int) -> list[int]:
+    """Every living descendant of process ``root`` (``/proc/PID/stat``'s parent field)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    found: list[int] = []
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        found += sorted(frontier)
+    return found
 
 
 def _process_cpu_s(pids: list[int]) -> float:
@@ -369,6 +398,7 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             urls = {"real": real.url, "bare": f"ws://127.0.0.1:{bare.port}"}
             session = await pool.open_session()  # a minted session: the clients hold its id
             pid = await pool.create_program(COT["signature"], module=COT["module"], session=session)
+            half = max(1, len(allowed) // 2)
             out["facts"] = {
                 "layouts": layouts,
                 "pinned_layout": {
@@ -378,13 +408,23 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 }
                 if can_pin
                 else "not measured: fewer than 2 CPUs",
+                "isolated_layout": {
+                    "server_and_workers_cpus": allowed[:half],
+                    "client_cpus": allowed[half:],
+                }
+                if can_pin
+                else "not measured: fewer than 2 CPUs",
                 "load_before": os.getloadavg()[0],
             }
 
-            def layout(pinned: bool) -> set[int]:
-                """Pin this process's threads; the CPUs for the client processes."""
-                _pin_all_threads(set(allowed[:1]) if pinned else set(allowed))
-                return set(allowed[1:]) if pinned else set(allowed)
+            def layout(name: str) -> set[int]:
+                """Pin this process's threads, and its descendants' (the template and the workers) for
+                ``isolated``; the CPUs for the client processes."""
+                server = {"pinned": allowed[:1], "isolated": allowed[:half]}.get(name, allowed)
+                _pin_all_threads(set(server))
+                for child in _descendants(os.getpid()):
+                    _pin_all_threads(set(server if name == "isolated" else allowed), child)
+                return set(allowed) - set(server) or set(allowed)
 
             async def call(i: int) -> Any:
                 return await pool.execute(pid, {"question": f"What is item {i}?"}, session=session)
@@ -397,10 +437,10 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 return json.loads(result.stdout)
 
             for name in layouts:
-                client_cpus = layout(name == "pinned")
+                client_cpus = layout(name)
                 for k in clients_list:
                     for impl in implementations:
-                        if impl in PAIRED or (name == "unpinned" and impl not in UNPINNED):
+                        if impl in PAIRED or (name != "pinned" and impl not in UNPINNED):
                             continue
                         workers = [w.pid for w in pool.statistics().workers]
                         server0, workers0 = _process_cpu_s([os.getpid()]), _process_cpu_s(workers)
@@ -417,19 +457,20 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                         got["client_cpu_s"] = client_cpu
                         out["results"].setdefault(name, {}).setdefault(impl, {})[k] = got
             if any(impl in PAIRED for impl in implementations):
-                client_cpus = layout(can_pin)
+                client_cpus = layout("pinned" if can_pin else "unpinned")
                 pair_seconds = spec.get("pair_seconds", seconds)
                 for k in clients_list:
                     argv = ["--client", "pairs", urls["real"], str(k), str(pair_seconds), pid, session]
                     argv += ["--pairs", str(spec.get("pairs", 3))]
                     out["pairs"][k] = _paired(await client(argv, client_cpus))
-            layout(False)  # this process's threads back on every CPU it had
+            layout("unpinned")  # this process's threads and its workers' back on every CPU it had
             nursery.cancel_scope.cancel()
     return out
 
 
 SCENARIOS = {
     "pinned": ("7_websocket", "7_websocket_cost"),
+    "isolated": ("7_websocket_isolated", "7_websocket_cost_isolated"),
     "unpinned": ("7_websocket_unpinned", "7_websocket_cost_unpinned"),
 }
 """Layout -> (the rows against in-process, the endpoint's against the bare forwarder)."""

@@ -199,9 +199,10 @@ def test_the_jobs_family_measures_each_part_with_tiny_counts(monkeypatch: pytest
     assert all(r["value"] > 0 for r in result["rows"])
 
 
-def test_family_7_websocket_measures_both_layouts_and_the_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Family 7 (issue 20): every part with tiny counts: the main loop (pinned where the machine has 2
-    CPUs), the unpinned layout, and the client's interleaved pairs with their median ratios."""
+def test_family_7_websocket_measures_every_layout_and_the_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Family 7 (issue 20): every part with tiny counts: the main loop (isolated and pinned where the
+    machine has 2 CPUs), the unpinned layout, and the client's interleaved pairs with their median
+    ratios."""
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import ws
 
@@ -209,7 +210,7 @@ def test_family_7_websocket_measures_both_layouts_and_the_pairs(monkeypatch: pyt
         "clients": [2],
         "seconds": 0.3,
         "implementations": ["in_process", "websocket", "bare_forwarder", "remote", "websockets_submit"],
-        "layouts": ["pinned", "unpinned"],
+        "layouts": ["isolated", "pinned", "unpinned"],
         "pairs": 1,
         "pair_seconds": 0.3,
         "time_limit": 240.0,
@@ -223,7 +224,37 @@ def test_family_7_websocket_measures_both_layouts_and_the_pairs(monkeypatch: pyt
     for impl in ("in_process", "websocket", "bare_forwarder"):
         assert rows[("7_websocket_unpinned", impl, "executions_per_s")] > 0
         assert (("7_websocket", impl, "executions_per_s") in rows) is pinned
+        assert (("7_websocket_isolated", impl, "executions_per_s") in rows) is pinned
     assert rows[("7_websocket_client", "remote", "rate_ratio_to_raw")] > 0
     assert rows[("7_websocket_client", "remote", "client_cpu_ratio_to_raw")] > 0
     assert rows[("7_websocket_client", "websockets_submit", "client_cpu_per_exec")] > 0
-    assert result["facts"]["layouts"] == (["pinned", "unpinned"] if pinned else ["unpinned"])
+    assert result["facts"]["layouts"] == (["isolated", "pinned", "unpinned"] if pinned else ["unpinned"])
+
+
+def test_family_7_isolated_layout_finds_and_pins_every_descendant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``isolated`` layout pins the server's descendants (template and workers): ``_descendants``
+    finds a child and its grandchild, and ``_pin_all_threads`` moves each one and back."""
+    import signal
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import ws
+
+    cpus = os.sched_getaffinity(0)
+    child = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    try:
+        found = ws._descendants(os.getpid())
+        assert child.pid in found and grandchild in found
+        assert found.index(child.pid) < found.index(grandchild)  # parents first
+        one = {min(cpus)}
+        for pid in (child.pid, grandchild):
+            ws._pin_all_threads(one, pid)
+            assert os.sched_getaffinity(pid) == one
+            ws._pin_all_threads(cpus, pid)
+            assert os.sched_getaffinity(pid) == cpus
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        child.wait()  # sh's ``wait`` ends with its child
+    ws._pin_all_threads(cpus, 2**22 + 1)  # a process that does not exist: nothing to pin, no error
