@@ -45,8 +45,9 @@ process's are reported beside the rates, with the workers'.
 
 Rows: ``7_websocket`` (every implementation against ``in_process``, pinned), ``7_websocket_cost``
 (``websocket`` against ``bare_forwarder``), ``7_websocket_isolated`` / ``7_websocket_cost_isolated`` and
-``7_websocket_unpinned`` / ``7_websocket_cost_unpinned`` (the same, in those layouts), ``7_websocket_client`` (``remote`` and ``trio_submit`` against
-``websockets_submit``; the interleaved pairs' ratios), each at 1, 16 and 64 clients.
+``7_websocket_unpinned`` / ``7_websocket_cost_unpinned`` (the same, in those layouts),
+``7_websocket_client`` (``remote`` and ``trio_submit`` against ``websockets_submit``; the interleaved
+pairs' ratios), each at 1, 16 and 64 clients.
 """
 
 from __future__ import annotations
