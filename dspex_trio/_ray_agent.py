@@ -94,6 +94,12 @@ TEMPLATE_KILL_WAIT_S: Final = 5.0
 """After SIGKILL to the template (the host is gone): how long to wait for it to be reaped."""
 SELF_EXIT_FALLBACK_S: Final = 5.0
 """After asking Ray to end this actor (the host is gone): how long until the process exits by itself."""
+EXITED_GROUP_KEEP_S: Final = 30.0
+"""How long the agent still counts an exited worker's placement group as its own: removed with the others
+if the host goes within it (the launcher keeps such a group ``PLACEMENT_LINGER_S``, 5 s, for a
+replacement; and a host dying makes its workers exit before the agent learns of it)."""
+MAX_EXITED_GROUPS: Final = 256
+"""Most exited workers' placement groups an agent keeps (the oldest go first)."""
 
 
 class _Worker:
@@ -164,6 +170,9 @@ class NodeAgent:
         self._usage_at = -math.inf
         self._groups: dict[int, str] = {}
         """The placement group (hex id) of each worker that has one, while the agent knows the worker."""
+        self._exited_groups: dict[str, float] = {}
+        """Placement groups of workers forgotten lately -> when (``time.monotonic``), oldest first (at
+        most ``MAX_EXITED_GROUPS``, none older than ``EXITED_GROUP_KEEP_S``)."""
         control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         programs_args = ["--programs", ",".join(programs)] if programs else []
         try:  # the lifeline is closed if the template does not start
@@ -328,7 +337,7 @@ class NodeAgent:
                     eof.append(worker.pid)
                 if worker.exited and worker.eof_reported:  # both seen: forget it
                     del self._workers[worker.pid]
-                    self._groups.pop(worker.pid, None)
+                    self._forget_group(worker.pid, time.monotonic())
             now = time.monotonic()
             running = [w.pid for w in self._workers.values() if not w.exited]
             if now - self._usage_at < USAGE_INTERVAL_S:
@@ -368,8 +377,15 @@ class NodeAgent:
         self._host_gone(f"its lifeline to the host ended: {reason}")
 
     def _host_gone(self, reason: str) -> None:
-        """Kill the workers and the template, then end the actor."""
+        """Kill the workers and the template, remove the workers' placement groups, then end the actor.
+
+        The groups are its workers' and those of the workers that exited lately (``_own_groups``),
+        taken before the kills: a host that dies makes its workers exit (their connections to it end)
+        and a ``poll`` of the host's may still run here (Ray runs an actor's call to its end whatever
+        became of its caller), which forgets the exited workers, possibly before this thread learns of
+        the lifeline's end."""
         self.host_lost = reason
+        groups = self._own_groups(time.monotonic())
         print(f"dspex-trio agent: {reason}; killing the template and its workers", file=sys.stderr)
         try:
             self._control.shutdown(socket.SHUT_RDWR)
@@ -385,14 +401,31 @@ class NodeAgent:
         except subprocess.TimeoutExpired:
             pass
         if not self.dropped:  # else the launcher's to reuse or remove
-            self._remove_groups()
+            self._remove_groups(groups)
         self._exit_actor()
 
-    def _remove_groups(self) -> None:
-        """Remove the placement groups of its workers (a Ray Client host's would otherwise be kept for
-        Ray Client's reconnect grace period). Not in Ray (tests): nothing."""
+    def _forget_group(self, pid: int, now: float) -> None:
+        """Worker ``pid`` is forgotten: its placement group (if any) stays the agent's for a while. The
+        caller holds ``_lock``."""
+        group = self._groups.pop(pid, None)
+        if group is not None:
+            self._exited_groups.pop(group, None)  # a group reused by a replacement: its latest exit
+            self._exited_groups[group] = now
+        for old, at in list(self._exited_groups.items()):  # oldest first
+            if now - at < EXITED_GROUP_KEEP_S and len(self._exited_groups) <= MAX_EXITED_GROUPS:
+                break
+            del self._exited_groups[old]
+
+    def _own_groups(self, now: float) -> set[str]:
+        """The placement groups to remove if the host is gone: its workers', and those of the workers
+        that exited within ``EXITED_GROUP_KEEP_S``."""
         with self._lock:
-            groups = set(self._groups.values())
+            recent = {g for g, at in self._exited_groups.items() if now - at < EXITED_GROUP_KEEP_S}
+            return set(self._groups.values()) | recent
+
+    def _remove_groups(self, groups: set[str]) -> None:
+        """Remove these placement groups, its workers' (a Ray Client host's would otherwise be kept for
+        Ray Client's reconnect grace period). Not in Ray (tests): nothing."""
         ray = connected_ray()
         if not groups or ray is None:
             return

@@ -19,7 +19,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._launcher import WorkerSpec
-from dspex_trio._ray_agent import NodeAgent
+from dspex_trio._ray_agent import EXITED_GROUP_KEEP_S, MAX_EXITED_GROUPS, NodeAgent
 from dspex_trio._ray_launcher import RayLauncher, _Agent
 from dspex_trio._tcp_worker import TcpWorker, WorkerListener, open_worker_listener
 from tests.dspex_trio.test_ray_agent import AgentLauncher, LocalActor, _parent, _wait
@@ -32,12 +32,17 @@ STALL_S = 3.0
 
 
 class RecordingAgent(NodeAgent):
-    """An agent that records its request to end its actor instead of asking Ray."""
+    """An agent that records its request to end its actor, and the placement groups it removes, instead
+    of asking Ray."""
 
     exit_asked = False
+    removed: set[str] | None = None
 
     def _exit_actor(self) -> None:
         self.exit_asked = True
+
+    def _remove_groups(self, groups: set[str]) -> None:
+        self.removed = groups
 
 
 class FailingLauncher(AgentLauncher):
@@ -105,6 +110,47 @@ async def test_the_hosts_end_closing_ends_the_agents_workers_and_template(hosted
             await wait_until(lambda: agent.exit_asked, 30, "the agent did not ask to end its actor")
             assert agent.host_lost is not None and "EOF" in agent.host_lost, agent.host_lost
             assert not agent.dropped  # so it removes its workers' placement groups (in Ray)
+
+
+async def test_the_host_gone_removes_the_groups_of_workers_that_exited_just_before(hosted: Hosted) -> None:
+    """A host that dies makes its workers exit (their connections to it end), and a ``poll`` of the
+    host's may still run in the agent (Ray finishes an actor's call whatever became of its caller),
+    which forgets the exited workers, before the agent's lifeline thread learns that the host is gone
+    (it happened on a loaded machine through Ray Client: the reservations outlived the host). The
+    agent removes the groups of the workers that exited lately too, not only its running workers'."""
+    agent = hosted.agent
+    with trio.fail_after(120):
+        async with dspex_trio.open_pool(workers=2, launcher=hosted.launcher, diagnostics=True) as pool:
+            pids = [w.pid for w in pool.statistics().workers]
+            with agent._lock:  # as if each was spawned in its reservation (RayLauncher passes its id)
+                agent._groups.update({pid: f"group-{pid}" for pid in pids})
+        # the workers exited; the host's polls (the pump) forget them, the lifeline still holds
+        await wait_until(lambda: not agent._workers, 30, lambda: f"known: {list(agent._workers)}")
+        assert not agent._groups and agent.removed is None
+        await hosted.stream.aclose()  # then the host is gone
+        await wait_until(lambda: agent.exit_asked, 30, "the agent did not ask to end its actor")
+    assert agent.removed == {f"group-{pid}" for pid in pids}, (agent.removed, pids)
+
+
+async def test_an_agent_keeps_exited_workers_groups_for_a_while_and_at_most_so_many(hosted: Hosted) -> None:
+    """``EXITED_GROUP_KEEP_S`` and ``MAX_EXITED_GROUPS`` bound what an agent keeps of exited workers."""
+    agent = hosted.agent
+    with agent._lock:
+        agent._groups.update({1: "a", 2: "b", 3: "live"})
+        agent._forget_group(1, 100.0)
+        agent._forget_group(2, 100.0 + EXITED_GROUP_KEEP_S / 2)
+        agent._forget_group(4, 101.0)  # a worker without a group
+    assert agent._own_groups(100.0 + EXITED_GROUP_KEEP_S - 1) == {"a", "b", "live"}
+    assert agent._own_groups(100.0 + EXITED_GROUP_KEEP_S) == {"b", "live"}  # a's time is up
+    with agent._lock:
+        for pid in range(10, 10 + MAX_EXITED_GROUPS + 5):
+            agent._groups[pid] = f"g{pid}"
+            agent._forget_group(pid, 200.0)
+        assert len(agent._exited_groups) == MAX_EXITED_GROUPS  # the oldest went first: a and b
+        assert "a" not in agent._exited_groups and "b" not in agent._exited_groups
+        assert f"g{10 + MAX_EXITED_GROUPS + 4}" in agent._exited_groups
+        agent._groups.clear()
+        agent._exited_groups.clear()
 
 
 async def test_a_stalled_host_is_not_taken_for_dead(hosted: Hosted) -> None:
