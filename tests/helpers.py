@@ -105,6 +105,23 @@ def kill_quietly(pid: int, signum: int = signal.SIGKILL, *, group: bool = False)
         pass
 
 
+async def read_until(
+    stream: trio.abc.ReceiveStream, done: Callable[[bytes], bool], message: str | Callable[[], str]
+) -> bytes:
+    """Read ``stream`` (a child's stdout, say) until ``done`` holds for what was read; return it all.
+
+    The stream ending first fails the test's assertion with ``message`` (or a callable producing it,
+    evaluated then: a child's exit code, say) and the end of what was read. Bound it with the caller's
+    ``trio.fail_after``.
+    """
+    data = b""
+    while not done(data):
+        chunk = await stream.receive_some(4096)
+        assert chunk, f"{message() if callable(message) else message} (read: {data[-500:]!r})"
+        data += chunk
+    return data
+
+
 async def wait_until(
     predicate: Callable[[], object | Awaitable[object]],
     timeout: float,

@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from tests.helpers import kill_quietly
+from tests.helpers import kill_quietly, read_until
 
 
 async def test_the_support_desk_is_served_with_one_command_and_used_by_its_client() -> None:
@@ -30,12 +30,10 @@ async def test_the_support_desk_is_served_with_one_command_and_used_by_its_clien
     )
     try:
         assert server.stdout is not None
-        output = b""
         with trio.fail_after(60):
-            while b"\n" not in output:
-                chunk = await server.stdout.receive_some(4096)
-                assert chunk, f"serve exited early: {server.returncode}"
-                output += chunk
+            output = await read_until(
+                server.stdout, lambda data: b"\n" in data, lambda: f"serve exited early: {server.returncode}"
+            )
         url = output.decode().splitlines()[0].split()[2]
         client = await trio.run_process(
             [sys.executable, "-m", "examples.support.client", "--url", url],

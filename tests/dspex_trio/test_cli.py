@@ -19,7 +19,7 @@ import trio
 import dspex_trio
 from dspex_trio._cli import ServeSettings, SettingsError, resolve_settings
 from dspex_trio._cli_settings import SETTING_NAMES
-from tests.helpers import kill_quietly, pid_alive, wait_until
+from tests.helpers import kill_quietly, pid_alive, read_until, wait_until
 
 CLI = [sys.executable, "-m", "dspex_trio"]
 
@@ -77,12 +77,12 @@ async def test_serve_prints_its_url_answers_and_drains_on_sigterm():
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(20):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early: {process.returncode}"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early: {process.returncode}",
+            )
         line = output.decode().splitlines()[0]
         assert line.startswith("dspex-trio serving ws://127.0.0.1:") and line.endswith(
             "(subprotocol dspex.v1)"
@@ -430,12 +430,8 @@ async def test_serve_logs_what_a_person_can_follow_without_websocket_frames() ->
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect_stderr)
             assert process.stdout is not None
-            output = b""
             with trio.fail_after(30):
-                while b"\n" not in output:
-                    chunk = await process.stdout.receive_some(4096)
-                    assert chunk, "serve exited early"
-                    output += chunk
+                output = await read_until(process.stdout, lambda data: b"\n" in data, "serve exited early")
             url = output.decode().split()[2]
             port = int(url.rsplit(":", 1)[1])
 

@@ -25,7 +25,7 @@ import trio
 
 import dspex_trio
 from dspex_trio.testing import FakeLM, open_fake_lm
-from tests.helpers import kill_quietly, pid_alive, wait_until
+from tests.helpers import kill_quietly, pid_alive, read_until, wait_until
 
 CLI = [sys.executable, "-m", "dspex_trio"]
 BOUND_S = 30.0
@@ -50,12 +50,12 @@ async def serve_process(tmp_path: Path, token: str, port: int = 0) -> AsyncItera
         os.close(fd)
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(BOUND_S):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early ({process.returncode}); see {log}"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early ({process.returncode}); see {log}",
+            )
         url = output.decode().split()[2]
         yield process, url
     finally:

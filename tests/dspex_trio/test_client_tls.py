@@ -19,7 +19,7 @@ import trio
 
 import dspex_trio
 from dspex_trio._mock import MockBackend
-from tests.helpers import kill_quietly
+from tests.helpers import kill_quietly, read_until
 
 BOUND_S = 30.0
 CLI = [sys.executable, "-m", "dspex_trio"]
@@ -84,12 +84,12 @@ async def test_serve_with_certfile_and_keyfile_serves_wss(
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(BOUND_S):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early ({process.returncode})"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early ({process.returncode})",
+            )
         url = output.decode().split()[2]
         assert url.startswith("wss://127.0.0.1:")
         async with dspex_trio.connect(url, ssl_context=contexts(certificate)[1]) as remote:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import dspex_trio
 from dspex_trio._metrics import RuntimeCollector, render_metrics
 from tests.dspex_trio.test_http_routes import get
-from tests.helpers import kill_quietly, wait_until
+from tests.helpers import kill_quietly, read_until, wait_until
 
 pytestmark = pytest.mark.real_processes
 
@@ -73,12 +73,12 @@ async def test_serve_answers_the_routes_on_both_ports_with_the_scrapers_token(tm
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(START_TIMEOUT_S):
-            while output.count(b"\n") < 2:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early: {process.returncode}"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: data.count(b"\n") >= 2,
+                lambda: f"serve exited early: {process.returncode}",
+            )
         first, second = output.decode().splitlines()[:2]
         ws_port = int(first.split()[2].rsplit(":", 1)[1])
         assert second.startswith("dspex-trio monitoring http://127.0.0.1:")
@@ -114,12 +114,12 @@ async def test_serve_tracing_exports_the_spans_as_the_otel_variables_say() -> No
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(START_TIMEOUT_S):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early: {process.returncode}"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early: {process.returncode}",
+            )
         url = output.decode().splitlines()[0].split()[2]
         params = {"signature": "question -> answer"}
         reply = await trio.to_thread.run_sync(ws_call, url, "execution/run", params)

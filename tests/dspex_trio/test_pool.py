@@ -39,7 +39,15 @@ from dspex_trio import (
     WorkerCrashed,
     WorkerState,
 )
-from tests.helpers import child_processes, kill_quietly, open_fds, pid_alive, process_table, wait_until
+from tests.helpers import (
+    child_processes,
+    kill_quietly,
+    open_fds,
+    pid_alive,
+    process_table,
+    read_until,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and signals")
 
@@ -656,12 +664,12 @@ async def test_no_worker_outlives_a_sigkilled_parent() -> None:
         doomed: set[int] = set()
         try:
             assert parent.stdout is not None
-            line = b""
             with trio.fail_after(20):
-                while not line.endswith(b"\n"):
-                    chunk = await parent.stdout.receive_some(4096)
-                    assert chunk, "the parent exited before printing its workers"
-                    line += chunk
+                line = await read_until(
+                    parent.stdout,
+                    lambda data: data.endswith(b"\n"),
+                    "the parent exited before printing its workers",
+                )
             pids = set(json.loads(line))
             assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
             # everything the parent started: its children (workers, a zygote if any), their children,

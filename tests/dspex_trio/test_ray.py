@@ -33,7 +33,7 @@ import trio
 import dspex_trio
 from dspex_trio._metrics import RuntimeCollector
 from dspex_trio._states import WorkerState
-from tests.helpers import pid_alive, wait_until
+from tests.helpers import pid_alive, read_until, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -298,12 +298,10 @@ async def test_a_host_sigkilled_leaves_nothing_after_5_s(cluster: Any, tmp_path:
     )
     try:
         assert host.stdout is not None
-        line = b""
         with trio.fail_after(120):
-            while not line.endswith(b"\n"):
-                chunk = await host.stdout.receive_some(4096)
-                assert chunk, "the host exited before starting its pool"
-                line += chunk
+            line = await read_until(
+                host.stdout, lambda data: data.endswith(b"\n"), "the host exited before starting its pool"
+            )
         pids, agents = json.loads(line)
         assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
         templates = {p for pid in pids if (p := _ppid(pid)) is not None}
@@ -368,12 +366,12 @@ async def test_serve_ray_runs_the_served_pool_on_the_cluster(cluster: Any) -> No
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(120):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early: {process.returncode}"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early: {process.returncode}",
+            )
         url = output.decode().splitlines()[0].split()[2]
         status = await trio.to_thread.run_sync(_status_over_websocket, url)
         assert status["health"]["launcher"] == "ray", status
@@ -587,12 +585,10 @@ async def test_a_ray_client_host_sigkilled_leaves_no_actor_nor_process_after_5_s
     )
     try:
         assert host.stdout is not None
-        line = b""
         with trio.fail_after(120):
-            while not line.endswith(b"\n"):
-                chunk = await host.stdout.receive_some(4096)
-                assert chunk, f"the host exited before its pool was ready: {line!r}"
-                line += chunk
+            line = await read_until(
+                host.stdout, lambda data: data.endswith(b"\n"), "the host exited before its pool was ready"
+            )
         seen = json.loads(line)
         assert len(set(seen["nodes"])) == 2, seen  # workers ready on two nodes, each with its agent
         processes = {*seen["pids"], *(pid for pair in seen["agents"] for pid in pair)}

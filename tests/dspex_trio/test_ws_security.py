@@ -25,7 +25,7 @@ import wsproto.events as wsevents
 
 import dspex_trio
 from dspex_trio.testing import open_fake_lm
-from tests.helpers import kill_quietly, wait_until
+from tests.helpers import kill_quietly, read_until, wait_until
 
 CLI = [sys.executable, "-m", "dspex_trio"]
 
@@ -117,12 +117,12 @@ async def served_cli(
     )
     try:
         assert process.stdout is not None
-        output = b""
         with trio.fail_after(30):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"serve exited early ({process.returncode})"
-                output += chunk
+            output = await read_until(
+                process.stdout,
+                lambda data: b"\n" in data,
+                lambda: f"serve exited early ({process.returncode})",
+            )
         yield output.decode().splitlines()[0].split()[2], process
     finally:
         kill_quietly(process.pid)
@@ -364,7 +364,7 @@ async def test_serve_shutdown_gives_in_flight_executions_their_terminal_event(ho
             assert status == 101
             messages: list[dict[str, Any]] = []
 
-            async def read_until(predicate: Any) -> None:
+            async def receive_until(predicate: Any) -> None:
                 with trio.fail_after(20):
                     while not predicate():
                         for event in await client.events():
@@ -376,14 +376,14 @@ async def test_serve_shutdown_gives_in_flight_executions_their_terminal_event(ho
             await client.send(
                 {"jsonrpc": "2.0", "id": 2, "method": "program/create", "params": {"signature": "q -> a"}}
             )
-            await read_until(lambda: any(m.get("id") == 2 for m in messages))
+            await receive_until(lambda: any(m.get("id") == 2 for m in messages))
             program = next(m for m in messages if m.get("id") == 2)["result"]["program"]
             for i in range(3):
                 params = {"program": program, "inputs": {"q": str(i)}}
                 await client.send(
                     {"jsonrpc": "2.0", "id": 10 + i, "method": "execution/submit", "params": params}
                 )
-            await read_until(
+            await receive_until(
                 lambda: sum(m.get("params", {}).get("event") == "started" for m in messages) == 3
             )
             start = trio.current_time()

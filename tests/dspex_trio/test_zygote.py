@@ -36,6 +36,7 @@ from tests.helpers import (
     proc_stat,
     process_state,
     process_table,
+    read_until,
     wait_until,
 )
 
@@ -327,11 +328,11 @@ async def test_parent_sigkilled_template_and_workers_are_gone_within_a_second() 
     try:
         assert parent.stdout is not None
         with trio.fail_after(30):
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await parent.stdout.receive_some(4096)
-                assert chunk, "the parent script exited before printing its pids"
-                line += chunk
+            line = await read_until(
+                parent.stdout,
+                lambda data: data.endswith(b"\n"),
+                "the parent script exited before printing its pids",
+            )
         pids = json.loads(line)
         assert pid_alive(pids["template"]) and pid_alive(pids["worker"])
         parent.kill()
