@@ -318,17 +318,22 @@ def _pin_all_threads(cpus: set[int], pid: int | None = None) -> None:
             pass
 
 
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...), or None (gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :].split()  # the name may hold spaces and parentheses
+
+
 def _descendants(root: int) -> list[int]:
     """Every living descendant of process ``root`` (``/proc/PID/stat``'s parent field)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None:
+            parents[int(entry)] = int(fields[1])
     found: list[int] = []
     frontier = {root}
     while frontier:
@@ -342,13 +347,8 @@ def _process_cpu_s(pids: list[int]) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
+        if (fields := _stat_fields(pid)) is not None:
+            total += int(fields[11]) + int(fields[12])
     return total / tick
 
 
